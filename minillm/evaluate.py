@@ -53,3 +53,26 @@ def perplexity(model, ids, window: int = 512, count: int = 40, progress: bool = 
     nll = [window_nll(model, w) for w in tqdm(windows(ids, window, count), desc="perplexity",
                                                unit="window", disable=not progress, leave=False)]
     return float(np.exp(np.mean(np.concatenate(nll))))
+
+
+def compare(model, reference, ids, window: int = 512, count: int = 40, progress: bool = True) -> dict:
+    """Perplexity of `model`, and against `reference` on the same windows: the reference's perplexity,
+    the mean KL(reference || model) of next-token distributions, and top-1 agreement."""
+    nll, ref_nll, kl, agree = [], [], [], []
+    for w in tqdm(windows(ids, window, count), desc="evaluating", unit="window", disable=not progress, leave=False):
+        lp = log_softmax(np.asarray(model(w), dtype=np.float64))[:-1]  # [n-1, V]: predictions 1..n-1
+        lq = log_softmax(np.asarray(reference(w), dtype=np.float64))[:-1]
+        targets = w[1:]
+        rows = np.arange(len(targets))
+        nll.append(-lp[rows, targets])
+        ref_nll.append(-lq[rows, targets])
+        kl.append((np.exp(lq) * (lq - lp)).sum(axis=-1))
+        agree.append(lp.argmax(-1) == lq.argmax(-1))
+    return {
+        "perplexity": float(np.exp(np.mean(np.concatenate(nll)))),
+        "reference_perplexity": float(np.exp(np.mean(np.concatenate(ref_nll)))),
+        "kl_divergence": float(np.mean(np.concatenate(kl))),
+        "top1_agreement": float(np.mean(np.concatenate(agree))),
+        "windows": count,
+        "window_size": window,
+    }

@@ -25,6 +25,7 @@ from .config import ModelConfig, RopeConfig
 from .errors import MinillmError
 from .kvcache import FloatKVCache
 from .loading.names import expected_shapes
+from .quant.qlinear import QuantLinear
 
 
 # ------------------------------------------------------------------------------------------------
@@ -174,7 +175,10 @@ class Model:
         _check_shapes(config, weights)
 
         def arr(name):
-            return xp.asarray(np.ascontiguousarray(weights[name], dtype=dtype))
+            w = weights[name]
+            if hasattr(w, "dequantize"):  # a quantized embedding: looked up in float
+                w = w.dequantize()
+            return xp.asarray(np.ascontiguousarray(w, dtype=dtype))
 
         def opt(name):
             return arr(name) if name in weights else None
@@ -183,6 +187,9 @@ class Model:
             return arr(name) + dtype(config.norm_offset) if config.norm_offset else arr(name)
 
         def linear(prefix):
+            w = weights[prefix + ".weight"]
+            if hasattr(w, "dequantize"):  # quantized (quant/): same call, packed storage
+                return QuantLinear(w, opt(prefix + ".bias"))
             return Linear(arr(prefix + ".weight"), opt(prefix + ".bias"))
 
         self.embed = arr("model.embed_tokens.weight")  # [V, D]
@@ -200,7 +207,7 @@ class Model:
                 window=config.sliding_windows[i] if config.sliding_windows else None,
             ))
         self.final_norm = norm("model.norm.weight")
-        self.lm_head = Linear(self.embed if config.tie_word_embeddings else arr("lm_head.weight"))
+        self.lm_head = Linear(self.embed) if config.tie_word_embeddings else linear("lm_head")
         self.act = ACTIVATIONS[config.activation]
         self._rope_cache = {}
 

@@ -118,6 +118,16 @@ class ChatTokenizer:
         # (transformers' apply_chat_template does the same).
         return self.encode_plain(self.render_chat(messages, add_generation_prompt, template, **kwargs))
 
+    def save_files(self, directory: Path) -> None:
+        """tokenizer.json, tokenizer_config.json (special tokens, chat template) and
+        generation_config.json (EOS ids), as a Hugging Face model directory holds them."""
+        directory = Path(directory)
+        self.tokenizer.save(str(directory / "tokenizer.json"))
+        cfg = {**self.special_tokens, "add_bos_token": self.add_bos, "chat_template": self.chat_template,
+               "tokenizer_class": "PreTrainedTokenizerFast"}
+        (directory / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
+        (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": list(self.eos_ids)}))
+
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ class Checkpoint:
     source_dtypes: dict[str, int] = field(default_factory=dict)  # storage dtype -> parameter count
     gguf_reader: object = None
     file_bytes: int = 0
+    raw_config: dict = field(default_factory=dict)  # config.json as read (quantize.py writes it back)
 
 
 def resolve(path_or_id: str | Path) -> Path:
@@ -60,9 +62,15 @@ def _download(repo_id: str) -> Path:
 
 
 def _dtype_counts(weights, stored: dict[str, str]) -> dict[str, int]:
+    """Parameters per storage dtype ("BF16", ...; quantized layers as e.g. "int4 g64")."""
     counts: dict[str, int] = {}
     for name, w in weights.items():
-        counts[stored[name]] = counts.get(stored[name], 0) + int(w.size)
+        if hasattr(w, "spec"):
+            kind = w.spec.describe()
+            size = int(w.shape[0] * w.shape[1])
+        else:
+            kind, size = stored.get(name, str(w.dtype)), int(w.size)
+        counts[kind] = counts.get(kind, 0) + size
     return counts
 
 
@@ -77,10 +85,16 @@ def read_model(path_or_id, progress: bool = True) -> Checkpoint:
         dtypes: dict[str, int] = {}
         for t in reader.tensors:
             dtypes[t.tensor_type.name] = dtypes.get(t.tensor_type.name, 0) + int(t.n_elements)
-        return Checkpoint(ModelConfig.from_hf(cfg_dict), weights, path, dtypes, reader, path.stat().st_size)
+        return Checkpoint(ModelConfig.from_hf(cfg_dict), weights, path, dtypes, reader, path.stat().st_size,
+                          cfg_dict)
     config = ModelConfig.from_file(path / "config.json")
     stored: dict[str, str] = {}
     raw = read_checkpoint(path, stored)
+    if config.quantization_config:
+        from .quantized import collect_quantized  # noqa: PLC0415
+
+        raw = collect_quantized(raw, config)
     weights = sanitize(raw, config)
     size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-    return Checkpoint(config, weights, path, _dtype_counts(raw, stored), None, size)
+    return Checkpoint(config, weights, path, _dtype_counts(raw, stored), None, size,
+                      json.loads((path / "config.json").read_text()))

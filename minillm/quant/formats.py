@@ -9,8 +9,8 @@ minillm (quant_method "minillm")
     P.scales   f16   [N, G]              P.qzeros uint8 [N, G] (asymmetric only)   P.g_idx int32 [K]
     Rows are contiguous in K: a GPU warp streams one output's weights with wide loads.
 GPTQ (AutoGPTQ / GPTQModel, checkpoint_format "gptq" = v1 or "gptq_v2")
-    P.qweight  int32 [ceil(K/32)*b, N]   codes packed along K (dimension 0)
-    P.qzeros   int32 [G, ceil(N/32)*b]   zero points packed along N; v1 stores z - 1, v2 stores z
+    P.qweight  int32 [ceil(K*b/32), N]   codes packed along K (dimension 0)
+    P.qzeros   int32 [G, ceil(N*b/32)]   zero points packed along N; v1 stores z - 1, v2 stores z
     P.scales   f16   [G, N]              P.g_idx int32 [K] (the group of each input column)
 AutoAWQ GEMM (quant_method "awq", version "gemm"; 4-bit, asymmetric)
     P.qweight  int32 [K, N/8]            8 codes of 8 consecutive outputs per word, nibble order
@@ -45,6 +45,12 @@ def _store_scales(s: np.ndarray, spec: QuantSpec):
 
 def _i32(words):
     return np.ascontiguousarray(words, dtype=np.uint32).view(np.int32)
+
+
+def _tight(n: int, bits: int) -> int:
+    """Words for n codes with no padding beyond the last code (GPTQ and compressed-tensors size their
+    tensors so; minillm's own layout pads rows to whole 32-code units instead)."""
+    return -(-n * bits // 32)
 
 
 def _trivial_gidx(qt: QuantizedTensor) -> bool:
@@ -132,8 +138,8 @@ def to_tensors(qt: QuantizedTensor, fmt: str) -> dict[str, np.ndarray]:
         if stored.min() < 0:
             raise MinillmError("a zero point of 0 cannot be stored in GPTQ v1 (it keeps zero - 1): "
                                "use --format gptq_v2 or compressed-tensors")
-        return {"qweight": _i32(pack_bits(qt.codes.T, spec.bits, axis=0)),
-                "qzeros": _i32(pack_bits(stored.T.astype(np.uint8), spec.bits, axis=1)),
+        return {"qweight": _i32(pack_bits(qt.codes.T, spec.bits, axis=0)[: _tight(k, spec.bits)]),
+                "qzeros": _i32(pack_bits(stored.T.astype(np.uint8), spec.bits, axis=1)[:, : _tight(n, spec.bits)]),
                 "scales": qt.scales.T.astype(np.float16), "g_idx": qt.group_index().astype(np.int32)}
     if fmt == "awq":
         if spec.bits != 4 or spec.sym:
@@ -143,11 +149,10 @@ def to_tensors(qt: QuantizedTensor, fmt: str) -> dict[str, np.ndarray]:
         return {"qweight": _i32(awq_pack(qt.codes.T)), "qzeros": _i32(awq_pack(qt.zeros.T)),
                 "scales": qt.scales.T.astype(np.float16)}
     if fmt == "compressed-tensors":
-        out = {"weight_packed": _i32(pack_bits(qt.codes, spec.bits, axis=1)[:, : -(-k * spec.bits // 32)]),
+        out = {"weight_packed": _i32(pack_bits(qt.codes, spec.bits, axis=1)[:, : _tight(k, spec.bits)]),
                "weight_scale": _store_scales(qt.scales, spec)[0], "weight_shape": np.array([n, k], dtype=np.int64)}
         if not spec.sym:
-            rows = -(-qt.zeros.shape[0] * spec.bits // 32)
-            out["weight_zero_point"] = _i32(pack_bits(qt.zeros, spec.bits, axis=0)[:rows])
+            out["weight_zero_point"] = _i32(pack_bits(qt.zeros, spec.bits, axis=0)[: _tight(qt.zeros.shape[0], spec.bits)])
         if not _trivial_gidx(qt):
             out["weight_g_idx"] = qt.g_idx.astype(np.int32)
         return out
@@ -175,8 +180,8 @@ def from_tensors(t: dict, fmt: str, spec: QuantSpec, n: int, k: int, prefix: str
                  else np.full(gs, spec.sym_zero, dtype=np.uint8))
         g_idx = np.asarray(t["g_idx"]) if "g_idx" in t else None
     elif fmt in ("gptq", "gptq_v2"):
-        codes = unpack_bits(_need(t, "qweight", (packed_length(k, b), n), prefix), b, k, axis=0).T
-        zeros = unpack_bits(_need(t, "qzeros", (g, packed_length(n, b)), prefix), b, n, axis=1).T
+        codes = unpack_bits(_need(t, "qweight", (_tight(k, b), n), prefix), b, k, axis=0).T
+        zeros = unpack_bits(_need(t, "qzeros", (g, _tight(n, b)), prefix), b, n, axis=1).T
         if fmt == "gptq":  # v1 keeps z - 1 in b bits
             zeros = ((zeros.astype(np.int64) + 1) % (1 << b)).astype(np.uint8)
         scales = np.asarray(_need(t, "scales", (g, n), prefix), dtype=np.float32).T
@@ -188,12 +193,12 @@ def from_tensors(t: dict, fmt: str, spec: QuantSpec, n: int, k: int, prefix: str
         g_idx = None
     elif fmt == "compressed-tensors":
         gs = (1,) if spec.granularity == "tensor" else (n, g)
-        codes = unpack_bits(_need(t, "weight_packed", (n, -(-k * b // 32)), prefix), b, k, axis=1)
+        codes = unpack_bits(_need(t, "weight_packed", (n, _tight(k, b)), prefix), b, k, axis=1)
         scales = np.asarray(_need(t, "weight_scale", gs, prefix), dtype=np.float32).reshape(-1, gs[-1])
         if spec.sym:
             zeros = np.full(scales.shape, spec.sym_zero, dtype=np.uint8)
         else:
-            zp = _need(t, "weight_zero_point", (-(-scales.shape[0] * b // 32), scales.shape[1]) if len(gs) > 1
+            zp = _need(t, "weight_zero_point", (_tight(scales.shape[0], b), scales.shape[1]) if len(gs) > 1
                        else (1,), prefix)
             zeros = unpack_bits(np.asarray(zp).reshape(-1, scales.shape[1]), b, scales.shape[0], axis=0)
         g_idx = np.asarray(t["weight_g_idx"]).astype(np.int32) if "weight_g_idx" in t else None

@@ -21,17 +21,22 @@ from .activations import int8_matmul, quantize_per_token, quantize_static
 class QuantLinear:
     def __init__(self, qweight, bias=None, act: str | None = None, act_scale: float | None = None):
         self.qweight, self.bias = qweight, bias
-        self.act, self.act_scale = act, act_scale
+        self.act = None
         self._w = None
         if act is not None:
-            spec = getattr(qweight, "spec", None)
-            if spec is None or spec.bits != 8 or not spec.sym or spec.granularity != "channel":
-                raise MinillmError("W8A8 needs an INT8 symmetric per-channel weight")
-            if act == "static" and act_scale is None:
-                raise MinillmError("static activation quantization needs a calibrated scale")
-            # Signed weight codes and per-row scales for the integer product.
-            self._wq = (qweight.codes.astype(np.int16) - spec.sym_zero).astype(np.int8)
-            self._ws = qweight.scales[:, 0].astype(np.float64)
+            self.enable_act_quant(act, act_scale)
+
+    def enable_act_quant(self, act: str, act_scale: float | None = None) -> None:
+        """Run this layer as W8A8: "dynamic" (per-token scales) or "static" (a calibrated scale)."""
+        spec = getattr(self.qweight, "spec", None)
+        if spec is None or spec.bits != 8 or not spec.sym or spec.granularity != "channel":
+            raise MinillmError("W8A8 needs an INT8 symmetric per-channel weight")
+        if act not in ("dynamic", "static") or (act == "static" and act_scale is None):
+            raise MinillmError("activation quantization is 'dynamic', or 'static' with a calibrated scale")
+        self.act, self.act_scale = act, act_scale
+        # Signed weight codes and per-row scales for the integer product.
+        self._wq = (self.qweight.codes.astype(np.int16) - spec.sym_zero).astype(np.int8)
+        self._ws = self.qweight.scales[:, 0].astype(np.float64)
 
     @property
     def shape(self):

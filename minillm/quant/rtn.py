@@ -12,8 +12,8 @@ Inside the range every |x - x'| <= scale / 2: rounding moves x by at most half a
 the range makes 0 exact (zero is an integer), which padding and dead channels rely on. The range is
 the min/max of the group, or clipped: at percentiles, or by a search for the shrink factor that
 minimises the squared error (GPTQ's Quantizer, Frantar et al. 2022, App. A, does the same search).
-Scales are rounded to their storage dtype *before* the codes are computed, so the bound holds for
-the stored scale.
+Scales are rounded *up* to their storage dtype before the codes are computed, so the bound holds
+for the stored scale and the whole chosen range stays representable.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .spec import QuantSpec, round_scales
+from .spec import QuantSpec, round_scales_up
 
 _TINY = {"float16": 2.0**-24, "bfloat16": 2.0**-133, "float32": 2.0**-149}  # smallest positive scale
 
@@ -47,6 +47,12 @@ class QuantizedTensor:
     @property
     def shape(self) -> tuple:
         return self.codes.shape
+
+    def __getitem__(self, rows: slice) -> "QuantizedTensor":
+        """A block of output rows (phi3's fused q/k/v and gate/up projections split this way)."""
+        per_row = self.scales.shape[0] > 1
+        return QuantizedTensor(self.codes[rows], self.scales[rows] if per_row else self.scales,
+                               self.zeros[rows] if per_row else self.zeros, self.spec, self.g_idx)
 
     def group_index(self) -> np.ndarray:
         return self.g_idx if self.g_idx is not None else self.spec.group_index(self.codes.shape[1])
@@ -110,7 +116,7 @@ def scale_zero(lo, hi, spec: QuantSpec):
     else:
         scale = (hi - lo) / spec.qmax
     scale = np.where(scale > 0, scale, 1.0)  # an all-zero group: any scale reconstructs it exactly
-    scale = np.maximum(round_scales(scale, spec.scale_dtype), _TINY[spec.scale_dtype])
+    scale = np.maximum(round_scales_up(scale, spec.scale_dtype), _TINY[spec.scale_dtype])
     if spec.sym:
         zero = np.full(scale.shape, spec.sym_zero, dtype=np.float32)
     else:
@@ -131,7 +137,7 @@ def mse_range(groups: np.ndarray, spec: QuantSpec, grid: int = 40, max_shrink: f
     best_lo, best_hi = lo0, hi0
     best_err = np.full(lo0.shape, np.inf)
     for factor in np.linspace(1.0, max_shrink, grid):
-        lo, hi = lo0 * factor, hi0 * factor
+        lo, hi = (lo0 * factor).astype(groups.dtype), (hi0 * factor).astype(groups.dtype)
         scale, zero = scale_zero(lo, hi, spec)
         dq = (quantize_groups(groups, scale, zero, spec) - zero[..., None]) * scale[..., None]
         err = ((groups - dq) ** 2).sum(axis=-1)

@@ -68,6 +68,22 @@ class QuantSpec:
         return f"W{self.bits} {g} {'sym' if self.sym else 'asym'}"
 
 
+def round_scales_up(x: np.ndarray, dtype: str) -> np.ndarray:
+    """The smallest value of the storage dtype >= x: a scale rounded up keeps the whole chosen range
+    representable (rounded down, the group's extreme could fall just outside the grid)."""
+    r = round_scales(x, dtype)
+    low = r < x
+    if not low.any():
+        return r
+    if dtype == "float16":
+        up = np.nextafter(r.astype(np.float16), np.float16(np.inf)).astype(np.float32)
+    elif dtype == "bfloat16":
+        up = (r.view(np.uint32) + np.uint32(0x10000)).view(np.float32)
+    else:
+        up = np.nextafter(r, np.float32(np.inf))
+    return np.where(low, up, r).astype(np.float32)
+
+
 def round_scales(x: np.ndarray, dtype: str) -> np.ndarray:
     """Round float32 scales to the storage dtype (and back to float32 for arithmetic)."""
     x = np.asarray(x, dtype=np.float32)

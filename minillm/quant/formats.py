@@ -113,7 +113,7 @@ def spec_from_config(q: dict) -> tuple[str, QuantSpec]:
                                                    bool(w["symmetric"]))
     except (KeyError, TypeError, ValueError) as exc:
         raise MinillmError(f"config.json has a corrupted quantization_config: {exc!r}") from exc
-    raise MinillmError(f"quant_method {q.get('quant_method')!r} is not supported: minillm reads "
+    raise MinillmError(f"quantization_config: quant_method {q.get('quant_method')!r} is not supported: minillm reads "
                        "minillm, gptq, awq and compressed-tensors checkpoints")
 
 

@@ -1,0 +1,165 @@
+"""W4A16 GEMV/GEMM: minillm's kernel vs cuBLAS fp16 vs torch's int4 tinygemm, in one run.
+
+For each shape (K in x N out) at batch 1 and 16: median time (CUDA events, after warm-up), GB/s of
+the bytes each kernel must read (its weights + scales/zeros + x, and y written), and that as a
+percentage of the device-to-device copy bandwidth measured at the start of the same run. Weights are
+rotated among enough copies to exceed the L2 cache, so every timing reads HBM.
+
+    python3 bench/gpu_kernels.py            (on a machine with CUDA, CuPy and torch)
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 28672)]  # (K, N)
+BATCHES = [1, 16]
+GROUP = 128
+ROTATE_BYTES = 512 * 2**20  # > 10x the 50-60 MB L2 of an H100/H200
+
+
+def time_cupy(fn, args_list, reps=50, warmup=10):
+    import cupy as cp
+
+    for i in range(warmup):
+        fn(*args_list[i % len(args_list)])
+    times = []
+    for i in range(reps):
+        a, b = cp.cuda.Event(), cp.cuda.Event()
+        a.record()
+        fn(*args_list[i % len(args_list)])
+        b.record()
+        b.synchronize()
+        times.append(cp.cuda.get_elapsed_time(a, b) * 1e3)
+    return statistics.median(times)
+
+
+def time_torch(fn, args_list, reps=50, warmup=10):
+    import torch
+
+    for i in range(warmup):
+        fn(*args_list[i % len(args_list)])
+    times = []
+    for i in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn(*args_list[i % len(args_list)])
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth():
+    import cupy as cp
+
+    src = cp.random.random(2**28 // 4 * 4, dtype=cp.float32)  # 1 GiB
+    dst = cp.empty_like(src)
+    us = time_cupy(lambda: dst.__setitem__(slice(None), src), [()], reps=20)
+    return 2 * src.nbytes / (us * 1e-6) / 1e9  # bytes read + written
+
+
+def random_packed(k, n, copies, rng):
+    """W4A16Weight copies with random codes/scales/zeros (built on the GPU: no host quantization)."""
+    import cupy as cp
+
+    from minillm.gpu.w4a16 import W4A16Weight
+
+    chunks = -(-k // 32)
+    g = -(-k // GROUP)
+    out = []
+    for _ in range(copies):
+        q = cp.random.randint(0, 2**31 - 1, size=(n, 4 * chunks), dtype=cp.int64).astype(cp.uint32)
+        s = (cp.random.random((n, g), dtype=cp.float32) * 0.02 + 0.001).astype(cp.float16)
+        z = cp.random.randint(0, 16, size=(n, g), dtype=cp.int32).astype(cp.uint8)
+        out.append(W4A16Weight(q, s, z, None, n, k, GROUP))
+    return out
+
+
+def check_against_reference(k, n):
+    """The benchmarked kernel is checked on this shape first: fresh random input, poisoned output."""
+    import cupy as cp
+
+    from minillm.gpu.w4a16 import W4A16Weight, w4a16_matmul
+    from minillm.quant import QuantSpec, quantize_rtn
+
+    rng = np.random.default_rng(k + n)
+    qt = quantize_rtn(rng.normal(size=(n, k)).astype(np.float32), QuantSpec(4, "group", GROUP))
+    x = rng.normal(size=(1, k)).astype(np.float16)
+    out = cp.full((1, n), cp.nan, dtype=cp.float16)
+    y = cp.asnumpy(w4a16_matmul(cp.asarray(x), W4A16Weight.upload(qt), out=out)).astype(np.float64)
+    ref = x.astype(np.float64) @ qt.dequantize().astype(np.float64).T
+    return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+
+
+def torch_int4(k, n, m, copies):
+    """torch's tinygemm int4 path (_weight_int4pack_mm, group 128), as gpt-fast uses it."""
+    import torch
+
+    ws = []
+    for _ in range(copies):
+        w = torch.randint(0, 16, (n, k), dtype=torch.int32, device="cuda")
+        packed_u8 = ((w[:, ::2] << 4) | w[:, 1::2]).to(torch.uint8)
+        packed = torch.ops.aten._convert_weight_to_int4pack(packed_u8, 8)
+        sz = torch.rand((k // GROUP, n, 2), dtype=torch.bfloat16, device="cuda") * 0.02
+        ws.append((packed, sz))
+    x = torch.randn((m, k), dtype=torch.bfloat16, device="cuda")
+    args = [(x, p, sz) for p, sz in ws]
+    return time_torch(lambda x, p, sz: torch.ops.aten._weight_int4pack_mm(x, p, GROUP, sz), args)
+
+
+def main():
+    import cupy as cp
+    import torch
+
+    from minillm.gpu.w4a16 import w4a16_matmul
+
+    name = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    bw = copy_bandwidth()
+    print(f"device: {name}; device-to-device copy {bw:.0f} GB/s (bytes read + written)")
+    rng = np.random.default_rng(0)
+    rows = []
+    for k, n in SHAPES:
+        rel = check_against_reference(k, n)
+        assert rel < 1e-3, f"W4A16 kernel wrong on {k}x{n}: relative error {rel}"
+        packed_bytes = n * 16 * -(-k // 32) + n * -(-k // GROUP) * 3  # codes + fp16 scales + uint8 zeros
+        copies = max(2, ROTATE_BYTES // packed_bytes)
+        weights = random_packed(k, n, copies, rng)
+        fp16_copies = max(2, ROTATE_BYTES // (2 * n * k))
+        wt = [torch.randn((n, k), dtype=torch.float16, device="cuda") for _ in range(min(fp16_copies, 8))]
+        for m in BATCHES:
+            x = cp.asarray(rng.normal(size=(m, k)).astype(np.float16))
+            y = cp.empty((m, n), dtype=cp.float16)
+            ours = time_cupy(lambda w: w4a16_matmul(x, w, out=y), [(w,) for w in weights])
+            xt = torch.randn((m, k), dtype=torch.float16, device="cuda")
+            cublas = time_torch(lambda w: torch.nn.functional.linear(xt, w), [(w,) for w in wt])
+            try:
+                tint4 = torch_int4(k, n, m, copies=min(copies, 8))
+            except Exception as exc:  # report, don't hide: the peer may be missing on this torch
+                print(f"torch int4 failed on {k}x{n} m={m}: {exc}".splitlines()[0])
+                tint4 = float("nan")
+            io = 2 * m * (k + n)
+            ours_gbs = (packed_bytes + io) / ours / 1e3
+            rows.append((k, n, m, ours, ours_gbs, 100 * ours_gbs / bw, cublas, (2 * n * k + io) / cublas / 1e3,
+                         tint4, cublas / ours, tint4 / ours))
+        del weights, wt
+        cp.get_default_memory_pool().free_all_blocks()
+        torch.cuda.empty_cache()
+
+    print(f"\nW4A16 (group {GROUP}, asymmetric) vs cuBLAS fp16 vs torch int4 tinygemm; medians of 50, us")
+    print("| K x N | batch | minillm us | GB/s | % of copy | cuBLAS fp16 us | cuBLAS GB/s | torch int4 us |"
+          " vs cuBLAS | vs torch int4 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for k, n, m, t, gbs, pct, tc, cgbs, ti, sc, si in rows:
+        print(f"| {k}x{n} | {m} | {t:.1f} | {gbs:.0f} | {pct:.0f}% | {tc:.1f} | {cgbs:.0f} | {ti:.1f} | "
+              f"{sc:.2f}x | {si:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

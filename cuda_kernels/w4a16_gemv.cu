@@ -1,0 +1,156 @@
+// W4A16 GEMV / small-batch GEMM: y[m, n] = sum_k x[m, k] * w[n, k], with w stored as 4-bit codes.
+//
+// ================================================================================================
+// Layout (minillm's packed format, minillm/quant/formats.py)
+// ================================================================================================
+//   qweight  uint32 [N, 4 * C], C = ceil(K / 32) "chunks" per row. Row n holds the codes of output n
+//            in order of k; word k/8 holds code k in bits 4*(k%8) .. 4*(k%8)+3. One chunk = 16 bytes
+//            = 4 words = 32 codes, so every row is a whole number of 16-byte loads. Codes past K are 0.
+//   scales   fp16  [N, ngroups], ngroups = ceil(K / G); G a multiple of 32 (a chunk is in one group)
+//   zeros    uint8 [N, ngroups] (asymmetric), or null for symmetric (zero point 8)
+//   x        fp16  [M, 32 * C]  (the host pads each row with zeros past K)
+//   y        fp16  [M, N]
+//   w[n, k] = scale[n, k / G] * (q[n, k] - zero[n, k / G])
+//
+// ================================================================================================
+// Work decomposition
+// ================================================================================================
+//   A warp computes ROWS consecutive outputs for all M batch rows. Its 32 lanes stride over the
+//   chunks of those rows (lane l takes chunks l, l+32, ...), so each warp-wide step reads 32
+//   consecutive 16-byte chunks of a row: fully coalesced 512-byte requests. The x chunk a lane
+//   loads is reused for its ROWS rows. Accumulation is fp32. At the end, the partial sums are
+//   reduced across the warp with shuffles and lane 0 writes y.
+//
+//   Dequantization per 32-bit word (8 codes): the fp16 "magic number" trick. OR-ing a 4-bit code
+//   into the mantissa of 1024.0 (0x6400) gives the half 1024 + q exactly, two halves at a time:
+//       (word >> 4i) & 0x000F000F | 0x64006400  ->  half2(1024 + q[i], 1024 + q[i + 4])
+//   Subtracting half2(1024 + z) leaves (q - z), an exact small integer, which is widened to fp32
+//   and multiplied with x in fp32; the group's scale multiplies the chunk's sum once.
+//   Nibble i and i+4 land in one half2, so word j pairs with x[8j + i] and x[8j + i + 4].
+
+#include <cuda_fp16.h>
+#ifdef __CUDACC_RTC__  // NVRTC (cupy.RawModule) ships no <stdint.h>
+typedef unsigned int uint32_t;
+typedef unsigned char uint8_t;
+#else
+#include <stdint.h>
+#endif
+
+// ------------------------------------------------------------------------------------------------
+// Indexing helpers
+// ------------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ float2 half2_to_float2(__half2 h) { return __half22float2(h); }
+
+// (q - z) for nibbles (i, i + 4) of a word, as two floats.
+__device__ __forceinline__ float2 nibble_pair(uint32_t word, int i, __half2 bias) {
+    uint32_t bits = ((word >> (4 * i)) & 0x000F000Fu) | 0x64006400u;
+    __half2 h = *reinterpret_cast<__half2*>(&bits);
+    return half2_to_float2(__hsub2(h, bias));
+}
+
+// ------------------------------------------------------------------------------------------------
+// Main loop
+// ------------------------------------------------------------------------------------------------
+
+template <int M, int ROWS>
+__device__ __forceinline__ void gemv_body(const uint4* __restrict__ qweight, const __half* __restrict__ scales,
+                                          const uint8_t* __restrict__ zeros, const __half* __restrict__ x,
+                                          __half* __restrict__ y, int N, int C, int ngroups,
+                                          int chunks_per_group) {
+    const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    const int n0 = warp * ROWS;
+    if (n0 >= N) return;
+
+    float acc[ROWS][M];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+        for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
+
+    const uint4* xv = reinterpret_cast<const uint4*>(x);  // row m, chunk c, part j: xv[(m*C + c)*4 + j]
+
+#pragma unroll 2
+    for (int c = lane; c < C; c += 32) {
+        const int g = c / chunks_per_group;
+        uint4 wq[ROWS];
+        __half2 bias[ROWS];
+        float scale[ROWS];
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            const int n = min(n0 + r, N - 1);  // rows past N repeat the last one; never written
+            wq[r] = __ldg(qweight + (size_t)n * C + c);
+            const float z = zeros ? (float)zeros[(size_t)n * ngroups + g] : 8.f;
+            bias[r] = __float2half2_rn(1024.f + z);
+            scale[r] = __half2float(scales[(size_t)n * ngroups + g]);
+        }
+        float part[ROWS][M];
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+            for (int m = 0; m < M; ++m) part[r][m] = 0.f;
+
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {  // word j of the chunk: codes 8j .. 8j+7
+#pragma unroll
+            for (int m = 0; m < M; ++m) {
+                const uint4 xr = __ldg(xv + ((size_t)m * C + c) * 4 + j);  // x[8j .. 8j+7]
+                const __half2* xh = reinterpret_cast<const __half2*>(&xr);
+                // xh[0] = (x0, x1), xh[1] = (x2, x3), xh[2] = (x4, x5), xh[3] = (x6, x7)
+                float xf[8];
+#pragma unroll
+                for (int t = 0; t < 4; ++t) {
+                    float2 f = __half22float2(xh[t]);
+                    xf[2 * t] = f.x;
+                    xf[2 * t + 1] = f.y;
+                }
+#pragma unroll
+                for (int r = 0; r < ROWS; ++r) {
+                    const uint32_t word = (j == 0) ? wq[r].x : (j == 1) ? wq[r].y : (j == 2) ? wq[r].z : wq[r].w;
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        float2 d = nibble_pair(word, i, bias[r]);  // codes i and i + 4
+                        part[r][m] = fmaf(d.x, xf[i], part[r][m]);
+                        part[r][m] = fmaf(d.y, xf[i + 4], part[r][m]);
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+            for (int m = 0; m < M; ++m) acc[r][m] = fmaf(scale[r], part[r][m], acc[r][m]);
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // Reduction across the warp
+    // ---------------------------------------------------------------------------------------------
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+            float v = acc[r][m];
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+            if (lane == 0 && n0 + r < N) y[(size_t)m * N + n0 + r] = __float2half_rn(v);
+        }
+}
+
+// One entry point per (M, ROWS) pair the launcher uses; extern "C" keeps the names plain for
+// cupy.RawModule.
+#define W4A16_KERNEL(M, ROWS)                                                                          \
+    extern "C" __global__ void __launch_bounds__(128)                                                  \
+        w4a16_gemv_m##M##_r##ROWS(const uint4* __restrict__ qweight, const __half* __restrict__ scales, \
+                                  const uint8_t* __restrict__ zeros, const __half* __restrict__ x,       \
+                                  __half* __restrict__ y, int N, int C, int ngroups, int chunks_per_group) { \
+        gemv_body<M, ROWS>(qweight, scales, zeros, x, y, N, C, ngroups, chunks_per_group);             \
+    }
+
+W4A16_KERNEL(1, 1)
+W4A16_KERNEL(1, 2)
+W4A16_KERNEL(1, 4)
+W4A16_KERNEL(2, 2)
+W4A16_KERNEL(4, 2)
+W4A16_KERNEL(8, 1)
+W4A16_KERNEL(16, 1)

@@ -1,0 +1,117 @@
+"""W4A16: 4-bit weights, fp16 activations, fp32 accumulation (cuda_kernels/w4a16_gemv.cu).
+
+    w = W4A16Weight.upload(qt)          # a QuantizedTensor (bits 4) -> packed on the GPU
+    y = w4a16_matmul(x, w)              # x fp16 [M, K] -> y fp16 [M, N]
+
+Batches of up to 16 rows run the GEMV kernel (weights streamed once, every row of x reused from
+registers); larger batches dequantize to fp16 once and use cuBLAS.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from ..backend import get_xp
+from ..errors import MinillmError
+from ..quant.packing import pack_bits
+
+KERNEL_FILE = Path(__file__).resolve().parents[2] / "cuda_kernels" / "w4a16_gemv.cu"
+# (M, ROWS) instances compiled in the .cu file; a batch of m rows uses the smallest M >= m.
+_INSTANCES = {1: 4, 2: 2, 4: 2, 8: 1, 16: 1}
+_THREADS = 128  # 4 warps per block
+
+
+@lru_cache(maxsize=1)
+def _module():
+    cp = get_xp("cuda")
+    return cp.RawModule(code=KERNEL_FILE.read_text(), options=("-std=c++17",))
+
+
+def kernel(m: int, rows: int):
+    return _module().get_function(f"w4a16_gemv_m{m}_r{rows}")
+
+
+class W4A16Weight:
+    """Packed 4-bit weights on the GPU in minillm's layout (see the .cu file's header)."""
+
+    def __init__(self, qweight, scales, zeros, perm, n, k, group_size):
+        self.qweight, self.scales, self.zeros, self.perm = qweight, scales, zeros, perm
+        self.n, self.k, self.group_size = n, k, group_size
+        self.chunks = -(-k // 32)
+
+    @classmethod
+    def upload(cls, qt) -> "W4A16Weight":
+        cp = get_xp("cuda")
+        spec = qt.spec
+        if spec.bits != 4:
+            raise MinillmError(f"the W4A16 kernel takes 4-bit weights, not {spec.bits}-bit")
+        n, k = qt.shape
+        codes, scales, zeros = qt.codes, qt.scales, qt.zeros
+        if spec.granularity == "tensor":
+            scales, zeros = np.broadcast_to(scales, (n, 1)), np.broadcast_to(zeros, (n, 1))
+        group = spec.group_size if spec.granularity == "group" else 32 * -(-k // 32)
+        if group % 32:
+            raise MinillmError(f"the W4A16 kernel needs a group size that is a multiple of 32, not {group}")
+        perm = None
+        if qt.g_idx is not None:
+            # Act-order: sort the input columns by group, so every group is contiguous again; the
+            # kernel then reads a plain layout and x is gathered into the same order per call.
+            order = np.argsort(qt.g_idx, kind="stable")
+            if not np.array_equal(qt.g_idx[order], spec.group_index(k)):
+                raise MinillmError("this g_idx does not give every group exactly group_size columns")
+            codes = codes[:, order]
+            perm = cp.asarray(order.astype(np.int64))
+        words = pack_bits(codes, 4, axis=1)  # [N, 4C] uint32
+        return cls(cp.asarray(words), cp.asarray(np.ascontiguousarray(scales, dtype=np.float16)),
+                   None if spec.sym else cp.asarray(np.ascontiguousarray(zeros, dtype=np.uint8)),
+                   perm, n, k, group)
+
+    @property
+    def nbytes(self) -> int:
+        z = 0 if self.zeros is None else self.zeros.nbytes
+        return int(self.qweight.nbytes + self.scales.nbytes + z)
+
+
+def _launch(x_pad, w: W4A16Weight, y, m_kernel: int):
+    rows = _INSTANCES[m_kernel]
+    warps = -(-w.n // rows)
+    blocks = -(-warps // (_THREADS // 32))
+    zeros = w.zeros if w.zeros is not None else 0  # a null pointer for symmetric weights
+    kernel(m_kernel, rows)((blocks,), (_THREADS,), (
+        w.qweight, w.scales, zeros, x_pad, y,
+        np.int32(w.n), np.int32(w.chunks), np.int32(w.scales.shape[1]), np.int32(w.group_size // 32)))
+
+
+def w4a16_matmul(x, w: W4A16Weight, out=None):
+    """y = x W^T.  x: fp16 [M, K] (cupy) -> fp16 [M, N]."""
+    cp = get_xp("cuda")
+    m, k = x.shape
+    if k != w.k:
+        raise MinillmError(f"x has {k} features but the weight expects {w.k}")
+    if w.perm is not None:
+        x = cp.take(x, w.perm, axis=1)
+    if m > 16:
+        return x.astype(cp.float16) @ dequantize_fp16(w).T
+    m_kernel = next(mk for mk in sorted(_INSTANCES) if mk >= m)
+    kp = 32 * w.chunks
+    if m_kernel != m or kp != k or x.dtype != cp.float16 or not x.flags.c_contiguous:
+        x_pad = cp.zeros((m_kernel, kp), dtype=cp.float16)
+        x_pad[:m, :k] = x
+    else:
+        x_pad = x
+    y = cp.empty((m_kernel, w.n), dtype=cp.float16) if out is None or m_kernel != m else out
+    _launch(x_pad, w, y, m_kernel)
+    return y[:m] if m_kernel != m else y
+
+
+def dequantize_fp16(w: W4A16Weight):
+    """The fp16 weight matrix [N, K] (in the kernel's column order), for large batches."""
+    cp = get_xp("cuda")
+    shifts = cp.arange(0, 32, 4, dtype=cp.uint32)
+    codes = ((w.qweight[:, :, None] >> shifts) & 0xF).reshape(w.n, -1)[:, : w.k].astype(cp.float16)
+    g = cp.arange(w.k) // w.group_size
+    zeros = cp.float16(8) if w.zeros is None else w.zeros[:, g].astype(cp.float16)
+    return (codes - zeros) * w.scales[:, g]

@@ -136,6 +136,10 @@ def main():
         for m in BATCHES:
             x = cp.asarray(rng.normal(size=(m, k)).astype(np.float16))
             y = cp.empty((m, n), dtype=cp.float16)
+            # Rows per warp: try the compiled alternatives, report the best (and each, for NOTES.md).
+            options = {r: time_cupy(lambda w: w4a16_matmul(x, w, out=y, rows=r), [(w,) for w in weights])
+                       for r in ((1, 2, 4) if m == 1 else (2, 4))}
+            print(f"  {k}x{n} m={m}: " + ", ".join(f"{r} rows/warp {t:.1f} us" for r, t in options.items()))
             ours = time_cupy(lambda w: w4a16_matmul(x, w, out=y), [(w,) for w in weights])
             xt = torch.randn((m, k), dtype=torch.float16, device="cuda")
             cublas = time_torch(lambda w: torch.nn.functional.linear(xt, w), [(w,) for w in wt])

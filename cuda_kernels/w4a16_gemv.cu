@@ -17,9 +17,10 @@
 // ================================================================================================
 //   A warp computes ROWS consecutive outputs for all M batch rows. Its 32 lanes stride over the
 //   chunks of those rows (lane l takes chunks l, l+32, ...), so each warp-wide step reads 32
-//   consecutive 16-byte chunks of a row: fully coalesced 512-byte requests. The x chunk a lane
-//   loads is reused for its ROWS rows. Accumulation is fp32. At the end, the partial sums are
-//   reduced across the warp with shuffles and lane 0 writes y.
+//   consecutive 16-byte chunks of a row: fully coalesced 512-byte requests. Each weight word is
+//   dequantized once and reused for the M rows of x; each x load is reused for the ROWS rows.
+//   Accumulation is fp32. At the end, the partial sums are reduced across the warp with shuffles
+//   and lane 0 writes y.
 //
 //   Dequantization per 32-bit word (8 codes): the fp16 "magic number" trick. OR-ing a 4-bit code
 //   into the mantissa of 1024.0 (0x6400) gives the half 1024 + q exactly, two halves at a time:
@@ -58,6 +59,10 @@ __device__ __forceinline__ void gemv_body(const uint4* __restrict__ qweight, con
                                           const uint8_t* __restrict__ zeros, const __half* __restrict__ x,
                                           __half* __restrict__ y, int N, int C, int ngroups,
                                           int chunks_per_group) {
+    // Small batches keep the group's scale out of the inner loop (one multiply per chunk); large
+    // ones fold it into the dequantized weight once, which is then reused by all M rows of x and
+    // saves M x ROWS partial sums of registers.
+    constexpr bool FOLD_SCALE = M >= 8;
     const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
     const int n0 = warp * ROWS;
@@ -85,42 +90,55 @@ __device__ __forceinline__ void gemv_body(const uint4* __restrict__ qweight, con
             bias[r] = __float2half2_rn(1024.f + z);
             scale[r] = __half2float(scales[(size_t)n * ngroups + g]);
         }
-        float part[ROWS][M];
+        float part[ROWS][FOLD_SCALE ? 1 : M];
 #pragma unroll
         for (int r = 0; r < ROWS; ++r)
 #pragma unroll
-            for (int m = 0; m < M; ++m) part[r][m] = 0.f;
+            for (int m = 0; m < (FOLD_SCALE ? 1 : M); ++m) part[r][m] = 0.f;
 
 #pragma unroll
         for (int j = 0; j < 4; ++j) {  // word j of the chunk: codes 8j .. 8j+7
+            // Dequantize the word of every row once: d[r][i] = (q - z) (times the scale if folded).
+            float d[ROWS][8];
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) {
+                const uint32_t word = (j == 0) ? wq[r].x : (j == 1) ? wq[r].y : (j == 2) ? wq[r].z : wq[r].w;
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const float2 p = nibble_pair(word, i, bias[r]);  // codes i and i + 4
+                    d[r][i] = FOLD_SCALE ? p.x * scale[r] : p.x;
+                    d[r][i + 4] = FOLD_SCALE ? p.y * scale[r] : p.y;
+                }
+            }
 #pragma unroll
             for (int m = 0; m < M; ++m) {
                 const uint4 xr = __ldg(xv + ((size_t)m * C + c) * 4 + j);  // x[8j .. 8j+7]
                 const __half2* xh = reinterpret_cast<const __half2*>(&xr);
-                // xh[0] = (x0, x1), xh[1] = (x2, x3), xh[2] = (x4, x5), xh[3] = (x6, x7)
                 float xf[8];
 #pragma unroll
                 for (int t = 0; t < 4; ++t) {
-                    float2 f = __half22float2(xh[t]);
+                    const float2 f = __half22float2(xh[t]);
                     xf[2 * t] = f.x;
                     xf[2 * t + 1] = f.y;
                 }
 #pragma unroll
-                for (int r = 0; r < ROWS; ++r) {
-                    const uint32_t word = (j == 0) ? wq[r].x : (j == 1) ? wq[r].y : (j == 2) ? wq[r].z : wq[r].w;
+                for (int r = 0; r < ROWS; ++r)
 #pragma unroll
-                    for (int i = 0; i < 4; ++i) {
-                        float2 d = nibble_pair(word, i, bias[r]);  // codes i and i + 4
-                        part[r][m] = fmaf(d.x, xf[i], part[r][m]);
-                        part[r][m] = fmaf(d.y, xf[i + 4], part[r][m]);
+                    for (int i = 0; i < 8; ++i) {
+                        if (FOLD_SCALE) {
+                            acc[r][m] = fmaf(d[r][i], xf[i], acc[r][m]);
+                        } else {
+                            part[r][FOLD_SCALE ? 0 : m] = fmaf(d[r][i], xf[i], part[r][FOLD_SCALE ? 0 : m]);
+                        }
                     }
-                }
             }
         }
+        if (!FOLD_SCALE) {
 #pragma unroll
-        for (int r = 0; r < ROWS; ++r)
+            for (int r = 0; r < ROWS; ++r)
 #pragma unroll
-            for (int m = 0; m < M; ++m) acc[r][m] = fmaf(scale[r], part[r][m], acc[r][m]);
+                for (int m = 0; m < M; ++m) acc[r][m] = fmaf(scale[r], part[r][FOLD_SCALE ? 0 : m], acc[r][m]);
+        }
     }
 
     // ---------------------------------------------------------------------------------------------
@@ -152,5 +170,8 @@ W4A16_KERNEL(1, 2)
 W4A16_KERNEL(1, 4)
 W4A16_KERNEL(2, 2)
 W4A16_KERNEL(4, 2)
-W4A16_KERNEL(8, 1)
-W4A16_KERNEL(16, 1)
+W4A16_KERNEL(4, 4)
+W4A16_KERNEL(8, 2)
+W4A16_KERNEL(8, 4)
+W4A16_KERNEL(16, 2)
+W4A16_KERNEL(16, 4)

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from minillm.quant import QuantSpec, quantize_rtn
 
 pytestmark = pytest.mark.gpu
+KERNELS = __import__("pathlib").Path(__file__).resolve().parents[1] / "cuda_kernels" / "w4a16_gemv.cu"
 
 
 def reference(x16, qt):
@@ -18,11 +19,14 @@ def reference(x16, qt):
     return x16.astype(np.float64) @ qt.dequantize().astype(np.float64).T
 
 
-def check(out, ref, k):
-    # fp32 accumulation, then one rounding to fp16 (relative 2^-11) of each output.
+def check(out, ref, x16, qt):
+    """The kernel accumulates in fp32 and rounds each output to fp16 once (2^-11 relative); the
+    batch > 16 path multiplies fp16-rounded weights (2^-11 relative each) in cuBLAS. Both stay
+    within 2^-10 of sum_k |x_k| |w_k| plus fp32 accumulation noise."""
     assert np.isfinite(out).all(), "an output was never written (still NaN)"
     err = np.abs(out.astype(np.float64) - ref)
-    assert np.all(err <= 2.0**-10 * np.abs(ref) + 1e-5 * np.abs(ref).max() + 1e-6)
+    scale = np.abs(x16.astype(np.float64)) @ np.abs(qt.dequantize().astype(np.float64)).T
+    assert np.all(err <= 2.0**-10 * scale + 1e-6)
 
 
 @settings(max_examples=40, deadline=None)
@@ -43,8 +47,11 @@ def test_w4a16_matches_numpy(n, k, m, group, sym, act_order, seed):
     x = rng.normal(size=(m, k)).astype(np.float16)
     w = W4A16Weight.upload(qt)
     out = cp.full((m, n), cp.nan, dtype=cp.float16)
-    res = w4a16_matmul(cp.asarray(x), w, out=out if m in (1, 2, 4, 8, 16) else None)
-    check(cp.asnumpy(res), reference(x, qt), k)
+    rows = [None, 1, 2, 4][seed % 4] if m in (1, 2, 4, 8, 16) else None
+    if rows is not None and f"w4a16_gemv_m{m}_r{rows}" not in open(KERNELS).read():
+        rows = None
+    res = w4a16_matmul(cp.asarray(x), w, out=out if m in (1, 2, 4, 8, 16) else None, rows=rows)
+    check(cp.asnumpy(res), reference(x, qt), x, qt)
 
 
 @pytest.mark.parametrize("k, n", [(4096, 4096), (11008, 4096), (576, 1536)])
@@ -59,4 +66,4 @@ def test_w4a16_real_shapes(k, n, m):
     x = rng.normal(size=(m, k)).astype(np.float16)
     out = cp.full((m, n), cp.nan, dtype=cp.float16)
     res = w4a16_matmul(cp.asarray(x), W4A16Weight.upload(qt), out=out)
-    check(cp.asnumpy(res), reference(x, qt), k)
+    check(cp.asnumpy(res), reference(x, qt), x, qt)

@@ -19,8 +19,10 @@ from ..errors import MinillmError
 from ..quant.packing import pack_bits
 
 KERNEL_FILE = Path(__file__).resolve().parents[2] / "cuda_kernels" / "w4a16_gemv.cu"
-# (M, ROWS) instances compiled in the .cu file; a batch of m rows uses the smallest M >= m.
-_INSTANCES = {1: 4, 2: 2, 4: 2, 8: 1, 16: 1}
+# Batch sizes M compiled in the .cu file (a batch of m rows uses the smallest M >= m), and the
+# rows per warp each is launched with (bench/gpu_kernels.py measures the alternatives).
+_INSTANCES = {1: 4, 2: 2, 4: 2, 8: 4, 16: 2}  # m16 with 4 rows spills registers
+_SMALL_N = 16384  # below this many outputs, one row per warp at M = 1 keeps more warps in flight
 _THREADS = 128  # 4 warps per block
 
 
@@ -75,8 +77,9 @@ class W4A16Weight:
         return int(self.qweight.nbytes + self.scales.nbytes + z)
 
 
-def _launch(x_pad, w: W4A16Weight, y, m_kernel: int):
-    rows = _INSTANCES[m_kernel]
+def _launch(x_pad, w: W4A16Weight, y, m_kernel: int, rows: int | None = None):
+    if rows is None:
+        rows = 1 if m_kernel == 1 and w.n < _SMALL_N else _INSTANCES[m_kernel]
     warps = -(-w.n // rows)
     blocks = -(-warps // (_THREADS // 32))
     zeros = w.zeros if w.zeros is not None else 0  # a null pointer for symmetric weights
@@ -85,8 +88,8 @@ def _launch(x_pad, w: W4A16Weight, y, m_kernel: int):
         np.int32(w.n), np.int32(w.chunks), np.int32(w.scales.shape[1]), np.int32(w.group_size // 32)))
 
 
-def w4a16_matmul(x, w: W4A16Weight, out=None):
-    """y = x W^T.  x: fp16 [M, K] (cupy) -> fp16 [M, N]."""
+def w4a16_matmul(x, w: W4A16Weight, out=None, rows: int | None = None):
+    """y = x W^T.  x: fp16 [M, K] (cupy) -> fp16 [M, N]. `rows` overrides the rows per warp."""
     cp = get_xp("cuda")
     m, k = x.shape
     if k != w.k:
@@ -103,7 +106,7 @@ def w4a16_matmul(x, w: W4A16Weight, out=None):
     else:
         x_pad = x
     y = cp.empty((m_kernel, w.n), dtype=cp.float16) if out is None or m_kernel != m else out
-    _launch(x_pad, w, y, m_kernel)
+    _launch(x_pad, w, y, m_kernel, rows)
     return y[:m] if m_kernel != m else y
 
 

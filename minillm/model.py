@@ -270,9 +270,14 @@ class Model:
         return logits[0] if squeeze else logits
 
     def _attention_block(self, blk: Block, layer: int, x, cache, start, cos, sin):
+        n = rms_norm(self.xp, x, blk.attn_norm, self.config.rms_norm_eps)
+        return blk.o(self.attention_heads(blk, layer, n, cache, start, cos, sin))
+
+    def attention_heads(self, blk: Block, layer: int, n, cache, start, cos, sin):
+        """Attention of the normed input n, heads concatenated: the input of o_proj.
+        [B, T, D] -> [B, T, H*hd]"""
         xp, c = self.xp, self.config
-        b, t, _ = x.shape
-        n = rms_norm(xp, x, blk.attn_norm, c.rms_norm_eps)
+        b, t, _ = n.shape
         # [B, T, D] -> [B, T, heads*hd] -> [B, heads, T, hd]
         q = blk.q(n).reshape(b, t, c.num_heads, c.head_dim).transpose(0, 2, 1, 3)
         k = blk.k(n).reshape(b, t, c.num_kv_heads, c.head_dim).transpose(0, 2, 1, 3)
@@ -284,11 +289,15 @@ class Model:
         k = apply_rope(xp, k, cos, sin, c.rotary_dim)
         keys, values = cache.update(layer, k, v)  # [B, KV, S, hd] each
         out = attention(xp, q, keys, values, start, blk.window)  # [B, H, T, hd]
-        return blk.o(out.transpose(0, 2, 1, 3).reshape(b, t, c.num_heads * c.head_dim))
+        return out.transpose(0, 2, 1, 3).reshape(b, t, c.num_heads * c.head_dim)
 
     def _mlp_block(self, blk: Block, x):
         m = rms_norm(self.xp, x, blk.mlp_norm, self.config.rms_norm_eps)
-        return blk.down(self.act(self.xp, blk.gate(m)) * blk.up(m))  # [B,T,D] -> [B,T,F] -> [B,T,D]
+        return blk.down(self.mlp_hidden(blk, m))
+
+    def mlp_hidden(self, blk: Block, m):
+        """act(W_gate m) * (W_up m): the input of down_proj.  [B, T, D] -> [B, T, F]"""
+        return self.act(self.xp, blk.gate(m)) * blk.up(m)
 
     # -- facts for `minillm info` -----------------------------------------------------------------
 

@@ -24,35 +24,58 @@ GROUP = 128
 ROTATE_BYTES = 512 * 2**20  # > 10x the 50-60 MB L2 of an H100/H200
 
 
-def time_cupy(fn, args_list, reps=50, warmup=10):
+GRAPH_LAUNCHES = 20  # launches per captured graph; the time per launch is the replay time / 20
+
+
+def time_cupy(fn, args_list, reps=20, warmup=3):
+    """Median time of one launch, from CUDA-graph replays of GRAPH_LAUNCHES launches that rotate over
+    args_list: the GPU runs them back to back, so host launch latency is not counted (it would be
+    for a single launch between two events), and rotation keeps the weights out of L2."""
     import cupy as cp
 
-    for i in range(warmup):
-        fn(*args_list[i % len(args_list)])
-    times = []
-    for i in range(reps):
-        a, b = cp.cuda.Event(), cp.cuda.Event()
-        a.record()
-        fn(*args_list[i % len(args_list)])
-        b.record()
-        b.synchronize()
-        times.append(cp.cuda.get_elapsed_time(a, b) * 1e3)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        for i in range(warmup):
+            fn(*args_list[i % len(args_list)])
+        stream.begin_capture()
+        for i in range(GRAPH_LAUNCHES):
+            fn(*args_list[i % len(args_list)])
+        graph = stream.end_capture()
+        graph.launch(stream)
+        times = []
+        for _ in range(reps):
+            a, b = cp.cuda.Event(), cp.cuda.Event()
+            a.record(stream)
+            graph.launch(stream)
+            b.record(stream)
+            b.synchronize()
+            times.append(cp.cuda.get_elapsed_time(a, b) * 1e3 / GRAPH_LAUNCHES)
     return statistics.median(times)
 
 
-def time_torch(fn, args_list, reps=50, warmup=10):
+def time_torch(fn, args_list, reps=20, warmup=3):
+    """As time_cupy, with torch's graph capture."""
     import torch
 
-    for i in range(warmup):
-        fn(*args_list[i % len(args_list)])
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for i in range(warmup):
+            fn(*args_list[i % len(args_list)])
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(GRAPH_LAUNCHES):
+            fn(*args_list[i % len(args_list)])
+    g.replay()
     times = []
-    for i in range(reps):
+    for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn(*args_list[i % len(args_list)])
+        g.replay()
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
+        times.append(a.elapsed_time(b) * 1e3 / GRAPH_LAUNCHES)
     return statistics.median(times)
 
 
@@ -61,7 +84,7 @@ def copy_bandwidth():
 
     src = cp.random.random(2**28 // 4 * 4, dtype=cp.float32)  # 1 GiB
     dst = cp.empty_like(src)
-    us = time_cupy(lambda: dst.__setitem__(slice(None), src), [()], reps=20)
+    us = time_cupy(lambda: cp.copyto(dst, src), [()], reps=10)
     return 2 * src.nbytes / (us * 1e-6) / 1e9  # bytes read + written
 
 
@@ -138,7 +161,7 @@ def main():
             y = cp.empty((m, n), dtype=cp.float16)
             # Rows per warp: try the compiled alternatives, report the best (and each, for NOTES.md).
             options = {r: time_cupy(lambda w: w4a16_matmul(x, w, out=y, rows=r), [(w,) for w in weights])
-                       for r in ((1, 2, 4) if m == 1 else (2, 4))}
+                       for r in ((1, 2, 4, 8) if m == 1 else (2, 4))}
             print(f"  {k}x{n} m={m}: " + ", ".join(f"{r} rows/warp {t:.1f} us" for r, t in options.items()))
             ours = time_cupy(lambda w: w4a16_matmul(x, w, out=y), [(w,) for w in weights])
             xt = torch.randn((m, k), dtype=torch.float16, device="cuda")
@@ -156,7 +179,8 @@ def main():
         cp.get_default_memory_pool().free_all_blocks()
         torch.cuda.empty_cache()
 
-    print(f"\nW4A16 (group {GROUP}, asymmetric) vs cuBLAS fp16 vs torch int4 tinygemm; medians of 50, us")
+    print(f"\nW4A16 (group {GROUP}, asymmetric) vs cuBLAS fp16 vs torch int4 tinygemm; us per launch, "
+          f"median of 20 replays of a CUDA graph of {GRAPH_LAUNCHES} launches rotating over weight copies")
     print("| K x N | batch | minillm us | GB/s | % of copy | cuBLAS fp16 us | cuBLAS GB/s | torch int4 us |"
           " vs cuBLAS | vs torch int4 |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -168,6 +168,7 @@ __device__ __forceinline__ void gemv_body(const uint4* __restrict__ qweight, con
 W4A16_KERNEL(1, 1)
 W4A16_KERNEL(1, 2)
 W4A16_KERNEL(1, 4)
+W4A16_KERNEL(1, 8)
 W4A16_KERNEL(2, 2)
 W4A16_KERNEL(4, 2)
 W4A16_KERNEL(4, 4)

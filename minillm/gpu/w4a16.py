@@ -21,8 +21,7 @@ from ..quant.packing import pack_bits
 KERNEL_FILE = Path(__file__).resolve().parents[2] / "cuda_kernels" / "w4a16_gemv.cu"
 # Batch sizes M compiled in the .cu file (a batch of m rows uses the smallest M >= m), and the
 # rows per warp each is launched with (bench/gpu_kernels.py measures the alternatives).
-_INSTANCES = {1: 4, 2: 2, 4: 2, 8: 4, 16: 2}  # m16 with 4 rows spills registers
-_SMALL_N = 16384  # below this many outputs, one row per warp at M = 1 keeps more warps in flight
+_INSTANCES = {1: 2, 2: 2, 4: 2, 8: 4, 16: 2}  # m16 with 4 rows spills registers (bench/NOTES.md)
 _THREADS = 128  # 4 warps per block
 
 
@@ -79,7 +78,7 @@ class W4A16Weight:
 
 def _launch(x_pad, w: W4A16Weight, y, m_kernel: int, rows: int | None = None):
     if rows is None:
-        rows = 1 if m_kernel == 1 and w.n < _SMALL_N else _INSTANCES[m_kernel]
+        rows = _INSTANCES[m_kernel]
     warps = -(-w.n // rows)
     blocks = -(-warps // (_THREADS // 32))
     zeros = w.zeros if w.zeros is not None else 0  # a null pointer for symmetric weights

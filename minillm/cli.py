@@ -24,7 +24,7 @@ def _fmt_bytes(n: float) -> str:
 def cmd_info(args) -> int:
     from . import load  # noqa: PLC0415 - keep `minillm --help` fast
 
-    m = load(args.model, device=args.device, progress=not args.quiet)
+    m = load(args.model, device=args.device, progress=not args.quiet, kv_cache=args.kv_cache)
     c = m.config
     weights_bytes = sum(int(w.nbytes) for w in _model_arrays(m.model))
     facts = {
@@ -46,6 +46,9 @@ def cmd_info(args) -> int:
         "memory_bytes": weights_bytes,
         "compute_dtype": str(m.model.dtype.__name__),
         "device": args.device,
+        "kv_cache": args.kv_cache,
+        "kv_cache_bytes": m.new_cache(max_len=args.context or m.model.context_length).nbytes,
+        "kv_cache_context": args.context or m.model.context_length,
     }
     if args.json:
         print(json.dumps(facts, indent=2))
@@ -59,6 +62,7 @@ def cmd_info(args) -> int:
     stored = ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in sorted(facts["stored_dtypes"].items()))
     print(f"  stored as      {stored} (file {_fmt_bytes(facts['file_bytes'])})")
     print(f"  in memory      {_fmt_bytes(weights_bytes)} as {facts['compute_dtype']} on {args.device}")
+    print(f"  KV cache       {args.kv_cache}: {_fmt_bytes(facts['kv_cache_bytes'])} for {facts['kv_cache_context']} tokens")
     return 0
 
 
@@ -80,7 +84,8 @@ def _model_arrays(model):
 def _load_for_text(args):
     from . import load  # noqa: PLC0415 - keep `minillm --help` fast
 
-    return load(args.model, device=args.device, progress=not getattr(args, "quiet", False))
+    return load(args.model, device=args.device, progress=not getattr(args, "quiet", False),
+                kv_cache=getattr(args, "kv_cache", "float"))
 
 
 def _sampling(args):
@@ -196,7 +201,7 @@ def cmd_eval(args) -> int:
     from . import load  # noqa: PLC0415
     from .evaluate import compare, evaluation_text, perplexity  # noqa: PLC0415
 
-    m = load(args.model, device=args.device, progress=not args.quiet)
+    m = load(args.model, device=args.device, progress=not args.quiet, kv_cache=args.kv_cache)
     if args.text:
         try:
             text = __import__("pathlib").Path(args.text).read_text()
@@ -237,6 +242,12 @@ def _add_sampling_flags(p):
     p.add_argument("--context", type=int, default=None, help="cap the context at this many tokens")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_kv_flag(p)
+
+
+def _add_kv_flag(p):
+    p.add_argument("--kv-cache", default="float", choices=["float", "int8", "int4", "fp8"],
+                   help="how the KV cache stores keys and values (default float)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -244,10 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="architecture, parameter count, dtypes and memory of a model")
-    p.add_argument("model", help="model directory, .gguf file, or hub id (org/name)")
+    p.add_argument("model", nargs="?", default=None,
+                   help="model directory, .gguf file, or hub id (default: SmolLM2-135M-Instruct)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--json", action="store_true", help="print the facts as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--context", type=int, default=None, help="context to size the KV cache for (default: the model's)")
+    _add_kv_flag(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("generate", help="stream a reply to one prompt (chat template applied if the model has one)")
@@ -288,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--quiet", action="store_true")
+    _add_kv_flag(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("chat", help="talk to a model (default: SmolLM2-135M-Instruct)")

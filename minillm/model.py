@@ -23,7 +23,7 @@ import numpy as np
 
 from .config import ModelConfig, RopeConfig
 from .errors import MinillmError
-from .kvcache import FloatKVCache
+from .kvcache import new_kv_cache
 from .loading.names import expected_shapes
 from .quant.qlinear import QuantLinear
 
@@ -116,38 +116,6 @@ def apply_rope(xp, x, cos, sin, rotary_dim):
 
 
 # ------------------------------------------------------------------------------------------------
-# Attention (Vaswani et al. 2017, eq. 1) with grouped key/value heads (Ainslie et al. 2023)
-# ------------------------------------------------------------------------------------------------
-
-def attention(xp, q, k, v, start: int, window):
-    """Causal softmax(q k^T / sqrt(hd)) v, where the query at position p sees keys j <= p
-    (and j > p - window for a sliding window).
-
-    q: [B, H, T, hd] at positions start..start+T-1;  k, v: [B, KV, S, hd] at positions 0..S-1.
-    -> [B, H, T, hd]
-    """
-    b, h, t, hd = q.shape
-    kv, s = k.shape[1], k.shape[2]
-    g = h // kv
-    # Query heads j*G .. j*G+G-1 share key/value head j: fold them into the rows of one matmul.
-    qg = q.reshape(b, kv, g * t, hd)
-    scores = (qg @ k.swapaxes(-1, -2)) * (1.0 / math.sqrt(hd))  # [B, KV, G*T, S]
-    q_pos = start + np.arange(t)
-    k_pos = np.arange(s)
-    hidden = k_pos[None, :] > q_pos[:, None]  # [T, S] future keys
-    if window is not None:
-        hidden |= k_pos[None, :] <= q_pos[:, None] - window
-    if hidden.any():
-        mask = xp.asarray(np.tile(hidden, (g, 1)))  # rows ordered (g, t) like qg
-        scores = xp.where(mask, -xp.inf, scores)
-    scores = scores - scores.max(axis=-1, keepdims=True)
-    p = xp.exp(scores)
-    p /= p.sum(axis=-1, keepdims=True)
-    out = p @ v  # [B, KV, G*T, S] @ [B, KV, S, hd] -> [B, KV, G*T, hd]
-    return out.reshape(b, h, t, hd)
-
-
-# ------------------------------------------------------------------------------------------------
 # The model
 # ------------------------------------------------------------------------------------------------
 
@@ -170,8 +138,9 @@ class Block:
 class Model:
     """A Llama-family decoder. `logits = model(tokens)`; `model(tokens, cache)` continues a sequence."""
 
-    def __init__(self, config: ModelConfig, weights: dict, xp=np, dtype=np.float32):
+    def __init__(self, config: ModelConfig, weights: dict, xp=np, dtype=np.float32, kv_cache: str = "float"):
         self.config, self.xp, self.dtype = config, xp, dtype
+        self.kv_cache = kv_cache  # the cache type a forward without an explicit cache uses
         _check_shapes(config, weights)
 
         def arr(name):
@@ -219,9 +188,11 @@ class Model:
         # Dynamic NTK exists to run past the trained context; allow `factor` times as much.
         return int(c.max_position_embeddings * (c.rope.factor if c.rope.type == "dynamic" else 1))
 
-    def new_cache(self, batch: int = 1, max_len: int | None = None):
+    def new_cache(self, batch: int = 1, max_len: int | None = None, kind: str | None = None):
+        """A cache for `max_len` positions (default: the model's context), of type `kind` (default:
+        the model's kv_cache: float, int8, int4 or fp8; kvcache.py)."""
         c = self.config
-        return FloatKVCache(c.num_layers, batch, c.num_kv_heads, c.head_dim,
+        return new_kv_cache(kind or self.kv_cache, c.num_layers, batch, c.num_kv_heads, c.head_dim,
                             max_len or self.context_length, xp=self.xp, dtype=self.dtype)
 
     def _cos_sin(self, start: int, t: int):
@@ -252,7 +223,9 @@ class Model:
             raise MinillmError("the model was given an empty sequence of tokens")
         if int(tok.min()) < 0 or int(tok.max()) >= c.vocab_size:
             raise MinillmError(f"token ids must lie in [0, {c.vocab_size}); got {int(tok.min())}..{int(tok.max())}")
-        cache = cache if cache is not None else self.new_cache(batch=b)
+        # Without a cache, one sized to this sequence: a plain forward reads K and V through the
+        # model's cache type just as decoding does.
+        cache = cache if cache is not None else self.new_cache(batch=b, max_len=t)
         cache.check_room(t)
         start = cache.length
         cos, sin = self._cos_sin(start, t)
@@ -287,8 +260,7 @@ class Model:
             k = rms_norm(xp, k, blk.k_norm, c.rms_norm_eps)
         q = apply_rope(xp, q, cos, sin, c.rotary_dim)
         k = apply_rope(xp, k, cos, sin, c.rotary_dim)
-        keys, values = cache.update(layer, k, v)  # [B, KV, S, hd] each
-        out = attention(xp, q, keys, values, start, blk.window)  # [B, H, T, hd]
+        out = cache.attend(layer, q, k, v, start, blk.window)  # stores k, v; [B, H, T, hd]
         return out.transpose(0, 2, 1, 3).reshape(b, t, c.num_heads * c.head_dim)
 
     def _mlp_block(self, blk: Block, x):

@@ -1,0 +1,69 @@
+"""KV-cache formats on SmolLM2-135M-Instruct (float weights): perplexity, KL to the float cache, top-1.
+
+Every window is run once per cache type through the same model; attention reads every key and
+value through the cache, as decoding does (minillm.kvcache). Windows of 512 (the design.md
+evaluation, 40 windows) and of 2048 tokens.
+
+    python3 bench/kv_quality.py [--windows-512 40] [--windows-2048 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import minillm  # noqa: E402
+from minillm.evaluate import evaluation_text, log_softmax, windows  # noqa: E402
+
+KINDS = ["int8", "fp8", "int4"]
+
+
+def run(m, ids, size, count):
+    acc = {k: {"nll": [], "kl": [], "agree": []} for k in ["float", *KINDS]}
+    for w in tqdm(windows(ids, size, count), desc=f"windows of {size}", unit="window"):
+        targets, rows = w[1:], np.arange(size - 1)
+        m.model.kv_cache = "float"
+        ref = log_softmax(np.asarray(m(w), dtype=np.float64))[:-1]
+        acc["float"]["nll"].append(-ref[rows, targets])
+        p_ref = np.exp(ref)
+        for kind in KINDS:
+            m.model.kv_cache = kind
+            lp = log_softmax(np.asarray(m(w), dtype=np.float64))[:-1]
+            acc[kind]["nll"].append(-lp[rows, targets])
+            acc[kind]["kl"].append((p_ref * (ref - lp)).sum(-1))
+            acc[kind]["agree"].append(lp.argmax(-1) == ref.argmax(-1))
+    m.model.kv_cache = "float"
+    return acc
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--windows-512", type=int, default=40)
+    ap.add_argument("--windows-2048", type=int, default=5)
+    args = ap.parse_args()
+    m = minillm.load(progress=False)
+    ids = m.require_tokenizer().encode_plain(evaluation_text())
+    cache_bytes = {k: m.new_cache(max_len=8192, kind=k).nbytes for k in ["float", *KINDS]}
+    print("\nSmolLM2-135M-Instruct, float32 weights; KV cache formats (attention reads through the cache)\n")
+    print("| cache | windows | perplexity | vs float | KL to float cache | top-1 agreement | bytes for 8192 tokens |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for size, count in [(sz, n) for sz, n in ((512, args.windows_512), (2048, args.windows_2048)) if n > 0]:
+        acc = run(m, ids, size, count)
+        base = float(np.exp(np.mean(np.concatenate(acc["float"]["nll"]))))
+        print(f"| float32 | {count} x {size} | {base:.3f} | | 0 | 100% | {cache_bytes['float'] / 2**20:.1f} MiB |")
+        for kind in KINDS:
+            a = acc[kind]
+            ppl = float(np.exp(np.mean(np.concatenate(a["nll"]))))
+            print(f"| {kind} | {count} x {size} | {ppl:.3f} | {100 * (ppl / base - 1):+.2f}% | "
+                  f"{float(np.mean(np.concatenate(a['kl']))):.5f} | {100 * float(np.mean(np.concatenate(a['agree']))):.2f}% | "
+                  f"{cache_bytes[kind] / 2**20:.1f} MiB |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -13,33 +13,23 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-from tqdm import tqdm
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import minillm  # noqa: E402
-from minillm.evaluate import evaluation_text, log_softmax, windows  # noqa: E402
+from minillm.evaluate import compare_many, evaluation_text  # noqa: E402
 
 KINDS = ["int8", "fp8", "int4"]
 
 
 def run(m, ids, size, count):
-    acc = {k: {"nll": [], "kl": [], "agree": []} for k in ["float", *KINDS]}
-    for w in tqdm(windows(ids, size, count), desc=f"windows of {size}", unit="window"):
-        targets, rows = w[1:], np.arange(size - 1)
-        m.model.kv_cache = "float"
-        ref = log_softmax(np.asarray(m(w), dtype=np.float64))[:-1]
-        acc["float"]["nll"].append(-ref[rows, targets])
-        p_ref = np.exp(ref)
-        for kind in KINDS:
-            m.model.kv_cache = kind
-            lp = log_softmax(np.asarray(m(w), dtype=np.float64))[:-1]
-            acc[kind]["nll"].append(-lp[rows, targets])
-            acc[kind]["kl"].append((p_ref * (ref - lp)).sum(-1))
-            acc[kind]["agree"].append(lp.argmax(-1) == ref.argmax(-1))
-    m.model.kv_cache = "float"
-    return acc
+    """Each cache type against the float cache, on the same model (only its cache type changes)."""
+
+    def use(kind):
+        m.model.kv_cache = "float" if kind == "reference" else kind
+
+    scores = compare_many(m, {kind: m for kind in KINDS}, ids, size, count, before_each=use)
+    use("reference")
+    return scores
 
 
 def main():
@@ -54,15 +44,14 @@ def main():
     print("| cache | windows | perplexity | vs float | KL to float cache | top-1 agreement | bytes for 8192 tokens |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for size, count in [(sz, n) for sz, n in ((512, args.windows_512), (2048, args.windows_2048)) if n > 0]:
-        acc = run(m, ids, size, count)
-        base = float(np.exp(np.mean(np.concatenate(acc["float"]["nll"]))))
+        scores = run(m, ids, size, count)
+        base = scores["reference"]["perplexity"]
         print(f"| float32 | {count} x {size} | {base:.3f} | | 0 | 100% | {cache_bytes['float'] / 2**20:.1f} MiB |")
         for kind in KINDS:
-            a = acc[kind]
-            ppl = float(np.exp(np.mean(np.concatenate(a["nll"]))))
-            print(f"| {kind} | {count} x {size} | {ppl:.3f} | {100 * (ppl / base - 1):+.2f}% | "
-                  f"{float(np.mean(np.concatenate(a['kl']))):.5f} | {100 * float(np.mean(np.concatenate(a['agree']))):.2f}% | "
-                  f"{cache_bytes[kind] / 2**20:.1f} MiB |", flush=True)
+            r = scores[kind]
+            print(f"| {kind} | {count} x {size} | {r['perplexity']:.3f} | {100 * (r['perplexity'] / base - 1):+.2f}% | "
+                  f"{r['kl_divergence']:.5f} | {100 * r['top1_agreement']:.2f}% | {cache_bytes[kind] / 2**20:.1f} MiB |",
+                  flush=True)
 
 
 if __name__ == "__main__":

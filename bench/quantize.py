@@ -19,14 +19,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-from tqdm import tqdm
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import minillm  # noqa: E402
-from minillm.evaluate import evaluation_text, log_softmax, windows  # noqa: E402
+from minillm.evaluate import compare_many, evaluation_text  # noqa: E402
 
 RUNS = {  # name: flags for `minillm quantize`
     "rtn-w4-g64": ["--method", "rtn", "--bits", "4", "--group-size", "64"],
@@ -97,32 +94,19 @@ def main():
     base = minillm.load(progress=False)
     models = {name: minillm.load(workdir / name, progress=False) for name in names}
     ids = base.require_tokenizer().encode_plain(evaluation_text())
-    acc = {k: {"nll": [], "kl": [], "agree": []} for k in ["float", *names]}
-    for w in tqdm(windows(ids, 512, args.windows), desc="evaluating", unit="window"):
-        targets, rows = w[1:], np.arange(len(w) - 1)
-        ref = log_softmax(np.asarray(base(w), dtype=np.float64))[:-1]
-        acc["float"]["nll"].append(-ref[rows, targets])
-        p_ref = np.exp(ref)
-        for name in names:
-            lp = log_softmax(np.asarray(models[name](w), dtype=np.float64))[:-1]
-            acc[name]["nll"].append(-lp[rows, targets])
-            acc[name]["kl"].append((p_ref * (ref - lp)).sum(-1))
-            acc[name]["agree"].append(lp.argmax(-1) == ref.argmax(-1))
+    scores = compare_many(base, models, ids, 512, args.windows)
 
     print(f"\nSmolLM2-135M-Instruct, {os.cpu_count()}-core CPU; calibration 32 x 512 tokens, evaluation "
           f"{args.windows} x 512 tokens; asymmetric; time and peak RSS of each `minillm quantize` process\n")
     print("| method | perplexity | KL to float | top-1 agreement | time (s) | peak memory (MB) |")
     print("| --- | --- | --- | --- | --- | --- |")
-    print(f"| float32 | {np.exp(np.mean(np.concatenate(acc['float']['nll']))):.3f} | 0 | 100% | | |")
+    print(f"| float32 | {scores['reference']['perplexity']:.3f} | 0 | 100% | | |")
     results = {}
     for name in names:
-        a = acc[name]
-        ppl = float(np.exp(np.mean(np.concatenate(a["nll"]))))
-        kl = float(np.mean(np.concatenate(a["kl"])))
-        agree = float(np.mean(np.concatenate(a["agree"])))
-        results[name] = {"perplexity": ppl, "kl": kl, "top1": agree, **stats[name]}
-        print(f"| {name} | {ppl:.3f} | {kl:.4f} | {100 * agree:.2f}% | {stats[name]['seconds']:.0f} | "
-              f"{stats[name]['peak_mb']:.0f} |")
+        r = scores[name]
+        results[name] = {**r, **stats[name]}
+        print(f"| {name} | {r['perplexity']:.3f} | {r['kl_divergence']:.4f} | {100 * r['top1_agreement']:.2f}% | "
+              f"{stats[name]['seconds']:.0f} | {stats[name]['peak_mb']:.0f} |")
     (workdir / "results.json").write_text(json.dumps(results, indent=2))
 
 

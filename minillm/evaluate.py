@@ -55,24 +55,39 @@ def perplexity(model, ids, window: int = 512, count: int = 40, progress: bool = 
     return float(np.exp(np.mean(np.concatenate(nll))))
 
 
+def compare_many(reference, models: dict, ids, window: int = 512, count: int = 40, progress: bool = True,
+                 before_each=None) -> dict:
+    """Score every model in `models` (name -> callable: tokens -> logits) against `reference` on the
+    same windows, computing the reference's logits once per window. -> {"reference": {...}, name: {...}}
+    with perplexity, mean KL(reference || model) per token, and top-1 agreement.
+    `before_each(name)` runs before each model's forward (e.g. to switch a cache type)."""
+    acc = {name: {"nll": [], "kl": [], "agree": []} for name in ["reference", *models]}
+    for w in tqdm(windows(ids, window, count), desc="evaluating", unit="window", disable=not progress, leave=False):
+        targets, rows = w[1:], np.arange(len(w) - 1)
+        if before_each:
+            before_each("reference")
+        ref = log_softmax(np.asarray(reference(w), dtype=np.float64))[:-1]  # predictions 1..n-1
+        acc["reference"]["nll"].append(-ref[rows, targets])
+        p_ref = np.exp(ref)
+        for name, model in models.items():
+            if before_each:
+                before_each(name)
+            lp = log_softmax(np.asarray(model(w), dtype=np.float64))[:-1]
+            acc[name]["nll"].append(-lp[rows, targets])
+            acc[name]["kl"].append((p_ref * (ref - lp)).sum(axis=-1))
+            acc[name]["agree"].append(lp.argmax(-1) == ref.argmax(-1))
+    out = {}
+    for name, a in acc.items():
+        out[name] = {"perplexity": float(np.exp(np.mean(np.concatenate(a["nll"]))))}
+        if name != "reference":
+            out[name]["kl_divergence"] = float(np.mean(np.concatenate(a["kl"])))
+            out[name]["top1_agreement"] = float(np.mean(np.concatenate(a["agree"])))
+    return out
+
+
 def compare(model, reference, ids, window: int = 512, count: int = 40, progress: bool = True) -> dict:
     """Perplexity of `model`, and against `reference` on the same windows: the reference's perplexity,
     the mean KL(reference || model) of next-token distributions, and top-1 agreement."""
-    nll, ref_nll, kl, agree = [], [], [], []
-    for w in tqdm(windows(ids, window, count), desc="evaluating", unit="window", disable=not progress, leave=False):
-        lp = log_softmax(np.asarray(model(w), dtype=np.float64))[:-1]  # [n-1, V]: predictions 1..n-1
-        lq = log_softmax(np.asarray(reference(w), dtype=np.float64))[:-1]
-        targets = w[1:]
-        rows = np.arange(len(targets))
-        nll.append(-lp[rows, targets])
-        ref_nll.append(-lq[rows, targets])
-        kl.append((np.exp(lq) * (lq - lp)).sum(axis=-1))
-        agree.append(lp.argmax(-1) == lq.argmax(-1))
-    return {
-        "perplexity": float(np.exp(np.mean(np.concatenate(nll)))),
-        "reference_perplexity": float(np.exp(np.mean(np.concatenate(ref_nll)))),
-        "kl_divergence": float(np.mean(np.concatenate(kl))),
-        "top1_agreement": float(np.mean(np.concatenate(agree))),
-        "windows": count,
-        "window_size": window,
-    }
+    r = compare_many(reference, {"model": model}, ids, window, count, progress)
+    return {**r["model"], "reference_perplexity": r["reference"]["perplexity"], "windows": count,
+            "window_size": window}

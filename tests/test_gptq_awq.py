@@ -192,3 +192,18 @@ def test_nan_weights_are_refused_by_gptq(tiny, tmp_path):
     m.checkpoint.weights[name][3, 3] = np.nan
     with pytest.raises(MinillmError, match="NaN"):
         quantize_calibrated(m, QuantSpec(4, "group", 32), "gptq", calibration_windows(m.tokenizer, 2, 64), progress=False)
+
+
+def test_cli_eval_against_a_reference(tiny, tmp_path):
+    def ev(*args):
+        r = run_cli("eval", *args, "--windows", "2", "--window-size", "64", "--json", "--quiet")
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    same = ev(str(tiny), "--reference", str(tiny))
+    assert same["kl_divergence"] == pytest.approx(0, abs=1e-9) and same["top1_agreement"] == 1.0
+    assert same["perplexity"] == pytest.approx(same["reference_perplexity"])
+    q = tmp_path / "q"
+    assert run_cli("quantize", str(tiny), str(q), "--bits", "3", "--group-size", "32", "--quiet").returncode == 0
+    quant = ev(str(q), "--reference", str(tiny))
+    assert quant["kl_divergence"] > 0 and quant["reference_perplexity"] == pytest.approx(same["perplexity"])

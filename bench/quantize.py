@@ -75,6 +75,7 @@ def main():
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--only", default=None)
     ap.add_argument("--keep", default=None, help="directory to keep the quantized checkpoints in")
+    ap.add_argument("--reuse", action="store_true", help="keep results already in --keep (with their timings)")
     args = ap.parse_args()
     names = args.only.split(",") if args.only else list(RUNS)
     workdir = Path(args.keep or tempfile.mkdtemp(prefix="minillm-bench-"))
@@ -83,12 +84,18 @@ def main():
     stats = {}
     for name in names:
         out = workdir / name
+        record = workdir / f"{name}.json"
+        if args.reuse and out.exists() and record.exists():  # measured in an earlier run of this script
+            stats[name] = json.loads(record.read_text())
+            print(f"{name}: reused ({stats[name]['seconds']:.0f} s, peak {stats[name]['peak_mb']:.0f} MB)", flush=True)
+            continue
         if out.exists():
             import shutil
 
             shutil.rmtree(out)
         seconds, peak_mb, summary = run_method(name, RUNS[name], out)
         stats[name] = {"seconds": seconds, "peak_mb": peak_mb}
+        record.write_text(json.dumps(stats[name]))
         print(f"{name}: {seconds:.0f} s, peak {peak_mb:.0f} MB  {summary}", flush=True)
 
     base = minillm.load(progress=False)

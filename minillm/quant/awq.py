@@ -65,8 +65,9 @@ def search_clip(x: np.ndarray, w: np.ndarray, spec: QuantSpec, grid: int = 20, m
     to the output error on tokens x [T, K].  -> (lo, hi) [N, G] for quantize_with_range."""
     groups = to_groups(w, spec)  # [N, G, L]
     n, g, length = groups.shape
-    xg = to_groups(np.ascontiguousarray(x.reshape(-1, x.shape[-1])), spec)  # [T, G, L]
-    ref = np.einsum("tgl,ngl->ngt", xg, groups)  # each group's partial output per token
+    # Per group, as a batched matmul (BLAS): [G, T, L] @ [G, L, N] -> each group's partial outputs.
+    xg = to_groups(np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32), spec).transpose(1, 0, 2)
+    ref = xg @ groups.transpose(1, 2, 0)  # [G, T, N]
     lo0, hi0 = minmax_range(groups)
     best_lo, best_hi = lo0, hi0
     best = np.full((n, g), np.inf)
@@ -74,7 +75,7 @@ def search_clip(x: np.ndarray, w: np.ndarray, spec: QuantSpec, grid: int = 20, m
         lo, hi = (lo0 * shrink).astype(np.float32), (hi0 * shrink).astype(np.float32)
         scale, zero = scale_zero(lo, hi, spec)
         dq = (quantize_groups(groups, scale, zero, spec) - zero[..., None]) * scale[..., None]
-        err = ((np.einsum("tgl,ngl->ngt", xg, dq) - ref) ** 2).mean(axis=-1)
+        err = ((xg @ dq.astype(np.float32).transpose(1, 2, 0) - ref) ** 2).mean(axis=1).T  # [N, G]
         better = err < best
         best = np.where(better, err, best)
         best_lo, best_hi = np.where(better, lo, best_lo), np.where(better, hi, best_hi)

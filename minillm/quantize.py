@@ -7,8 +7,9 @@
 
 Every projection of every block is quantized unless skipped; the embedding (and lm_head when it is
 not tied) stays float unless asked for. Float tensors are rounded to float16 both in memory and in
-the file, so the saved checkpoint reloads to exactly the model that was evaluated. Calibrated methods
-(GPTQ, AWQ) plug in as further `method`s.
+the file, so the saved checkpoint reloads to exactly the model that was evaluated. The calibrated
+methods (GPTQ, AWQ) run the model block by block and live in calibrate.py; they return the same
+kind of weights dict, saved by the same save_quantized.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@
     activations.py  dynamic (per-token) and static INT8 activation quantization
     packing.py      b-bit codes in 32-bit words
     formats.py      minillm, GPTQ, AWQ and compressed-tensors checkpoint layouts
+    gptq.py         GPTQ (Frantar et al. 2022) from a layer's Hessian
+    awq.py          AWQ (Lin et al. 2023): the scale and clipping searches
     qlinear.py      QuantLinear, the layer the model calls
 """
 

@@ -89,9 +89,16 @@ def load(path_or_id=None, device: str = "cpu", progress: bool = True, kv_cache: 
         gguf = default_gguf_path()
         path_or_id, name = converted_dir(gguf, progress=progress), gguf.name
     ckpt = read_model(path_or_id, progress=progress)
-    model = Model(ckpt.config, ckpt.weights, xp=xp, kv_cache=kv_cache)
     activations = (ckpt.config.quantization_config or {}).get("activations")
-    if activations:
+    if device == "cuda":
+        from .gpu.engine import GpuModel  # noqa: PLC0415
+
+        if activations:
+            raise MinillmError("activation-quantized (W8A8) checkpoints run on the CPU only: use --device cpu")
+        model = GpuModel.from_weights(ckpt.config, ckpt.weights, kv_cache=kv_cache)
+    else:
+        model = Model(ckpt.config, ckpt.weights, xp=xp, kv_cache=kv_cache)
+    if activations and device != "cuda":
         from .quantize import enable_activation_quant  # noqa: PLC0415
 
         enable_activation_quant(model, activations)

@@ -41,12 +41,14 @@ def _rel_error(x, w, wq) -> float:
 
 
 def quantize_calibrated(m, spec: QuantSpec, method: str, windows: np.ndarray, act_order: bool = False,
-                        damp: float = 0.01, progress: bool = True):
+                        damp: float = 0.01, progress: bool = True, clip: str = "minmax"):
     """-> (canonical name -> QuantizedTensor | float16-rounded float32 array, per-layer report)."""
     if method not in ("gptq", "awq"):
         raise MinillmError(f"unknown calibrated method {method!r}")
     if spec.granularity == "tensor":
         raise MinillmError(f"{method} needs per-channel or grouped scales")
+    if method == "gptq" and clip not in ("minmax", "mse"):
+        raise MinillmError(f"GPTQ chooses group ranges by minmax or mse, not {clip!r}")
     cfg = m.config
     if method == "awq" and cfg.norm_offset:
         raise MinillmError("AWQ scale folding into gemma's (1 + w) norms is not implemented yet")
@@ -88,7 +90,7 @@ def quantize_calibrated(m, spec: QuantSpec, method: str, windows: np.ndarray, ac
                 lin = getattr(blk, _ATTR[short])
                 w = lin.weight
                 if method == "gptq":
-                    qt = g.quantize(w, spec, damp=damp, act_order=act_order)
+                    qt = g.quantize(w, spec, damp=damp, act_order=act_order, clip=clip)
                 else:
                     qt = quantize_with_range(w, *search_clip(xs[:512], w, spec), spec)
                 rtn = quantize_rtn(w, spec).dequantize()

@@ -26,7 +26,7 @@ def cmd_info(args) -> int:
 
     m = load(args.model, device=args.device, progress=not args.quiet, kv_cache=args.kv_cache)
     c = m.config
-    weights_bytes = sum(int(w.nbytes) for w in _model_arrays(m.model))
+    weights_bytes = m.model.nbytes if hasattr(m.model, "nbytes") else sum(int(w.nbytes) for w in _model_arrays(m.model))
     facts = {
         "path": str(m.checkpoint.path),
         "architecture": c.architecture,
@@ -173,7 +173,7 @@ def cmd_quantize(args) -> int:
                 raise MinillmError(f"cannot read the calibration text {args.calib}: {exc}") from exc
         windows = calibration_windows(m.require_tokenizer(), args.samples, args.seq_len, text)
         weights, report = quantize_calibrated(m, spec, args.method, windows, act_order=args.act_order,
-                                              progress=not args.quiet)
+                                              progress=not args.quiet, clip=args.clip)
         _print_report(report)
         if args.report:
             __import__("pathlib").Path(args.report).write_text(json.dumps(report, indent=2))

@@ -237,11 +237,17 @@ def stream_generate(model, tokenizer, prompt_ids, params: SamplingParams, cache=
         cache.truncate(len(prompt_ids) - 1)
     fresh = prompt_ids[cache.length :]
     logits = to_numpy(model(np.asarray(fresh), cache, last_only=True))[-1]
+    # On a GPU model, greedy and plain temperature sampling run on the device (only the token id
+    # comes back each step); the other filters run here on the logits.
+    on_device = (hasattr(model, "decode_next") and params.top_k == 0 and params.top_p >= 1.0
+                 and params.min_p == 0.0 and params.repetition_penalty == 1.0)
+    device_seed = int(rng.integers(2**62))
+    next_id = None
     generated: list[int] = []
     ttft = t_first = 0.0
     finish = None
     while finish is None:
-        token = sample_token(logits, params, rng, history)
+        token = next_id if next_id is not None else sample_token(logits, params, rng, history)
         now = time.perf_counter()
         if not generated:
             ttft, t_first = now - t0, now
@@ -260,5 +266,7 @@ def stream_generate(model, tokenizer, prompt_ids, params: SamplingParams, cache=
         rate = steps / (now - t_first) if steps and now > t_first else 0.0
         yield Piece(text, token, finish, len(prompt_ids), len(generated), ttft, rate,
                     generated if finish else [])
-        if finish is None:
+        if finish is None and on_device:
+            next_id = model.decode_next([token], cache, params.temperature, device_seed)[0]
+        elif finish is None:
             logits = to_numpy(model(np.asarray([token]), cache, last_only=True))[-1]

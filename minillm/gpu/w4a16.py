@@ -9,8 +9,6 @@ registers); larger batches dequantize to fp16 once and use cuBLAS.
 
 from __future__ import annotations
 
-from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 
@@ -18,21 +16,16 @@ from ..backend import get_xp
 from ..errors import MinillmError
 from ..quant.packing import pack_bits
 
-KERNEL_FILE = Path(__file__).resolve().parents[2] / "cuda_kernels" / "w4a16_gemv.cu"
 # Batch sizes M compiled in the .cu file (a batch of m rows uses the smallest M >= m), and the
 # rows per warp each is launched with (bench/gpu_kernels.py measures the alternatives).
 _INSTANCES = {1: 2, 2: 2, 4: 2, 8: 4, 16: 2}  # m16 with 4 rows spills registers (bench/NOTES.md)
 _THREADS = 128  # 4 warps per block
 
 
-@lru_cache(maxsize=1)
-def _module():
-    cp = get_xp("cuda")
-    return cp.RawModule(code=KERNEL_FILE.read_text(), options=("-std=c++17",))
-
-
 def kernel(m: int, rows: int):
-    return _module().get_function(f"w4a16_gemv_m{m}_r{rows}")
+    from .kernels import module  # noqa: PLC0415 - kernels.py imports this module's class
+
+    return module("w4a16_gemv").get_function(f"w4a16_gemv_m{m}_r{rows}")
 
 
 class W4A16Weight:
@@ -76,15 +69,17 @@ class W4A16Weight:
         return int(self.qweight.nbytes + self.scales.nbytes + z)
 
 
-def _launch(x_pad, w: W4A16Weight, y, m_kernel: int, rows: int | None = None):
+def _launch(x_pad, w: W4A16Weight, y, m_kernel: int, rows: int | None = None, act: int = -1):
+    """y[:m_kernel] = x_pad W^T (y's rows may be longer than N: its row stride is y.shape[1]); with
+    act >= 0 W's rows are (gate, up) pairs and y gets act(gate) * up (cuda_kernels/common.cuh)."""
     if rows is None:
         rows = _INSTANCES[m_kernel]
     warps = -(-w.n // rows)
     blocks = -(-warps // (_THREADS // 32))
     zeros = w.zeros if w.zeros is not None else 0  # a null pointer for symmetric weights
     kernel(m_kernel, rows)((blocks,), (_THREADS,), (
-        w.qweight, w.scales, zeros, x_pad, y,
-        np.int32(w.n), np.int32(w.chunks), np.int32(w.scales.shape[1]), np.int32(w.group_size // 32)))
+        w.qweight, w.scales, zeros, x_pad, y, np.int32(y.shape[1]),
+        np.int32(w.n), np.int32(w.chunks), np.int32(w.scales.shape[1]), np.int32(w.group_size // 32), np.int32(act)))
 
 
 def w4a16_matmul(x, w: W4A16Weight, out=None, rows: int | None = None):

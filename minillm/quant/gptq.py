@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import MinillmError
-from .rtn import QuantizedTensor, quantize_rtn, scale_zero
+from .rtn import QuantizedTensor, mse_range, quantize_rtn, scale_zero
 from .spec import QuantSpec
 
 
@@ -45,12 +45,12 @@ class GPTQ:
         self._prepared.clear()
 
     def quantize(self, w: np.ndarray, spec: QuantSpec, damp: float = 0.01, block: int = 128,
-                 act_order: bool = False, static_groups: bool = True) -> QuantizedTensor:
+                 act_order: bool = False, static_groups: bool | None = None, clip: str = "minmax") -> QuantizedTensor:
         # Layers reading the same input (q, k, v; gate, up) share H, its order and its inverse.
         key = (damp, act_order)
         if key not in self._prepared:
             self._prepared[key] = prepare_hessian(self.H, damp, act_order)
-        return gptq_quantize(w, self.H, spec, damp, block, act_order, static_groups, self._prepared[key])
+        return gptq_quantize(w, self.H, spec, damp, block, act_order, static_groups, self._prepared[key], clip)
 
 
 def prepare_hessian(H: np.ndarray, damp: float, act_order: bool):
@@ -72,23 +72,35 @@ def prepare_hessian(H: np.ndarray, damp: float, act_order: bool):
     return dead, perm, hinv.astype(np.float32)
 
 
-def _params(cols: np.ndarray, spec: QuantSpec):
-    """Per-row scale and zero of a group of columns [N, L] (min/max range containing 0)."""
+def _params(cols: np.ndarray, spec: QuantSpec, clip: str = "minmax"):
+    """Per-row scale and zero of a group of columns [N, L]: the min/max range containing 0, or with
+    clip="mse" that range shrunk to minimise the group's squared rounding error (the reference
+    code's Quantizer(mse=True), App. A)."""
+    if clip == "mse":
+        lo, hi = mse_range(cols[:, None, :], spec)
+        return scale_zero(lo[:, 0], hi[:, 0], spec)
     lo = np.minimum(cols.min(axis=1), 0.0)
     hi = np.maximum(cols.max(axis=1), 0.0)
     return scale_zero(lo, hi, spec)  # [N] each
 
 
 def gptq_quantize(w: np.ndarray, H: np.ndarray, spec: QuantSpec, damp: float = 0.01, block: int = 128,
-                  act_order: bool = False, static_groups: bool = True, prepared=None) -> QuantizedTensor:
+                  act_order: bool = False, static_groups: bool | None = None, prepared=None,
+                  clip: str = "minmax") -> QuantizedTensor:
     """Algorithm 1 of the paper. w [N, K], H [K, K] -> QuantizedTensor.
 
     act_order: quantize columns in order of decreasing H_ii (the inputs with the most energy first,
     sec. 4 "act-order"). With static_groups, every group's scale is fixed from the original weights
     before the loop (so group g is still columns gG..gG+G-1 and g_idx stays trivial, the layout
     kernels like); without, a group's scale is computed when its first column in the processing
-    order is reached, and g_idx records each column's group.
+    order is reached, and g_idx records each column's group. The default (None) is static groups
+    with act-order and, in the natural order, ranges from the updated weights as the reference code
+    computes them (the error pushed onto a group before it is reached then sets its range, instead
+    of being clamped by a range fixed beforehand).
+    clip: "minmax" or "mse", how a group's range is chosen (see _params).
     """
+    if static_groups is None:
+        static_groups = act_order
     if spec.granularity == "tensor":
         raise MinillmError("GPTQ needs per-channel or grouped scales")
     W = np.array(w, dtype=np.float32)
@@ -99,7 +111,7 @@ def gptq_quantize(w: np.ndarray, H: np.ndarray, spec: QuantSpec, damp: float = 0
     dead, perm, Hinv = prepared if prepared is not None else prepare_hessian(H, damp, act_order)
     W[:, dead] = 0.0
     if static_groups:
-        groups = [_params(W[:, g0 : g0 + G], spec) for g0 in range(0, k, G)]
+        groups = [_params(W[:, g0 : g0 + G], spec, clip) for g0 in range(0, k, G)]
     W = W[:, perm]
     Q = np.zeros_like(W)
     scales = np.zeros((n, -(-k // G)), dtype=np.float32)
@@ -120,7 +132,7 @@ def gptq_quantize(w: np.ndarray, H: np.ndarray, spec: QuantSpec, damp: float = 0
             elif col % G == 0:  # a new group starts: its range from the current (updated) weights
                 g = col // G
                 scale, zero = _params(W1[:, i : i + G] if i + G <= i2 - i1 else
-                                      np.concatenate([W1[:, i:], W[:, i2 : col + G]], axis=1), spec)
+                                      np.concatenate([W1[:, i:], W[:, i2 : col + G]], axis=1), spec, clip)
             scales[:, g], zeros[:, g] = scale, zero
             g_idx[col] = g
             q = np.clip(np.round(W1[:, i] / scale) + zero, 0, spec.qmax)

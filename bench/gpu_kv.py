@@ -1,0 +1,108 @@
+"""Decode attention over the KV cache on the GPU: fp16 vs int8 vs fp8 caches (cuda_kernels/attention.cu),
+one Llama-2-7B-shaped layer (32 query heads, head_dim 128; 32 key/value heads, and the GQA variant
+with 8), contexts 4k..64k, batch 1 and 8, one run.
+
+Time per call = split kernel + combine, the median of CUDA-graph replays (bench/gpu_kernels.py's
+method); GB/s counts the cache bytes read (codes and scales of every position); % is of the copy
+bandwidth measured in the same run. The cache is filled with random codes, so its contents do not
+matter to the timing; the correctness of each format is tests/test_gpu_ops.py's job.
+
+    python3 bench/gpu_kv.py [--contexts 4096,16384,32768,65536] [--batches 1,8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from gpu_kernels import copy_bandwidth, time_cupy  # noqa: E402
+
+FORMATS = ("float", "int8", "fp8")
+
+
+class LayerShape:
+    def __init__(self, heads, kv_heads, head_dim=128):
+        self.num_heads, self.num_kv_heads, self.head_dim, self.rotary_dim = heads, kv_heads, head_dim, head_dim
+        self.num_layers = 1
+
+
+def measure(shape, fmt, context, batch):
+    import cupy as cp
+    import numpy as np
+
+    from minillm.gpu import kernels as K
+    from minillm.gpu.cache import GpuKVCache
+
+    cache = GpuKVCache(shape, fmt, batch, context)
+    rng = cp.random.default_rng(0)
+    for arr in (cache.keys[0], cache.values[0]):
+        if fmt == "float":
+            arr[...] = rng.standard_normal(arr.shape, dtype=cp.float32).astype(cp.float16)
+        else:
+            arr[...] = rng.integers(0, 120, size=arr.shape, dtype=cp.int32).astype(arr.dtype)
+    for sc in (cache.k_scale[0], cache.v_scale[0]):
+        if sc is not None:
+            sc[...] = 0.01
+    cache.pos.set(np.full(batch, context - 1, np.int32))  # the step's query sees all `context` positions
+    h, hd = shape.num_heads, shape.head_dim
+    q = rng.standard_normal((batch, h, hd), dtype=cp.float32).astype(cp.float16)
+    plan = K.attention_plan(shape, context, batch)
+    parts = (cp.empty((batch, h, plan[1], hd), cp.float32), cp.empty((batch, h, plan[1]), cp.float32),
+             cp.empty((batch, h, plan[1]), cp.float32))
+    out = cp.empty((batch, h * hd), cp.float16)
+
+    def step():
+        K.decode_attention(q, cache.layer(0), cache.pos, batch, 1, shape, None, parts, out, plan)
+
+    us = time_cupy(step, [()], reps=20, warmup=2)
+    return us, cache.nbytes  # every position of the cache is read once (codes and scales)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--contexts", default="4096,16384,32768,65536")
+    ap.add_argument("--batches", default="1,8")
+    args = ap.parse_args()
+    import cupy as cp
+
+    name = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    bw = copy_bandwidth()
+    print(f"device: {name}; copy bandwidth {bw:.0f} GB/s", flush=True)
+    results = []
+    for kvh in (32, 8):
+        shape = LayerShape(32, kvh)
+        for batch in [int(b) for b in args.batches.split(",")]:
+            for ctx in [int(c) for c in args.contexts.split(",")]:
+                row = {}
+                for fmt in FORMATS:
+                    us, read = measure(shape, fmt, ctx, batch)
+                    cp.get_default_memory_pool().free_all_blocks()
+                    row[fmt] = (us, read)
+                    print(f"kv_heads {kvh} batch {batch} context {ctx} {fmt}: {us:.1f} us, "
+                          f"{read / us / 1e3:.0f} GB/s", flush=True)
+                results.append((kvh, batch, ctx, row))
+
+    print(f"\nDecode attention, one layer, 32 query heads x head_dim 128; {name}, copy bandwidth {bw:.0f} GB/s;"
+          " us per call (split + combine), GB/s of cache bytes read, % of copy bandwidth\n")
+    print("| kv heads | batch | context | fp16 us | fp16 GB/s (%) | int8 us | int8 GB/s (%) | int8 speedup "
+          "| fp8 us | fp8 GB/s (%) | fp8 speedup |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for kvh, batch, ctx, row in results:
+        cells = []
+        base = row["float"][0]
+        for fmt in FORMATS:
+            us, read = row[fmt]
+            gbs = read / us / 1e3
+            cells.append(f"{us:.1f} | {gbs:.0f} ({100 * gbs / bw:.0f}%)")
+            if fmt != "float":
+                cells[-1] += f" | {base / us:.2f}x"
+        print(f"| {kvh} | {batch} | {ctx} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

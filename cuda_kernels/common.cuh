@@ -1,0 +1,89 @@
+// Helpers shared by the kernels of minillm's GPU decode step (included by the other .cu files).
+#pragma once
+#include <cuda_fp16.h>
+#ifdef __CUDACC_RTC__  // NVRTC (cupy.RawModule) ships no <stdint.h>
+typedef unsigned int uint32_t;
+typedef unsigned char uint8_t;
+typedef signed char int8_t;
+typedef unsigned long long uint64_t;
+#else
+#include <stdint.h>
+#endif
+
+#define FULL_MASK 0xffffffffu
+#define NEG_INF __int_as_float(0xff800000)  // NVRTC has no <math.h> INFINITY
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, o));
+    return v;
+}
+
+// Sum (or max) over the whole block; every thread gets the result. blockDim.x a multiple of 32.
+// `red` is 32 floats of shared memory; the leading barrier lets a caller reuse it back to back.
+__device__ __forceinline__ float block_reduce(float v, float* red, bool is_max) {
+    v = is_max ? warp_max(v) : warp_sum(v);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
+    __syncthreads();
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        float w = lane < nwarps ? red[lane] : (is_max ? NEG_INF : 0.0f);
+        w = is_max ? warp_max(w) : warp_sum(w);
+        if (lane == 0) red[0] = w;
+    }
+    __syncthreads();
+    return red[0];
+}
+
+// FP8 E4M3 ("fn": no infinities, 448 the largest finite value). Decoding: the 7 magnitude bits
+// placed at the top of a half's exponent+mantissa give 2^-8 times the value, for normal and
+// subnormal codes alike (both formats' subnormals scale the same way), so one multiply by 256
+// finishes it. Code 0x7f (NaN) is never written by the encoder below.
+__device__ __forceinline__ float e4m3_to_float(uint32_t code) {
+    unsigned short bits = (unsigned short)(((code & 0x80u) << 8) | ((code & 0x7fu) << 7));
+    return __half2float(__ushort_as_half(bits)) * 256.0f;
+}
+
+// Round to nearest, ties to the even code, saturating at +-448 (minillm/quant/fp8.py encode_e4m3).
+__device__ __forceinline__ uint8_t float_to_e4m3(float x) {
+    float a = fminf(fabsf(x), 448.0f);
+    uint32_t code;
+    if (a < 0.015625f) {  // below 2^-6: subnormal steps of 2^-9 (rint: ties to even)
+        code = (uint32_t)rintf(a * 512.0f);
+    } else {
+        int ex;
+        frexpf(a, &ex);  // a = f * 2^ex, f in [0.5, 1): the unbiased exponent is ex - 1
+        int e = ex - 1;
+        int m = (int)rintf((ldexpf(a, -e) - 1.0f) * 8.0f);
+        if (m == 8) { m = 0; e += 1; }
+        code = (uint32_t)(((e + 7) << 3) | m);
+    }
+    return (uint8_t)((__float_as_uint(x) >> 31) ? (code | 0x80u) : code);
+}
+
+// The gated MLP's activation (act 0: SiLU, Llama's SwiGLU; 1: GELU tanh approximation, Gemma's GeGLU).
+__device__ __forceinline__ float gate_act(float g, int act) {
+    return act == 0 ? g / (1.0f + __expf(-g))
+                    : 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)));
+}
+
+// Write a warp's ROWS reduced outputs (lane 0 holds them): plainly, y[m, n0 + r], or, with act >= 0,
+// for a fused gate/up product whose rows are interleaved (gate_i, up_i), y[m, (n0 + r) / 2] =
+// act(gate_i) * up_i, so the gated activation needs no kernel and no round trip of its own.
+template <int ROWS>
+__device__ __forceinline__ void store_rows(__half* y, int ldy, int m, int n0, int N, const float* v, int act) {
+    if (act < 0) {
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r)
+            if (n0 + r < N) y[(size_t)m * ldy + n0 + r] = __float2half_rn(v[r]);
+    } else {
+#pragma unroll
+        for (int r = 0; r + 1 < ROWS; r += 2)
+            if (n0 + r + 1 < N) y[(size_t)m * ldy + (n0 + r) / 2] = __float2half_rn(gate_act(v[r], act) * v[r + 1]);
+    }
+}

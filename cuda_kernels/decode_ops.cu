@@ -1,0 +1,195 @@
+// The element-wise and row-wise pieces of a decode step (everything but the matrix products and
+// attention): embedding lookup, RMSNorm fused with the residual add, rotary embedding fused with
+// the KV-cache append (and its quantization), the gated activation, bias adds, column gathers,
+// and the choice of the next token. Companion files: gemv.cu (fp16/int8 weights), w4a16_gemv.cu
+// (4-bit weights), attention.cu (decode attention).
+//
+// ================================================================================================
+// Data layout (all row-major; R = rows of this step = batch * new tokens, row r = (b, t) = (r / T, r % T))
+// ================================================================================================
+//   h        float [R, D]   the residual stream, kept in fp32 across layers
+//   x        fp16  [R, ld]  inputs of the matrix products (ld >= D, padded columns stay zero)
+//   qkv      fp16  [R, ld]  q (H*hd) | k (KV*hd) | v (KV*hd), the output of the fused projection
+//   q_out    fp16  [R, H, hd]  rotated queries
+//   pos      int   [B]      positions already cached for batch row b: *device memory*, so that a
+//                           captured CUDA graph replays with the current length
+//   cache    per layer, [B, KV, L, hd]: fp16 values, or int8 / fp8 codes with a float scale per
+//            (b, head, position) in a [B, KV, L] array (scale = max|x| / 127 or / 448)
+//
+// ================================================================================================
+// Work decomposition
+// ================================================================================================
+//   One block per row for row-wise kernels (norms, argmax); rope_append: one block per (row, head)
+//   with q, k and v heads side by side in blockIdx.y, the head staged in shared memory so the
+//   optional q/k RMSNorm (qwen3), the rotation and the cache quantization (which needs max|x| of
+//   the head: a block reduction) each take one pass.
+
+#include "common.cuh"
+
+extern "C" __global__ void embed_rows(const int* __restrict__ tok, const __half* __restrict__ E,
+                                      float* __restrict__ h, int D, float scale) {
+    const int r = blockIdx.x;
+    const __half* e = E + (size_t)tok[r] * D;
+    for (int i = threadIdx.x; i < D; i += blockDim.x) h[(size_t)r * D + i] = __half2float(e[i]) * scale;
+}
+
+// h[r] += delta[r] (when delta is given), then out[r] = h[r] / rms(h[r]) * w: the residual add of
+// the previous sublayer fused with the next RMSNorm (one read and one write of h instead of two).
+extern "C" __global__ void add_rmsnorm(float* __restrict__ h, const __half* __restrict__ delta, int ld_delta,
+                                       const float* __restrict__ w, __half* __restrict__ out, int ld_out,
+                                       int D, float eps) {
+    __shared__ float red[32];
+    const int r = blockIdx.x;
+    float* hr = h + (size_t)r * D;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < D; i += blockDim.x) {
+        float v = hr[i];
+        if (delta) {
+            v += __half2float(delta[(size_t)r * ld_delta + i]);
+            hr[i] = v;
+        }
+        ss += v * v;
+    }
+    const float inv = rsqrtf(block_reduce(ss, red, false) / D + eps);
+    for (int i = threadIdx.x; i < D; i += blockDim.x) out[(size_t)r * ld_out + i] = __float2half(hr[i] * inv * w[i]);
+}
+
+// y[r, n] += b[n] for n < N (biases of llama/qwen2 projections).
+extern "C" __global__ void add_bias(__half* __restrict__ y, int ld, const __half* __restrict__ b, int N) {
+    const int r = blockIdx.y;
+    for (int n = blockIdx.x * blockDim.x + threadIdx.x; n < N; n += gridDim.x * blockDim.x)
+        y[(size_t)r * ld + n] = __float2half(__half2float(y[(size_t)r * ld + n]) + __half2float(b[n]));
+}
+
+// out[r, i] = act(gu[r, 2i]) * gu[r, 2i + 1]: the gated MLP, for products that did not fuse it (biases,
+// prefill). Gate and up rows are interleaved in the fused weight (minillm/gpu/linear.py).
+extern "C" __global__ void gated_act(const __half* __restrict__ gu, int ld_in, __half* __restrict__ out, int ld_out,
+                                     int F, int act) {
+    const int r = blockIdx.y;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < F; i += gridDim.x * blockDim.x) {
+        const float g = __half2float(gu[(size_t)r * ld_in + 2 * i]), u = __half2float(gu[(size_t)r * ld_in + 2 * i + 1]);
+        out[(size_t)r * ld_out + i] = __float2half(gate_act(g, act) * u);
+    }
+}
+
+// out[r, j] = x[r, perm[j]] for j < K (act-order weights read their input columns in group order).
+extern "C" __global__ void gather_cols(const __half* __restrict__ x, int ld_in, const long long* __restrict__ perm,
+                                       __half* __restrict__ out, int ld_out, int K) {
+    const int r = blockIdx.y;
+    for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < K; j += gridDim.x * blockDim.x)
+        out[(size_t)r * ld_out + j] = x[(size_t)r * ld_in + perm[j]];
+}
+
+// Cache formats (minillm/kvcache.py describes each).
+#define KV_FP16 0
+#define KV_INT8 1
+#define KV_FP8 2
+
+// Rotary embedding (rotate_half pairs (i, i + rot/2), dims past rot unchanged), optional per-head
+// RMSNorm before it (qwen3), then: queries to q_out, keys and values into the cache at position
+// pos[b] + t, encoded in the cache's format. grid (R, H + 2 KV), blockDim a multiple of 32, hd <= 512.
+extern "C" __global__ void rope_append(const __half* __restrict__ qkv, int ld_qkv, __half* __restrict__ q_out,
+                                       const float* __restrict__ qn_w, const float* __restrict__ kn_w, float eps,
+                                       const float* __restrict__ cos_t, const float* __restrict__ sin_t,
+                                       const int* __restrict__ pos, int T, int H, int KV, int hd, int rot, int L,
+                                       int fmt, void* __restrict__ kc, void* __restrict__ vc,
+                                       float* __restrict__ k_scale, float* __restrict__ v_scale) {
+    __shared__ float v[512];
+    __shared__ float red[32];
+    const int r = blockIdx.x, j = blockIdx.y, b = r / T, t = r % T;
+    const int p = pos[b] + t;
+    const int kind = j < H ? 0 : (j < H + KV ? 1 : 2);  // query, key, value head
+    const int head = kind == 0 ? j : (kind == 1 ? j - H : j - H - KV);
+    const __half* src = qkv + (size_t)r * ld_qkv + (size_t)j * hd;  // heads are laid out q | k | v
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) v[i] = __half2float(src[i]);
+    __syncthreads();
+    if (kind < 2) {
+        const float* nw = kind == 0 ? qn_w : kn_w;
+        if (nw) {
+            float ss = 0.0f;
+            for (int i = threadIdx.x; i < hd; i += blockDim.x) ss += v[i] * v[i];
+            const float inv = rsqrtf(block_reduce(ss, red, false) / hd + eps);
+            for (int i = threadIdx.x; i < hd; i += blockDim.x) v[i] *= inv * nw[i];
+            __syncthreads();
+        }
+        const int half = rot / 2;
+        for (int i = threadIdx.x; i < half; i += blockDim.x) {  // each pair belongs to one thread
+            const float c = cos_t[(size_t)p * half + i], s = sin_t[(size_t)p * half + i];
+            const float x1 = v[i], x2 = v[i + half];
+            v[i] = x1 * c - x2 * s;
+            v[i + half] = x2 * c + x1 * s;
+        }
+        __syncthreads();
+    }
+    if (kind == 0) {
+        for (int i = threadIdx.x; i < hd; i += blockDim.x) q_out[((size_t)r * H + head) * hd + i] = __float2half(v[i]);
+        return;
+    }
+    const size_t row = ((size_t)b * KV + head) * L + p;  // (b, head, position)
+    void* cache = kind == 1 ? kc : vc;
+    if (fmt == KV_FP16) {
+        for (int i = threadIdx.x; i < hd; i += blockDim.x) ((__half*)cache)[row * hd + i] = __float2half(v[i]);
+        return;
+    }
+    float amax = 0.0f;
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) amax = fmaxf(amax, fabsf(v[i]));
+    amax = block_reduce(amax, red, true);
+    const float qmax = fmt == KV_INT8 ? 127.0f : 448.0f;
+    const float s = amax > 0.0f ? amax / qmax : 1.0f;
+    if (threadIdx.x == 0) (kind == 1 ? k_scale : v_scale)[row] = s;
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) {
+        const float x = v[i] / s;
+        if (fmt == KV_INT8) ((int8_t*)cache)[row * hd + i] = (int8_t)fminf(fmaxf(rintf(x), -127.0f), 127.0f);
+        else ((uint8_t*)cache)[row * hd + i] = float_to_e4m3(x);
+    }
+}
+
+// A hash of (seed, a, b) to a uniform float in (0, 1): counter-based, so every (step, vocabulary
+// entry) draws independently with no RNG state to carry between graph replays.
+__device__ __forceinline__ float uniform01(uint64_t seed, uint32_t a, uint32_t b) {
+    uint64_t z = seed ^ ((uint64_t)a << 32 | b);
+    z += 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+    return ((float)(z >> 40) + 0.5f) * (1.0f / 16777216.0f);
+}
+
+// The next token of each row: argmax of the logits (inv_temp = 0), or a sample from
+// softmax(logits * inv_temp) by the Gumbel-max trick: argmax(logits * inv_temp - log(-log u)) is
+// distributed exactly as the softmax. Writes tok[b] and, with advance, moves pos[b] on by one, so
+// the next replay of the step reads the new token at the new position. One block per row.
+extern "C" __global__ void next_token(const __half* __restrict__ logits, int ld, int V, float inv_temp,
+                                      unsigned long long seed, int* __restrict__ tok, int* __restrict__ pos,
+                                      int advance) {
+    __shared__ float best_v[1024];
+    __shared__ int best_i[1024];
+    const int b = blockIdx.x;
+    const __half* row = logits + (size_t)b * ld;
+    float bv = NEG_INF;
+    int bi = 0x7fffffff;
+    const uint32_t step = (uint32_t)pos[b];
+    for (int i = threadIdx.x; i < V; i += blockDim.x) {
+        float x = __half2float(row[i]);
+        if (inv_temp > 0.0f) x = x * inv_temp - __logf(-__logf(uniform01(seed + b, step, (uint32_t)i)));
+        if (x > bv) { bv = x; bi = i; }  // i increases: the first maximum wins within a thread
+    }
+    best_v[threadIdx.x] = bv;
+    best_i[threadIdx.x] = bi;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) {
+            const float ov = best_v[threadIdx.x + s];
+            const int oi = best_i[threadIdx.x + s];
+            if (ov > best_v[threadIdx.x] || (ov == best_v[threadIdx.x] && oi < best_i[threadIdx.x])) {
+                best_v[threadIdx.x] = ov;
+                best_i[threadIdx.x] = oi;
+            }
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        tok[b] = best_i[0];
+        if (advance) pos[b] += 1;
+    }
+}

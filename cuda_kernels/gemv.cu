@@ -1,0 +1,171 @@
+// GEMV / small-batch GEMM for fp16 weights (the unquantized layers and the LM head) and for 8-bit
+// weights (W8A16): y[m, n] = sum_k x[m, k] * w[n, k], fp32 accumulation. The 4-bit kernel is
+// w4a16_gemv.cu; this file follows the same plan for one and two bytes per weight.
+//
+// ================================================================================================
+// Layout
+// ================================================================================================
+//   fp16     w     fp16  [N, 8 * C]: C chunks of 8 weights (16 bytes) per row, padded with zeros
+//   int8     codes uint8 [N, 16 * C]: C chunks of 16 codes (16 bytes) per row, padded with zeros
+//            scales fp16 [N, ngroups], zeros uint8 [N, ngroups] or null (symmetric: zero 128),
+//            w[n, k] = scale[n, k / G] * (q[n, k] - zero[n, k / G]), G a multiple of 16
+//   x        fp16 [M, ldx], ldx >= the padded K (columns past K are zero); y fp16 [M, ldy]
+//   act      -1: y = x w^T; 0/1: rows of w are (gate_i, up_i) pairs, y[m, i] = act(gate_i) * up_i
+//            (SiLU / GELU-tanh fused into the product, see store_rows in common.cuh; ROWS even)
+//
+// ================================================================================================
+// Work decomposition
+// ================================================================================================
+//   A warp owns ROWS consecutive output rows; its lanes stride over the 16-byte chunks (lane l takes
+//   chunks l, l + 32, ...), so a warp-wide load is 512 contiguous bytes of a row. Four chunks per
+//   lane are loaded before any is used (UNROLL), so each lane keeps 4 * ROWS 16-byte loads in
+//   flight: at batch 1 the kernel is a stream over the weights and needs that depth to cover
+//   DRAM latency. Each weight chunk is converted once and used for all M rows of x.
+
+#include "common.cuh"
+
+#define UNROLL 4
+
+__device__ __forceinline__ void half8(uint4 raw, float* f) {
+    const __half2* h = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        float2 v = __half22float2(h[i]);
+        f[2 * i] = v.x;
+        f[2 * i + 1] = v.y;
+    }
+}
+
+template <int M, int ROWS>
+__device__ __forceinline__ void gemv_f16_body(const uint4* __restrict__ w, const __half* __restrict__ x, int ldx,
+                                              __half* __restrict__ y, int ldy, int N, int C, int act) {
+    const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    const int n0 = warp * ROWS;
+    if (n0 >= N) return;
+    float acc[M][ROWS];
+#pragma unroll
+    for (int m = 0; m < M; m++)
+#pragma unroll
+        for (int rr = 0; rr < ROWS; rr++) acc[m][rr] = 0.0f;
+
+    for (int c0 = lane; c0 < C; c0 += 32 * UNROLL) {
+        uint4 wr[UNROLL][ROWS];
+#pragma unroll
+        for (int u = 0; u < UNROLL; u++) {
+            const int c = c0 + 32 * u;
+#pragma unroll
+            for (int rr = 0; rr < ROWS; rr++)
+                wr[u][rr] = (c < C && n0 + rr < N) ? w[(size_t)(n0 + rr) * C + c] : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; u++) {
+            const int c = c0 + 32 * u;
+            if (c >= C) break;
+            float wf[ROWS][8];
+#pragma unroll
+            for (int rr = 0; rr < ROWS; rr++) half8(wr[u][rr], wf[rr]);
+#pragma unroll
+            for (int m = 0; m < M; m++) {
+                float xf[8];
+                half8(*reinterpret_cast<const uint4*>(x + (size_t)m * ldx + 8 * c), xf);
+#pragma unroll
+                for (int rr = 0; rr < ROWS; rr++)
+#pragma unroll
+                    for (int i = 0; i < 8; i++) acc[m][rr] += wf[rr][i] * xf[i];
+            }
+        }
+    }
+#pragma unroll
+    for (int m = 0; m < M; m++) {
+        float v[ROWS];
+#pragma unroll
+        for (int rr = 0; rr < ROWS; rr++) v[rr] = warp_sum(acc[m][rr]);
+        if (lane == 0) store_rows<ROWS>(y, ldy, m, n0, N, v, act);
+    }
+}
+
+template <int M, int ROWS>
+__device__ __forceinline__ void gemv_i8_body(const uint4* __restrict__ codes, const __half* __restrict__ scales,
+                                             const uint8_t* __restrict__ zeros, const __half* __restrict__ x,
+                                             int ldx, __half* __restrict__ y, int ldy, int N, int C, int ngroups,
+                                             int chunks_per_group, int act) {
+    const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    const int n0 = warp * ROWS;
+    if (n0 >= N) return;
+    float acc[M][ROWS];
+#pragma unroll
+    for (int m = 0; m < M; m++)
+#pragma unroll
+        for (int rr = 0; rr < ROWS; rr++) acc[m][rr] = 0.0f;
+
+    for (int c0 = lane; c0 < C; c0 += 32 * UNROLL) {
+        uint4 wr[UNROLL][ROWS];
+#pragma unroll
+        for (int u = 0; u < UNROLL; u++) {
+            const int c = c0 + 32 * u;
+#pragma unroll
+            for (int rr = 0; rr < ROWS; rr++)
+                wr[u][rr] = (c < C && n0 + rr < N) ? codes[(size_t)(n0 + rr) * C + c] : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; u++) {
+            const int c = c0 + 32 * u;
+            if (c >= C) break;
+            const int grp = c / chunks_per_group;
+            float scale[ROWS], zero[ROWS];
+#pragma unroll
+            for (int rr = 0; rr < ROWS; rr++) {
+                const int n = min(n0 + rr, N - 1);
+                scale[rr] = __half2float(scales[(size_t)n * ngroups + grp]);
+                zero[rr] = zeros ? (float)zeros[(size_t)n * ngroups + grp] : 128.0f;
+            }
+#pragma unroll
+            for (int m = 0; m < M; m++) {
+                float xf[16];
+                half8(*reinterpret_cast<const uint4*>(x + (size_t)m * ldx + 16 * c), xf);
+                half8(*reinterpret_cast<const uint4*>(x + (size_t)m * ldx + 16 * c + 8), xf + 8);
+#pragma unroll
+                for (int rr = 0; rr < ROWS; rr++) {
+                    const uint32_t words[4] = {wr[u][rr].x, wr[u][rr].y, wr[u][rr].z, wr[u][rr].w};
+                    float d = 0.0f, xs = 0.0f;
+#pragma unroll
+                    for (int i = 0; i < 16; i++) {
+                        d += xf[i] * (float)((words[i / 4] >> (8 * (i % 4))) & 0xffu);
+                        xs += xf[i];
+                    }
+                    acc[m][rr] += scale[rr] * (d - zero[rr] * xs);  // s * sum x (q - z)
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int m = 0; m < M; m++) {
+        float v[ROWS];
+#pragma unroll
+        for (int rr = 0; rr < ROWS; rr++) v[rr] = warp_sum(acc[m][rr]);
+        if (lane == 0) store_rows<ROWS>(y, ldy, m, n0, N, v, act);
+    }
+}
+
+#define GEMV_F16(M, ROWS)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(128) gemv_f16_m##M##_r##ROWS(                             \
+        const uint4* w, const __half* x, int ldx, __half* y, int ldy, int N, int C, int act) {             \
+        gemv_f16_body<M, ROWS>(w, x, ldx, y, ldy, N, C, act);                                              \
+    }
+#define GEMV_I8(M, ROWS)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(128) gemv_i8_m##M##_r##ROWS(                              \
+        const uint4* codes, const __half* scales, const uint8_t* zeros, const __half* x, int ldx, __half* y, \
+        int ldy, int N, int C, int ngroups, int chunks_per_group, int act) {                               \
+        gemv_i8_body<M, ROWS>(codes, scales, zeros, x, ldx, y, ldy, N, C, ngroups, chunks_per_group, act);  \
+    }
+
+GEMV_F16(1, 2)
+GEMV_F16(2, 2)
+GEMV_F16(4, 2)
+GEMV_F16(8, 2)
+GEMV_F16(16, 2)
+GEMV_I8(1, 2)
+GEMV_I8(2, 2)
+GEMV_I8(4, 2)
+GEMV_I8(8, 2)
+GEMV_I8(16, 2)

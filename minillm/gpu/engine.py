@@ -1,0 +1,344 @@
+"""The decoder on the GPU: the forward pass of model.py with every step a CUDA kernel of our own, and the
+batch-1 decode step captured once as a CUDA graph.
+
+    h        = E[tok] * embedding_scale                                       embed_rows
+    per layer:
+      x      = RMSNorm(h += delta)                                            add_rmsnorm (fused residual)
+      qkv    = x [Wq; Wk; Wv]^T                                               one fused product
+      q, K, V= RoPE(q), RoPE(k) -> cache, v -> cache (quantized on append)    rope_append
+      a      = Attention(q, K[:len], V[:len])                                 decode_attention (split-K)
+      delta  = a Wo^T;   x = RMSNorm(h += delta)                              add_rmsnorm
+      delta  = (act(x Wg^T) * x Wu^T) Wd^T                                    gate/up + act fused, down
+    logits   = RMSNorm(h += delta) Wlm^T;  next token = argmax / sample       next_token
+
+It reads the same ModelConfig as the NumPy reference (model.py) and the same checkpoints; its
+activations are fp16 with fp32 accumulation and an fp32 residual stream, so it matches the reference
+within fp16 rounding (tests/test_gpu_engine.py).
+
+Why a graph: one decode step launches ~10 kernels per layer; from Python each launch costs ~15 us of
+CPU time (../shared/gpu.md), more than the whole step's memory traffic for a 7B model. Captured once
+(`Stream.begin_capture`) and replayed, the step costs one launch; every kernel reads the cache length
+from device memory (cache.pos) and the sampler advances it, so the same graph serves every position.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+from ..backend import get_xp
+from ..config import ModelConfig
+from ..errors import MinillmError
+from ..model import rope_inv_freq
+from . import kernels as K
+from .cache import GpuKVCache, cache_bytes, check_fits
+from .linear import GpuLinear
+
+
+class Layer:
+    def __init__(self, attn_norm, qkv, q_norm, k_norm, o, mlp_norm, gate_up, down, window):
+        self.attn_norm, self.qkv, self.q_norm, self.k_norm, self.o = attn_norm, qkv, q_norm, k_norm, o
+        self.mlp_norm, self.gate_up, self.down, self.window = mlp_norm, gate_up, down, window
+
+
+class Buffers:
+    """The activations of one forward over `rows` rows (padded to a compiled GEMV batch size)."""
+
+    def __init__(self, cfg: ModelConfig, rows: int, engine):
+        cp = get_xp("cuda")
+        self.engine = engine
+        rp = K.padded_batch(rows) if rows <= 16 else rows
+        d, h, kv, hd, f = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
+        z16 = lambda *shape: cp.zeros(shape, cp.float16)  # noqa: E731 - padded columns must stay zero
+        self.tok = cp.zeros(rp, cp.int32)
+        self.h = cp.zeros((rp, d), cp.float32)
+        self.x = z16(rp, K.round_up(d, 32))
+        self.x_perm = z16(rp, K.round_up(max(d, f, h * hd), 32))
+        self.qkv = z16(rp, (h + 2 * kv) * hd)
+        self.q = z16(rp, h, hd)
+        self.attn = z16(rp, K.round_up(h * hd, 32))
+        self.delta = z16(rp, d)
+        self.gu = z16(rp, 2 * f)
+        self.act = z16(rp, K.round_up(f, 32))
+        self.logits = z16(rp, cfg.vocab_size)
+        self._parts = {}
+
+    def parts(self, plan, rows, heads, hd):
+        if plan not in self._parts:
+            cp = get_xp("cuda")
+            splits = plan[1]
+            self._parts[plan] = (cp.zeros((rows, heads, splits, hd), cp.float32),
+                                 cp.zeros((rows, heads, splits), cp.float32), cp.zeros((rows, heads, splits), cp.float32))
+        return self._parts[plan]
+
+    def weight(self, n, k):
+        return self.engine.dense_scratch(n, k)
+
+
+class GpuModel:
+    """A Llama-family decoder on one NVIDIA GPU. Same call as model.Model: `logits = m(tokens, cache)`
+    (logits come back to the host as float32); `decode_next` runs one step and returns token ids
+    chosen on the GPU."""
+
+    def __init__(self, config: ModelConfig, embed, layers, final_norm, lm_head, kv_cache: str = "float",
+                 cuda_graph: bool | None = None):
+        if kv_cache not in K.KV_FORMATS:
+            raise MinillmError(f"the {kv_cache} KV cache has no GPU kernels yet: choose float, int8 or fp8 "
+                               "with --device cuda")
+        self.config, self.embed, self.layers = config, embed, layers
+        self.final_norm, self.lm_head, self.kv_cache = final_norm, lm_head, kv_cache
+        self.xp = get_xp("cuda")
+        self.dtype = np.float16
+        if cuda_graph is None:
+            cuda_graph = os.environ.get("MINILLM_CUDA_GRAPH", "1") != "0"
+        self.cuda_graph = cuda_graph  # False: every step launched eagerly (for debugging)
+        self._buffers, self._dense, self._rope = {}, None, None
+        self._stream = self.xp.cuda.Stream(non_blocking=True)
+
+    # -- construction -----------------------------------------------------------------------------
+
+    @classmethod
+    def from_weights(cls, config: ModelConfig, weights: dict, kv_cache: str = "float", cuda_graph=None):
+        """Upload a checkpoint's tensors (float arrays or QuantizedTensors, canonical names)."""
+        cp = get_xp("cuda")
+        check_fits(f"the model ({config.num_layers} layers, stored as on disk)", estimate_bytes(config, weights))
+        c = config
+
+        def host(name):
+            w = weights[name]
+            return np.asarray(w.dequantize() if hasattr(w, "dequantize") else w, np.float32)
+
+        def norm(name):
+            return cp.asarray(host(name) + np.float32(c.norm_offset))
+
+        def lin(prefix, parts, interleave=False):
+            ws = [weights[f"{prefix}{p}.weight"] for p in parts]
+            bs = [weights.get(f"{prefix}{p}.bias") for p in parts]
+            return GpuLinear.from_host(ws, bs, interleave)
+
+        layers = []
+        for i in range(c.num_layers):
+            p = f"model.layers.{i}."
+            layers.append(Layer(
+                attn_norm=norm(p + "input_layernorm.weight"),
+                qkv=lin(p + "self_attn.", ["q_proj", "k_proj", "v_proj"]),
+                q_norm=norm(p + "self_attn.q_norm.weight") if c.qk_norm else None,
+                k_norm=norm(p + "self_attn.k_norm.weight") if c.qk_norm else None,
+                o=lin(p + "self_attn.", ["o_proj"]),
+                mlp_norm=norm(p + "post_attention_layernorm.weight"),
+                gate_up=lin(p + "mlp.", ["gate_proj", "up_proj"], interleave=True),
+                down=lin(p + "mlp.", ["down_proj"]),
+                window=c.sliding_windows[i] if c.sliding_windows else None))
+        embed = cp.asarray(host("model.embed_tokens.weight").astype(np.float16))
+        if c.tie_word_embeddings:
+            lm_head = GpuLinear.fp16(embed)
+        else:
+            lm_head = GpuLinear.from_host([weights["lm_head.weight"]])
+        return cls(c, embed, layers, norm("model.norm.weight"), lm_head, kv_cache, cuda_graph)
+
+    @property
+    def context_length(self) -> int:
+        c = self.config
+        return int(c.max_position_embeddings * (c.rope.factor if c.rope.type == "dynamic" else 1))
+
+    @property
+    def nbytes(self) -> int:
+        total = self.embed.nbytes + self.final_norm.nbytes
+        if self.lm_head.w is not self.embed:
+            total += self.lm_head.nbytes
+        for layer in self.layers:
+            total += sum(lin.nbytes for lin in (layer.qkv, layer.o, layer.gate_up, layer.down))
+            total += sum(a.nbytes for a in (layer.attn_norm, layer.mlp_norm, layer.q_norm, layer.k_norm) if a is not None)
+        return int(total)
+
+    def new_cache(self, batch: int = 1, max_len: int | None = None, kind: str | None = None) -> GpuKVCache:
+        return GpuKVCache(self.config, kind or self.kv_cache, batch, max_len or self.context_length)
+
+    # -- scratch ----------------------------------------------------------------------------------
+
+    def buffers(self, rows: int) -> Buffers:
+        if rows not in self._buffers:
+            if len(self._buffers) > 8:  # a long evaluation with many shapes: keep memory bounded
+                self._buffers.clear()
+            self._buffers[rows] = Buffers(self.config, rows, self)
+        return self._buffers[rows]
+
+    def dense_scratch(self, n, k):
+        cp = self.xp
+        if self._dense is None or self._dense.size < n * k:
+            self._dense = cp.empty(n * k, cp.float16)
+        return self._dense[: n * k].reshape(n, k)
+
+    def rope_tables(self, length: int):
+        """cos, sin [length, rotary_dim/2] float32 on the device, position p at row p. (Dynamic NTK
+        rows past the trained context use the base for a sequence of p + 1 tokens, as decoding
+        one token at a time does in the reference.)"""
+        if self._rope is None or self._rope[0].shape[0] < length:
+            c = self.config
+            length = max(length, 256)
+            inv = rope_inv_freq(c.rope, c.rotary_dim, c.max_position_embeddings, 1)
+            angles = np.arange(length, dtype=np.float64)[:, None] * inv[None, :]
+            if c.rope.type == "dynamic":
+                for p in range(c.max_position_embeddings, length):
+                    angles[p] = p * rope_inv_freq(c.rope, c.rotary_dim, c.max_position_embeddings, p + 1)
+            self._rope = (self.xp.asarray(np.cos(angles).astype(np.float32)),
+                          self.xp.asarray(np.sin(angles).astype(np.float32)))
+        return self._rope
+
+    # -- forward ----------------------------------------------------------------------------------
+
+    def _layers(self, buf: Buffers, cache: GpuKVCache, rows: int, t: int, prefill_attention: bool):
+        """Every layer over `rows` rows (t new tokens per batch row), leaving RMSNorm(h) in buf.x."""
+        c = self.config
+        eps = c.rms_norm_eps
+        cos, sin = self.rope_tables(cache.max_len)
+        plan = K.attention_plan(c, cache.max_len, rows)
+        parts = buf.parts(plan, buf.q.shape[0], c.num_heads, c.head_dim)
+        K.embed_rows(buf.tok, self.embed, buf.h, rows, c.embedding_scale)
+        delta = None
+        for i, layer in enumerate(self.layers):
+            K.add_rmsnorm(buf.h, delta, layer.attn_norm, buf.x, rows, eps)
+            layer.qkv(buf.x, buf.qkv, rows, buf)
+            K.rope_append(buf.qkv, buf.q, layer.q_norm, layer.k_norm, eps, cos, sin, cache.pos, rows, t, c,
+                          cache.layer(i))
+            if prefill_attention:
+                self._prefill_attention(buf, cache, i, rows, t, layer.window)
+            else:
+                K.decode_attention(buf.q, cache.layer(i), cache.pos, rows, t, c, layer.window, parts, buf.attn, plan)
+            layer.o(buf.attn, buf.delta, rows, buf)
+            K.add_rmsnorm(buf.h, buf.delta, layer.mlp_norm, buf.x, rows, eps)
+            layer.gate_up(buf.x, buf.act, rows, buf, act=c.activation, gu=buf.gu)
+            layer.down(buf.act, buf.delta, rows, buf)
+            delta = buf.delta
+        K.add_rmsnorm(buf.h, delta, self.final_norm, buf.x, rows, eps)
+
+    def _prefill_attention(self, buf: Buffers, cache: GpuKVCache, layer: int, rows: int, t: int, window):
+        """Causal attention of a long prompt with cuBLAS: scores for a group of heads at a time in
+        float32, masked, softmaxed and applied to V (the fp16 cache is read as written)."""
+        cp, c = self.xp, self.config
+        h, kv, hd = c.num_heads, c.num_kv_heads, c.head_dim
+        g = h // kv
+        start, end = cache.length, cache.length + t
+        q_pos, k_pos = cp.arange(start, end)[:, None], cp.arange(end)[None, :]
+        hidden = k_pos > q_pos
+        if window:
+            hidden |= k_pos <= q_pos - window
+        step = max(1, (256 << 20) // (4 * g * t * end))  # key/value heads per product: ~256 MB of scores
+        for b in range(rows // t):
+            q = buf.q[b * t : (b + 1) * t].reshape(t, kv, g, hd).transpose(1, 2, 0, 3)  # [KV, G, T, hd]
+            out = buf.attn[b * t : (b + 1) * t, : h * hd].reshape(t, kv, g, hd)
+            for j0 in range(0, kv, step):
+                j1 = min(kv, j0 + step)
+                keys = cache.keys[layer][b, j0:j1, :end].astype(cp.float32)  # [n, S, hd]
+                vals = cache.values[layer][b, j0:j1, :end].astype(cp.float32)
+                qs = q[j0:j1].astype(cp.float32).reshape(j1 - j0, g * t, hd)
+                s = (qs @ keys.transpose(0, 2, 1)) * np.float32(1.0 / math.sqrt(hd))  # [n, G*T, S]
+                s = cp.where(cp.tile(hidden, (g, 1))[None], -cp.inf, s)
+                s -= s.max(axis=-1, keepdims=True)
+                cp.exp(s, out=s)
+                s /= s.sum(axis=-1, keepdims=True)
+                o = (s @ vals).reshape(j1 - j0, g, t, hd).transpose(2, 0, 1, 3)  # [T, n, G, hd]
+                out[:, j0:j1] = o.astype(cp.float16)
+
+    def __call__(self, tokens, cache: GpuKVCache | None = None, last_only: bool = False):
+        """tokens [T] or [B, T] -> logits (host float32) [T, V] / [B, T, V], or the last position's."""
+        cp, c = self.xp, self.config
+        tok = np.asarray(tokens)
+        squeeze = tok.ndim == 1
+        tok = tok[None] if squeeze else tok
+        b, t = tok.shape
+        if t == 0:
+            raise MinillmError("the model was given an empty sequence of tokens")
+        if int(tok.min()) < 0 or int(tok.max()) >= c.vocab_size:
+            raise MinillmError(f"token ids must lie in [0, {c.vocab_size}); got {int(tok.min())}..{int(tok.max())}")
+        cache = cache if cache is not None else self.new_cache(batch=b, max_len=t)
+        if cache.batch != b:
+            raise MinillmError(f"the cache holds {cache.batch} sequences but {b} were given")
+        cache.check_room(t)
+        cache.sync_pos()
+        rows = b * t
+        buf = self.buffers(rows)
+        buf.tok[:rows].set(tok.reshape(-1).astype(np.int32))
+        # Long prompts over an fp16 cache: attention by cuBLAS. Short ones, and every quantized cache
+        # (whose keys and values attention must read through the quantization): the split kernel.
+        prefill = cache.kind == "float" and t > 16
+        self._layers(buf, cache, rows, t, prefill)
+        cache.advance(t)
+        sel = np.arange(rows).reshape(b, t)
+        if last_only:
+            sel = sel[:, -1:]
+        logits = self._logits(buf.x[cp.asarray(sel.reshape(-1))])
+        out = cp.asnumpy(logits.astype(cp.float32)).reshape(b, sel.shape[1], -1)
+        return out[0] if squeeze else out
+
+    def _logits(self, x):
+        """lm_head over rows of normed hidden states x [n, ld] fp16 -> [n, V] fp16."""
+        n = x.shape[0]
+        buf = self.buffers(n)
+        buf.x[:n] = x
+        self.lm_head(buf.x, buf.logits, n, buf)
+        return buf.logits[:n]
+
+    # -- decoding on the device -------------------------------------------------------------------
+
+    def _decode_body(self, buf: Buffers, cache: GpuKVCache, temperature: float, seed: int):
+        b = cache.batch
+        self._layers(buf, cache, b, 1, False)
+        self.lm_head(buf.x, buf.logits, b, buf)
+        K.next_token(buf.logits, b, self.config.vocab_size, buf.tok, cache.pos, temperature, seed)
+
+    def decode_next(self, tokens, cache: GpuKVCache, temperature: float = 0.0, seed: int = 0):
+        """Feed one token per sequence at the cache's end and return the next token of each, chosen on
+        the GPU (argmax, or a temperature sample). Only the ids cross to the host."""
+        cache.check_room(1)
+        b = cache.batch
+        buf = self.buffers(b)
+        stream = self._stream
+        with stream:
+            buf.tok[:b].set(np.asarray(tokens, np.int32).reshape(b), stream=stream)
+            if cache.dev_length != cache.length:
+                cache.pos.set(np.full(b, cache.length, np.int32), stream=stream)
+            self.replay(cache, temperature, seed)
+            out = buf.tok[:b].get(stream=stream)
+        stream.synchronize()
+        cache.advance(1)
+        cache.dev_length = cache.length
+        return [int(x) for x in out]
+
+    def replay(self, cache: GpuKVCache, temperature: float = 0.0, seed: int = 0):
+        """Launch one decode step on self._stream (captured as a graph after its first, eager run).
+        The step reads buf.tok and cache.pos and leaves the next token in buf.tok, pos advanced."""
+        buf = self.buffers(cache.batch)
+        key = (temperature, seed)
+        if not self.cuda_graph:
+            self._decode_body(buf, cache, temperature, seed)
+        elif cache.graph is not None and cache.graph[0] == key:
+            cache.graph[1].launch(self._stream)
+        elif cache.warm:
+            self._stream.begin_capture()
+            try:
+                self._decode_body(buf, cache, temperature, seed)
+            finally:
+                graph = self._stream.end_capture()
+            cache.graph = (key, graph)
+            graph.launch(self._stream)
+        else:  # first step: compiles the kernels and allocates what the step needs, outside a capture
+            self._decode_body(buf, cache, temperature, seed)
+            cache.warm = True
+
+
+def estimate_bytes(config: ModelConfig, weights: dict) -> int:
+    """GPU bytes for the weights: packed 4/8-bit as stored, everything else in fp16."""
+    total = 0
+    for name, w in weights.items():
+        size = int(np.prod(w.shape))
+        bits = getattr(getattr(w, "spec", None), "bits", 16)
+        total += size * (bits if bits in (4, 8) else 16) // 8
+    return total  # (a tied LM head is the embedding itself)
+
+
+def describe_fit(config: ModelConfig, weights_bytes: int, kind: str, max_len: int, batch: int = 1) -> str:
+    kv = cache_bytes(kind, config.num_layers, batch, config.num_kv_heads, config.head_dim, max_len)
+    return f"weights {weights_bytes / 2**30:.2f} GiB + {kind} KV cache {kv / 2**30:.2f} GiB for {max_len} tokens"

@@ -1,0 +1,161 @@
+"""The CUDA sources in cuda_kernels/, compiled once per process with cupy.RawModule (NVRTC), and thin
+launch wrappers with the grid arithmetic. Every wrapper writes into arrays it is given, so a
+sequence of them can be captured in a CUDA graph (no allocation inside).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from ..backend import get_xp
+
+KERNEL_DIR = Path(__file__).resolve().parents[2] / "cuda_kernels"
+KV_FORMATS = {"float": 0, "int8": 1, "fp8": 2}  # the cache formats the kernels read (attention.cu)
+GEMV_BATCHES = (1, 2, 4, 8, 16)  # batch sizes compiled into gemv.cu / w4a16_gemv.cu
+_GEMV_ROWS = {1: 2, 2: 2, 4: 2, 8: 2, 16: 2}  # rows per warp of gemv.cu's instances (even: see act)
+
+
+@lru_cache(maxsize=None)
+def module(name: str):
+    cp = get_xp("cuda")
+    src = (KERNEL_DIR / f"{name}.cu").read_text()
+    return cp.RawModule(code=src, options=("-std=c++17", f"-I{KERNEL_DIR}"))
+
+
+def fn(file: str, name: str):
+    return module(file).get_function(name)
+
+
+def i32(v) -> np.int32:
+    return np.int32(v)
+
+
+def padded_batch(m: int) -> int:
+    """The compiled batch size that serves m rows (the GEMV kernels are unrolled over the batch)."""
+    return next(b for b in GEMV_BATCHES if b >= m)
+
+
+def round_up(n: int, k: int) -> int:
+    return -(-n // k) * k
+
+
+# -- row-wise and element-wise kernels (decode_ops.cu) -----------------------------------------------
+
+def embed_rows(tok, embed, h, rows: int, scale: float):
+    fn("decode_ops", "embed_rows")((rows,), (256,), (tok, embed, h, i32(embed.shape[1]), np.float32(scale)))
+
+
+def add_rmsnorm(h, delta, weight, out, rows: int, eps: float):
+    """h += delta (if not None); out = RMSNorm(h) * weight (fp16)."""
+    d = h.shape[1]
+    fn("decode_ops", "add_rmsnorm")((rows,), (min(1024, round_up(d, 32)),), (
+        h, delta if delta is not None else 0, i32(delta.shape[1] if delta is not None else 0),
+        weight, out, i32(out.shape[1]), i32(d), np.float32(eps)))
+
+
+def add_bias(y, bias, rows: int):
+    n = bias.shape[0]
+    fn("decode_ops", "add_bias")((min(-(-n // 256), 1024), rows), (256,), (y, i32(y.shape[1]), bias, i32(n)))
+
+
+def gated_act(gu, out, rows: int, f: int, act: str):
+    """out[:, i] = act(gu[:, 2i]) * gu[:, 2i + 1] (gate and up interleaved, as linear.py fuses them)."""
+    fn("decode_ops", "gated_act")((min(-(-f // 256), 1024), rows), (256,), (
+        gu, i32(gu.shape[1]), out, i32(out.shape[1]), i32(f), i32(ACT_CODES[act])))
+
+
+def gather_cols(x, perm, out, rows: int):
+    k = perm.shape[0]
+    fn("decode_ops", "gather_cols")((min(-(-k // 256), 1024), rows), (256,), (
+        x, i32(x.shape[1]), perm, out, i32(out.shape[1]), i32(k)))
+
+
+def rope_append(qkv, q_out, q_norm, k_norm, eps, cos, sin, pos, rows, t, cfg, layer_cache):
+    """Rotate q and k of `rows` rows (t new tokens per batch row), write q to q_out and k, v into the
+    cache at positions pos[b] + t (encoded in the cache's format)."""
+    h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    kc, vc, ks, vs, fmt, max_len = layer_cache
+    fn("decode_ops", "rope_append")((rows, h + 2 * kv), (128,), (
+        qkv, i32(qkv.shape[1]), q_out, q_norm if q_norm is not None else 0, k_norm if k_norm is not None else 0,
+        np.float32(eps), cos, sin, pos, i32(t), i32(h), i32(kv), i32(hd), i32(cfg.rotary_dim), i32(max_len),
+        i32(fmt), kc, vc, ks if ks is not None else 0, vs if vs is not None else 0))
+
+
+def next_token(logits, rows: int, vocab: int, tok, pos, temperature: float = 0.0, seed: int = 0,
+               advance: bool = True):
+    inv_t = 0.0 if temperature <= 0 else 1.0 / temperature
+    fn("decode_ops", "next_token")((rows,), (1024,), (
+        logits, i32(logits.shape[1]), i32(vocab), np.float32(inv_t), np.uint64(seed), tok, pos, i32(int(advance))))
+
+
+# -- attention (attention.cu) ----------------------------------------------------------------------
+
+def attention_plan(cfg, max_len: int, rows: int, sms: int = 132):
+    """(chunk, splits, warps per block) for decode attention over a cache of max_len positions:
+    enough (kv head, split, row) blocks to fill the GPU, chunks of at least 64 positions."""
+    g = cfg.num_heads // cfg.num_kv_heads
+    streams = max(1, 4 // g)
+    target = 4 * sms  # blocks
+    splits = max(1, min(-(-max_len // 64), -(-target // (cfg.num_kv_heads * rows))))
+    chunk = round_up(-(-max_len // splits), 64)
+    return chunk, -(-max_len // chunk), g * streams
+
+
+def decode_attention(q, layer_cache, pos, rows, t, cfg, window, parts, out, plan):
+    """Attention of `rows` query rows over the cache (row r sees positions up to pos[b] + r % t),
+    split along the sequence, then merged into out [rows, ld] (fp16)."""
+    kc, vc, ks, vs, fmt, max_len = layer_cache
+    chunk, splits, warps = plan
+    h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    acc, m, l = parts
+    name = {0: "fp16", 1: "int8", 2: "fp8"}[fmt]
+    iters = 1 if hd <= 128 else 2
+    fn("attention", f"attn_decode_{name}_{iters}")((kv, splits, rows), (32 * warps,), (
+        q, kc, vc, ks if ks is not None else 0, vs if vs is not None else 0, pos, i32(t), i32(h), i32(kv), i32(hd),
+        i32(max_len), i32(chunk), i32(window or 0), np.float32(math.log2(math.e) / math.sqrt(hd)), acc, m, l))
+    fn("attention", "attn_combine")((rows * h,), (128,), (
+        acc, m, l, pos, i32(t), i32(h), i32(hd), i32(splits), i32(chunk), out, i32(out.shape[1])))
+
+
+# -- matrix products (gemv.cu, w4a16_gemv.cu, dequant.cu) ------------------------------------------
+
+ACT_CODES = {"silu": 0, "gelu_tanh": 1}
+
+
+def gemv_f16(w, x, y, m: int, n: int, act: int = -1):
+    """y[:m, :n] = x[:m] @ w.T for fp16 w [n, 8C] (m a compiled batch size); act >= 0: w's rows are
+    (gate, up) pairs and y[:m, :n/2] = act(gate) * up."""
+    rows = _GEMV_ROWS[m]
+    warps = -(-n // rows)
+    c = w.shape[1] // 8
+    fn("gemv", f"gemv_f16_m{m}_r{rows}")((-(-warps // 4),), (128,), (
+        w, x, i32(x.shape[1]), y, i32(y.shape[1]), i32(n), i32(c), i32(act)))
+
+
+def gemv_i8(codes, scales, zeros, group, x, y, m: int, n: int, act: int = -1):
+    rows = _GEMV_ROWS[m]
+    warps = -(-n // rows)
+    c = codes.shape[1] // 16
+    fn("gemv", f"gemv_i8_m{m}_r{rows}")((-(-warps // 4),), (128,), (
+        codes, scales, zeros if zeros is not None else 0, x, i32(x.shape[1]), y, i32(y.shape[1]), i32(n), i32(c),
+        i32(scales.shape[1]), i32(max(1, group // 16)), i32(act)))
+
+
+def dequant_w4(qweight, scales, zeros, out, group: int):
+    n, words = qweight.shape
+    total = n * words
+    fn("dequant", "dequant_w4")((-(-total // 256),), (256,), (
+        qweight, scales, zeros if zeros is not None else 0, out, i32(n), i32(words), i32(out.shape[1]),
+        i32(scales.shape[1]), i32(group)))
+
+
+def dequant_i8(codes, scales, zeros, out, group: int):
+    n = codes.shape[0]
+    total = n * (out.shape[1] // 8)
+    fn("dequant", "dequant_i8")((-(-total // 256),), (256,), (
+        codes, i32(codes.shape[1]), scales, zeros if zeros is not None else 0, out, i32(n), i32(out.shape[1]),
+        i32(scales.shape[1]), i32(group)))

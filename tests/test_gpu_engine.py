@@ -1,0 +1,145 @@
+"""Acceptance (issue 6 point 1 end to end; issue 7 on the GPU): the GPU engine against the NumPy
+reference. Logits of every tiny architecture (prefill through cuBLAS attention, decoding through the
+split kernel), quantized weights (W4 and W8 packed), quantized KV caches, graph replay equal to eager
+launches, and SmolLM2's greedy text equal to the CPU's. Run with `python3 -m pytest -m gpu`."""
+
+import numpy as np
+import pytest
+from conftest import ARCH_CASES, make_tiny_model, save_tiny
+
+import minillm
+from minillm.errors import MinillmError
+
+pytestmark = pytest.mark.gpu
+
+# fp16 activations (10 mantissa bits) through a few layers: logits agree to ~1e-3 of their range.
+REL = 1e-2
+
+
+def close(gpu, cpu, rel=REL):
+    gpu, cpu = np.asarray(gpu, np.float64), np.asarray(cpu, np.float64)
+    err = np.abs(gpu - cpu).max() / np.abs(cpu).max()
+    assert err <= rel, f"max |gpu - cpu| / max |logit| = {err:.3g} > {rel}"
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {case: save_tiny(make_tiny_model(mt, **ov), root / case) for case, (mt, ov) in ARCH_CASES.items()}
+
+
+@pytest.mark.parametrize("case", sorted(ARCH_CASES))
+def test_tiny_architectures(case, tiny_dirs):
+    cpu = minillm.load(tiny_dirs[case], progress=False)
+    gpu = minillm.load(tiny_dirs[case], device="cuda", progress=False)
+    # Dynamic NTK changes the base with the sequence length: keep to the trained context there.
+    t = 12 if "dynamic" in case else 24
+    tokens = np.random.default_rng(0).integers(3, cpu.config.vocab_size, size=t)
+    close(gpu(tokens), cpu(tokens))  # the prompt path (cuBLAS attention when t > 16)
+    # Token by token (the split decode kernel), then the last logits.
+    cache_g, cache_c = gpu.new_cache(max_len=t), cpu.new_cache(max_len=t)
+    for i in range(t):
+        lg, lc = gpu(tokens[i : i + 1], cache_g), cpu(tokens[i : i + 1], cache_c)
+    close(lg, lc)
+
+
+@pytest.mark.parametrize("method, bits", [("rtn", 4), ("rtn", 8)])
+def test_quantized_weights_stay_packed(method, bits, tiny_dirs, tmp_path):
+    from minillm.cli import main
+
+    out = tmp_path / f"q{bits}"
+    assert main(["quantize", str(tiny_dirs["llama"]), str(out), "--method", method, "--bits", str(bits),
+                 "--group-size", "32", "--quiet"]) == 0
+    cpu = minillm.load(out, progress=False)
+    gpu = minillm.load(out, device="cuda", progress=False)
+    assert {layer.qkv.kind for layer in gpu.model.layers} == {"w4" if bits == 4 else "w8"}
+    tokens = np.random.default_rng(1).integers(3, 128, size=20)
+    close(gpu(tokens), cpu(tokens))
+    close(gpu(tokens[:5]), cpu(tokens[:5]))
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_quantized_kv_cache_matches_reference(kind, tiny_dirs):
+    """The GPU int8/fp8 caches against kvcache.py's reference caches, prompt and decode steps. The
+    tolerance is the format's own effect: the GPU quantizes fp16 keys and values, the reference fp32
+    ones, and a code that flips moves by a whole step, so the two may differ by up to about what the
+    quantization itself changes (measured here as reference-quantized vs reference-float)."""
+    cpu = minillm.load(tiny_dirs["llama"], progress=False, kv_cache=kind)
+    ref = minillm.load(tiny_dirs["llama"], progress=False)
+    gpu = minillm.load(tiny_dirs["llama"], device="cuda", progress=False, kv_cache=kind)
+    tokens = np.random.default_rng(2).integers(3, 128, size=30)
+    caches = [gpu.new_cache(max_len=40), cpu.new_cache(max_len=40), ref.new_cache(max_len=40)]
+
+    def check(lg, lc, lf):
+        scale = np.abs(lf).max()
+        budget = np.abs(lc - lf).max() / scale
+        close(lg, lc, rel=2 * budget + REL)
+
+    check(*(m(tokens[:20], c) for m, c in zip((gpu, cpu, ref), caches)))
+    for i in range(20, 30):
+        check(*(m(tokens[i : i + 1], c) for m, c in zip((gpu, cpu, ref), caches)))
+    assert caches[0].nbytes < gpu.new_cache(max_len=40, kind="float").nbytes
+
+
+def test_graph_replay_equals_eager(tiny_dirs):
+    gpu = minillm.load(tiny_dirs["qwen3"], device="cuda", progress=False)
+    runs = []
+    for graph in (True, False):
+        gpu.model.cuda_graph = graph
+        cache = gpu.new_cache(max_len=64)
+        gpu(np.array([5, 6, 7]), cache)
+        tok, seq = 9, []
+        for _ in range(40):
+            tok = gpu.model.decode_next([tok], cache)[0]
+            seq.append(tok)
+        runs.append(seq)
+        assert cache.graph is not None if graph else cache.graph is None
+    assert runs[0] == runs[1]
+    # And greedy on the device equals the argmax of the logits the host path returns.
+    cache = gpu.new_cache(max_len=64)
+    gpu(np.array([5, 6, 7]), cache)
+    logits = gpu(np.array([9]), cache)
+    assert int(np.argmax(logits[-1])) == runs[0][0]
+
+
+def test_model_too_large_fails_before_allocating(tiny_dirs, monkeypatch):
+    import cupy as cp
+
+    cp.get_default_memory_pool().free_all_blocks()  # so the pool holds no reusable bytes either
+    monkeypatch.setattr(cp.cuda.runtime, "memGetInfo", lambda: (1000, 80 * 2**30))
+    with pytest.raises(MinillmError, match="needs .* GiB of GPU memory, but only"):
+        minillm.load(tiny_dirs["llama"], device="cuda", progress=False)
+
+
+def test_int4_cache_on_gpu_is_a_clear_error(tiny_dirs):
+    with pytest.raises(MinillmError, match="int4 KV cache has no GPU kernels"):
+        minillm.load(tiny_dirs["llama"], device="cuda", progress=False, kv_cache="int4")
+
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain what a hash table is in two sentences.",
+    "List three fruits that are red.",
+    "How do I reverse a list in Python?",
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2_pair(smollm2_gguf):
+    return minillm.load(smollm2_gguf, progress=False), minillm.load(smollm2_gguf, device="cuda", progress=False)
+
+
+def test_smollm2_logits(smollm2_pair):
+    cpu, gpu = smollm2_pair
+    ids = cpu.encode("The quick brown fox jumps over the lazy dog. " * 8)
+    close(gpu(ids), cpu(ids))
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_smollm2_greedy_text_equals_cpu(smollm2_pair, prompt):
+    cpu, gpu = smollm2_pair
+    msgs = [{"role": "user", "content": prompt}]
+    a = "".join(cpu.chat(msgs, max_new_tokens=64))
+    b = "".join(gpu.chat(msgs, max_new_tokens=64))
+    assert a == b

@@ -1,0 +1,326 @@
+"""Acceptance (issue 6 point 1, issue 7 point 1, GPU kernels): each kernel of the decode step against a
+NumPy reference on random inputs drawn by hypothesis, outputs poisoned with NaN before each launch.
+Run with `python3 -m pytest -m gpu`; skipped without CUDA."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minillm.attention import attention
+from minillm.kvcache import FP8KVCache, Int8KVCache
+from minillm.model import apply_rope
+from minillm.quant import QuantSpec, quantize_rtn
+
+pytestmark = pytest.mark.gpu
+
+
+class Cfg:  # the fields the kernels read
+    def __init__(self, h, kv, hd, rot=None):
+        self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
+        self.rotary_dim = rot or hd
+
+
+def poisoned(cp, shape, dtype):
+    a = cp.empty(shape, dtype)
+    a[...] = cp.nan if np.dtype(dtype).kind == "f" else 0x7F
+    return a
+
+
+def fp16_bound(x):
+    """fp16 rounding of a result of magnitude |x| (plus a floor for values near zero)."""
+    return 2.0**-10 * np.abs(x) + 1e-3
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 9), d=st.integers(1, 700), with_delta=st.booleans(), seed=st.integers(0, 2**31))
+def test_add_rmsnorm(rows, d, with_delta, seed):
+    import cupy as cp
+
+    from minillm.gpu import kernels as K
+
+    rng = np.random.default_rng(seed)
+    h = rng.normal(size=(rows, d)).astype(np.float32) * 3
+    delta = rng.normal(size=(rows, d)).astype(np.float16)
+    w = rng.normal(size=d).astype(np.float32)
+    hd, out = cp.asarray(h), poisoned(cp, (rows, K.round_up(d, 32)), cp.float16)
+    K.add_rmsnorm(hd, cp.asarray(delta) if with_delta else None, cp.asarray(w), out, rows, 1e-5)
+    href = h + delta.astype(np.float32) if with_delta else h
+    ref = href / np.sqrt((href**2).mean(-1, keepdims=True) + 1e-5) * w
+    np.testing.assert_allclose(cp.asnumpy(hd), href, rtol=1e-6, atol=1e-6)
+    got = cp.asnumpy(out[:, :d]).astype(np.float64)
+    assert np.all(np.abs(got - ref) <= fp16_bound(ref) + 1e-5 * np.abs(ref).max())
+
+
+def rope_tables(length, rot, base=10000.0):
+    inv = 1.0 / base ** (np.arange(0, rot, 2) / rot)
+    ang = np.arange(length)[:, None] * inv[None]
+    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
+@settings(max_examples=30, deadline=None)
+@given(b=st.integers(1, 3), t=st.integers(1, 5), kv=st.integers(1, 3), g=st.integers(1, 3),
+       hd=st.sampled_from([16, 24, 64, 128, 256]), partial=st.booleans(), qk_norm=st.booleans(),
+       fmt=st.sampled_from(["float", "int8", "fp8"]), seed=st.integers(0, 2**31))
+def test_rope_append(b, t, kv, g, hd, partial, qk_norm, fmt, seed):
+    """q rotated into q_out; k (rotated) and v written at positions pos[b] + t in the cache's format
+    (int8/fp8 codes and scales as kvcache.py's reference encodes them)."""
+    import cupy as cp
+
+    from minillm.gpu import kernels as K
+    from minillm.gpu.cache import GpuKVCache
+
+    rng = np.random.default_rng(seed)
+    h, length = kv * g, 40
+    rot = hd // 2 if partial and hd % 4 == 0 else hd
+    cfg = Cfg(h, kv, hd, rot)
+    cfg.num_layers = 1
+    cache = GpuKVCache(cfg, fmt, b, length)
+    pos = rng.integers(0, length - t, size=b).astype(np.int32)
+    cache.pos.set(pos)
+    qkv = (rng.normal(size=(b * t, (h + 2 * kv) * hd)) * 2).astype(np.float16)
+    qn = rng.normal(size=hd).astype(np.float32) if qk_norm else None
+    kn = rng.normal(size=hd).astype(np.float32) if qk_norm else None
+    cos, sin = rope_tables(length, rot)
+    q_out = poisoned(cp, (b * t, h, hd), cp.float16)
+    K.rope_append(cp.asarray(qkv), q_out, None if qn is None else cp.asarray(qn), None if kn is None else cp.asarray(kn),
+                  1e-6, cp.asarray(cos), cp.asarray(sin), cache.pos, b * t, t, cfg, cache.layer(0))
+
+    x = qkv.astype(np.float32).reshape(b, t, h + 2 * kv, hd)
+    q, k, v = x[:, :, :h], x[:, :, h : h + kv], x[:, :, h + kv :]
+    if qk_norm:
+        q = q / np.sqrt((q**2).mean(-1, keepdims=True) + 1e-6) * qn
+        k = k / np.sqrt((k**2).mean(-1, keepdims=True) + 1e-6) * kn
+    positions = pos[:, None] + np.arange(t)[None]  # [b, t]
+    c, s = cos[positions][:, None], sin[positions][:, None]  # [b, 1, t, rot/2]
+    q = apply_rope(np, q.transpose(0, 2, 1, 3), c, s, rot)  # [b, h, t, hd]
+    k = apply_rope(np, k.transpose(0, 2, 1, 3), c, s, rot)
+    v = v.transpose(0, 2, 1, 3)
+    got_q = cp.asnumpy(q_out).astype(np.float32).reshape(b, t, h, hd).transpose(0, 2, 1, 3)
+    assert np.all(np.abs(got_q - q) <= fp16_bound(q) + 1e-3)
+    keys, vals = cache.dequantized(0, length)
+    for bi in range(b):
+        for name, ref, got in (("k", k, keys), ("v", v, vals)):
+            want = ref[bi]  # [kv, t, hd]
+            have = cp.asnumpy(got[bi][:, pos[bi] : pos[bi] + t])
+            if fmt == "float":
+                bound = fp16_bound(want) + 1e-3
+            else:  # the reference format applied to the same fp32 values: the codes' own step
+                cls = Int8KVCache if fmt == "int8" else FP8KVCache
+                codes, scale = cls.encode(want)
+                want = cls.decode(codes, scale)
+                bound = 0.02 * np.abs(want).max(-1, keepdims=True) + 1e-3  # fp16 input vs fp32: rare flips
+            assert np.all(np.abs(have - want) <= bound), name
+
+
+@settings(max_examples=40, deadline=None)
+@given(b=st.integers(1, 2), t=st.integers(1, 4), kv=st.integers(1, 4), g=st.sampled_from([1, 2, 3, 4, 8]),
+       hd=st.sampled_from([16, 64, 128, 256]), fmt=st.sampled_from(["float", "int8", "fp8"]),
+       max_len=st.integers(8, 3000), window=st.sampled_from([0, 0, 5, 300]), outliers=st.booleans(),
+       seed=st.integers(0, 2**31))
+def test_decode_attention(b, t, kv, g, hd, fmt, max_len, window, outliers, seed):
+    """Split-K attention equals softmax(q K^T / sqrt(hd)) V over the dequantized cache (causal for
+    every row, sliding window where given), for any context length and GQA grouping."""
+    import cupy as cp
+
+    from minillm.gpu import kernels as K
+    from minillm.gpu.cache import GpuKVCache
+
+    rng = np.random.default_rng(seed)
+    h = kv * g
+    cfg = Cfg(h, kv, hd)
+    cfg.num_layers = 1
+    cache = GpuKVCache(cfg, fmt, b, max_len)
+    pos = rng.integers(0, max_len - t + 1, size=b).astype(np.int32)
+    cache.pos.set(pos)
+    kvals = rng.normal(size=(b, kv, max_len, hd)).astype(np.float32)
+    if outliers:  # KIVI's case: a few key channels far larger than the rest
+        kvals[..., rng.integers(0, hd, 3)] *= 20
+    vvals = rng.normal(size=(b, kv, max_len, hd)).astype(np.float32)
+    if fmt == "float":
+        cache.keys[0][...] = cp.asarray(kvals.astype(np.float16))
+        cache.values[0][...] = cp.asarray(vvals.astype(np.float16))
+    else:
+        cls = Int8KVCache if fmt == "int8" else FP8KVCache
+        for arr, sc, x in ((cache.keys[0], cache.k_scale[0], kvals), (cache.values[0], cache.v_scale[0], vvals)):
+            codes, scale = cls.encode(x)
+            arr[...] = cp.asarray(codes.view(np.int8) if fmt == "int8" else codes)
+            sc[...] = cp.asarray(scale[..., 0])
+    keys, vals = (cp.asnumpy(a).astype(np.float64) for a in cache.dequantized(0, max_len))
+    q = rng.normal(size=(b * t, h, hd)).astype(np.float16)
+    plan = K.attention_plan(cfg, max_len, b * t)
+    parts = (cp.zeros((b * t, h, plan[1], hd), cp.float32), cp.zeros((b * t, h, plan[1]), cp.float32),
+             cp.zeros((b * t, h, plan[1]), cp.float32))
+    out = poisoned(cp, (b * t, K.round_up(h * hd, 32)), cp.float16)
+    K.decode_attention(cp.asarray(q), cache.layer(0), cache.pos, b * t, t, cfg, window or None, parts, out, plan)
+    got = cp.asnumpy(out[:, : h * hd]).astype(np.float64).reshape(b, t, h, hd)
+    for bi in range(b):
+        end = pos[bi] + t
+        qb = q[bi * t : (bi + 1) * t].astype(np.float64).transpose(1, 0, 2)[None]  # [1, h, t, hd]
+        ref = attention(np, qb, keys[bi : bi + 1, :, :end], vals[bi : bi + 1, :, :end], int(pos[bi]), window or None)
+        ref = ref[0].transpose(1, 0, 2)  # [t, h, hd]
+        # fp32 accumulation and one fp16 rounding of outputs bounded by max |v|.
+        bound = 2.0**-10 * np.abs(vals[bi]).max() + 1e-4 * np.abs(vals[bi]).max()
+        assert np.abs(got[bi] - ref).max() <= bound, (np.abs(got[bi] - ref).max(), bound)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 300), k=st.integers(1, 700), m=st.integers(1, 20), bits=st.sampled_from([16, 8, 4]),
+       group=st.sampled_from([32, 64, 128, 0]), sym=st.booleans(), seed=st.integers(0, 2**31))
+def test_gpu_linear(n, k, m, bits, group, sym, seed):
+    """GpuLinear (fp16 GEMV, W8A16 GEMV, W4A16, and the dequantize + cuBLAS path past 16 rows) against
+    the float64 product with the dequantized weights; odd K and N, per-channel and grouped."""
+    import cupy as cp
+
+    from minillm.gpu import kernels as K
+    from minillm.gpu.linear import GpuLinear
+
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(n, k)).astype(np.float32)
+    if bits == 16:
+        dense = w.astype(np.float16).astype(np.float64)
+        lin = GpuLinear.from_host([w])
+    else:
+        spec = QuantSpec(bits, "group", group, sym) if group else QuantSpec(bits, "channel", sym=sym)
+        qt = quantize_rtn(w, spec)
+        dense = qt.dequantize().astype(np.float64)
+        lin = GpuLinear.from_host([qt])
+        if group:
+            assert lin.kind == {4: "w4", 8: "w8"}[bits]
+    ld = K.round_up(k, 32)
+    rp = K.padded_batch(m) if m <= 16 else m
+    x = np.zeros((rp, ld), np.float16)
+    x[:m, :k] = rng.normal(size=(m, k))
+
+    class Scratch:
+        x_perm = cp.zeros((rp, ld), cp.float16)
+
+        @staticmethod
+        def weight(nn, kk):
+            return cp.empty((nn, kk), cp.float16)
+
+    y = poisoned(cp, (rp, n), cp.float16)
+    lin(cp.asarray(x), y, m, Scratch)
+    got = cp.asnumpy(y[:m]).astype(np.float64)
+    xs = x[:m, :k].astype(np.float64)
+    ref = xs @ dense.T
+    bound = 2.0**-10 * (np.abs(xs) @ np.abs(dense).T) + 1e-5
+    assert np.all(np.abs(got - ref) <= bound)
+
+
+def test_next_token_argmax_and_sampling():
+    import cupy as cp
+
+    from minillm.gpu import kernels as K
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 5000)).astype(np.float16)
+    logits[1, 4321] = 30  # a clear maximum
+    tok, pos = cp.full(3, -1, cp.int32), cp.asarray(np.array([5, 6, 7], np.int32))
+    K.next_token(cp.asarray(logits), 3, 5000, tok, pos)
+    assert cp.asnumpy(tok).tolist() == np.argmax(logits.astype(np.float32), axis=1).tolist()
+    assert cp.asnumpy(pos).tolist() == [6, 7, 8]
+    # Gumbel-max sampling follows softmax(logits / T): frequencies over many draws (a fresh
+    # position each draw) against the exact probabilities of a 4-word vocabulary.
+    small = np.log(np.array([[0.1, 0.2, 0.3, 0.4]], np.float32)).astype(np.float16)
+    draws = 20000
+    counts = np.zeros(4)
+    p = cp.zeros(1, cp.int32)
+    t = cp.zeros(1, cp.int32)
+    sm = cp.asarray(small)
+    for _ in range(draws):
+        K.next_token(sm, 1, 4, t, p, temperature=1.0, seed=1234)
+        counts[int(t.get()[0])] += 1
+    probs = np.exp(small.astype(np.float64))[0]
+    probs /= probs.sum()
+    sd = np.sqrt(probs * (1 - probs) / draws)
+    assert np.all(np.abs(counts / draws - probs) <= 5 * sd)
+
+
+def test_e4m3_encoder_matches_reference():
+    """float_to_e4m3 / e4m3_to_float (common.cuh) against quant/fp8.py on every code and on random
+    values incl. ties, subnormals and saturation, through the fp8 cache append."""
+    import cupy as cp
+
+    from minillm.gpu import kernels as K
+    from minillm.gpu.cache import GpuKVCache
+    from minillm.quant.fp8 import decode_e4m3, encode_e4m3
+
+    cfg = Cfg(1, 1, 128)
+    cfg.num_layers = 1
+    vals = decode_e4m3(np.arange(256, dtype=np.uint8))
+    vals = vals[np.isfinite(vals)]
+    mids = (np.sort(vals)[1:] + np.sort(vals)[:-1]) / 2  # exact ties
+    rng = np.random.default_rng(0)
+    pool = np.concatenate([vals, mids, rng.normal(size=2000) * 100, rng.normal(size=500) * 0.01, [448, -448]])
+    pool = pool[np.abs(pool) <= 448]
+    n_rows = -(-pool.size // 127)
+    x = np.zeros(n_rows * 127, np.float32)
+    x[: pool.size] = pool
+    x = x.reshape(n_rows, 127)
+    # Each head: 127 values plus one 448 that fixes the scale at exactly 1 (so codes are of x itself).
+    heads = np.concatenate([x, np.full((n_rows, 1), 448.0, np.float32)], axis=1)
+    cache = GpuKVCache(cfg, "fp8", 1, n_rows)
+    qkv = np.zeros((n_rows, 3 * 128), np.float32)
+    qkv[:, 256:] = heads  # the value head (no rotation)
+    cos, sin = rope_tables(n_rows, 128)
+    K.rope_append(cp.asarray(qkv.astype(np.float16)), cp.zeros((n_rows, 1, 128), cp.float16), None, None, 1e-6, cp.asarray(cos), cp.asarray(sin),
+                  cp.zeros(1, cp.int32), n_rows, n_rows, cfg, cache.layer(0))
+
+    fp16_heads = heads.astype(np.float16).astype(np.float32)
+    want = encode_e4m3(fp16_heads / (np.abs(fp16_heads).max(-1, keepdims=True) / 448.0).astype(np.float32))
+    got = cp.asnumpy(cache.values[0][0, 0]).reshape(n_rows, 128)
+    np.testing.assert_array_equal(got, want)
+    assert math.isclose(float(cache.v_scale[0][0, 0, 0]), 1.0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(f=st.integers(1, 200), k=st.integers(1, 300), m=st.integers(1, 20), bits=st.sampled_from([16, 8, 4]),
+       act=st.sampled_from(["silu", "gelu_tanh"]), bias=st.booleans(), seed=st.integers(0, 2**31))
+def test_gate_up_with_fused_activation(f, k, m, bits, act, bias, seed):
+    """A gate/up pair fused into one interleaved product, with the gated activation applied in the
+    GEMV's epilogue (or, with biases or > 16 rows, by gated_act): act(x Wg^T + bg) * (x Wu^T + bu)."""
+    import cupy as cp
+
+    from minillm.gpu import kernels as K
+    from minillm.gpu.linear import GpuLinear
+    from minillm.model import ACTIVATIONS
+
+    rng = np.random.default_rng(seed)
+    gate, up = (rng.normal(size=(f, k)).astype(np.float32) for _ in range(2))
+    bg, bu = (rng.normal(size=f).astype(np.float32) if bias else None for _ in range(2))
+    if bits == 16:
+        parts = [gate, up]
+        dense = [p.astype(np.float16).astype(np.float64) for p in parts]
+    else:
+        parts = [quantize_rtn(p, QuantSpec(bits, "group", 32)) for p in (gate, up)]
+        dense = [p.dequantize().astype(np.float64) for p in parts]
+    lin = GpuLinear.from_host(parts, [bg, bu], interleave=True)
+    ld = K.round_up(k, 32)
+    rp = K.padded_batch(m) if m <= 16 else m
+    x = np.zeros((rp, ld), np.float16)
+    x[:m, :k] = rng.normal(size=(m, k))
+
+    class Scratch:
+        x_perm = cp.zeros((rp, ld), cp.float16)
+
+        @staticmethod
+        def weight(nn, kk):
+            return cp.empty((nn, kk), cp.float16)
+
+    y = poisoned(cp, (rp, K.round_up(f, 32)), cp.float16)
+    gu = poisoned(cp, (rp, 2 * f), cp.float16)
+    lin(cp.asarray(x), y, m, Scratch, act=act, gu=gu)
+    xs = x[:m, :k].astype(np.float64)
+    g = xs @ dense[0].T + (0 if bg is None else bg.astype(np.float16).astype(np.float64))
+    u = xs @ dense[1].T + (0 if bu is None else bu.astype(np.float16).astype(np.float64))
+    ref = ACTIVATIONS[act](np, g) * u
+    got = cp.asnumpy(y[:m, :f]).astype(np.float64)
+    # g and u may each be rounded to fp16 before the activation (2^-11 relative, and the weights'
+    # fp16 rounding on the > 16-row path); |act'| <= 1.13 for both activations.
+    sg = np.abs(xs) @ np.abs(dense[0]).T + np.abs(g)
+    su = np.abs(xs) @ np.abs(dense[1]).T + np.abs(u)
+    bound = 2.0**-9 * (1.13 * sg * np.abs(u) + su * np.abs(ACTIVATIONS[act](np, g))) + 2.0**-10 * np.abs(ref) + 1e-4
+    assert np.all(np.abs(got - ref) <= bound)

@@ -18,15 +18,18 @@
 // ================================================================================================
 //   grid (KV, S, R): a block takes one key/value head, one chunk of `chunk` positions and one row.
 //   Its warps = G query heads (the heads sharing this key/value head, G = H / KV) x W token streams;
-//   each warp splits into two half-warps, and a half-warp takes one position at a time: its 16 lanes
-//   hold 8 consecutive elements each (16-byte fp16 loads, 8-byte int8/fp8 loads, so a half-warp
-//   reads one cached row contiguously). The query heads of a group read the same rows, which the
-//   block's other warps have just brought into L1: DRAM sees each row once.
-//   Each half-warp keeps an online softmax (Milakov & Gimelshein 2018): U positions are loaded
-//   before any is used (keys and values both), so 2U rows per lane are in flight; scores are
-//   reduced over the 16 lanes with shuffles and kept in the log2 domain (q is pre-scaled by
-//   log2(e) / sqrt(hd), so exp2f does the exponentials).
-//   At the end the half-warps of each query head merge through shared memory, and attn_combine
+//   each warp splits into groups of GROUP lanes, and a group takes one position at a time: every
+//   lane loads 16 bytes of the row (8 fp16 values, or 16 int8 / E4M3 codes), so a group of 16
+//   (fp16) or 8 (8-bit) lanes reads a 128-value row contiguously and a warp handles 2 or 4
+//   positions at once. The query heads of a group read the same rows, which the block's other
+//   warps have just brought into L1: DRAM sees each row once.
+//   Each group keeps an online softmax (Milakov & Gimelshein 2018): U positions are loaded before
+//   any is used (keys and values both), so 2U 16-byte loads per lane are in flight; scores are
+//   reduced over the group's lanes with shuffles and kept in the log2 domain (q is pre-scaled by
+//   log2(e) / sqrt(hd), so exp2f does the exponentials). FP8 codes are widened by the hardware
+//   (cvt.rn.f16x2.e4m3x2, sm_89+), int8 by integer-to-float conversion; scales multiply the score
+//   and the softmax weight, once per position, not every value.
+//   At the end the groups of each query head merge through shared memory, and attn_combine
 //   merges the S splits with the same log-sum-exp rule:
 //       m = max_s m_s,   l = sum_s l_s 2^(m_s - m),   out = sum_s acc_s 2^(m_s - m) / l
 
@@ -35,25 +38,17 @@
 #define KV_FP16 0
 #define KV_INT8 1
 #define KV_FP8 2
-#define UNROLL 4
 
-template <int FMT> struct Raw;  // the bytes of 8 cached elements
-template <> struct Raw<KV_FP16> { typedef uint4 type; };
-template <> struct Raw<KV_INT8> { typedef uint2 type; };
-template <> struct Raw<KV_FP8> { typedef uint2 type; };
+// Each lane loads 16 bytes of a cached row per step: 8 fp16 values, or 16 int8 / fp8 codes. A row of
+// 128 values is then one 256-byte (fp16) or 128-byte (8-bit) contiguous read by a group of GROUP
+// lanes, and a warp works on 32 / GROUP positions at once.
+template <int FMT> struct Fmt {
+    static constexpr int ELEMS = FMT == KV_FP16 ? 8 : 16;  // values per 16-byte load
+    static constexpr int GROUP = 128 / ELEMS;               // lanes per position (128 values / step)
+    static constexpr int UNROLL = FMT == KV_FP16 ? 4 : 4;   // positions per group loaded before use
+};
 
-template <int FMT>
-__device__ __forceinline__ typename Raw<FMT>::type load_raw(const void* base, size_t idx) {
-    if (FMT == KV_FP16) {
-        typedef typename Raw<FMT>::type R;
-        return *reinterpret_cast<const R*>(reinterpret_cast<const __half*>(base) + idx);
-    } else {
-        typedef typename Raw<FMT>::type R;
-        return *reinterpret_cast<const R*>(reinterpret_cast<const uint8_t*>(base) + idx);
-    }
-}
-
-__device__ __forceinline__ void unpack(uint4 raw, float* x) {  // 8 halves
+__device__ __forceinline__ void half8_to_float(uint4 raw, float* x) {
     const __half2* h = reinterpret_cast<const __half2*>(&raw);
 #pragma unroll
     for (int i = 0; i < 4; i++) {
@@ -63,24 +58,39 @@ __device__ __forceinline__ void unpack(uint4 raw, float* x) {  // 8 halves
     }
 }
 
-template <int FMT>
-__device__ __forceinline__ void unpack8(uint2 raw, float* x) {  // 8 int8 or 8 E4M3 codes
-    const uint32_t w[2] = {raw.x, raw.y};
-#pragma unroll
-    for (int i = 0; i < 8; i++) {
-        const uint32_t byte = (w[i / 4] >> (8 * (i % 4))) & 0xffu;
-        x[i] = FMT == KV_INT8 ? (float)(int8_t)byte : e4m3_to_float(byte);
-    }
+// Two E4M3 codes (low byte first) to two halves with the hardware conversion (sm_89+).
+__device__ __forceinline__ float2 e4m3x2_to_float2(uint32_t two) {
+    uint32_t h2;
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"((unsigned short)two));
+    return __half22float2(*reinterpret_cast<__half2*>(&h2));
 }
 
 template <int FMT>
-__device__ __forceinline__ void to_float(typename Raw<FMT>::type raw, float* x);
-template <> __device__ __forceinline__ void to_float<KV_FP16>(uint4 raw, float* x) { unpack(raw, x); }
-template <> __device__ __forceinline__ void to_float<KV_INT8>(uint2 raw, float* x) { unpack8<KV_INT8>(raw, x); }
-template <> __device__ __forceinline__ void to_float<KV_FP8>(uint2 raw, float* x) { unpack8<KV_FP8>(raw, x); }
+__device__ __forceinline__ void to_float(uint4 raw, float* x) {
+    if (FMT == KV_FP16) {
+        half8_to_float(raw, x);
+    } else {
+        const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            if (FMT == KV_INT8) {
+#pragma unroll
+                for (int b = 0; b < 4; b++) x[4 * i + b] = (float)(int8_t)((w[i] >> (8 * b)) & 0xffu);
+            } else {
+                const float2 lo = e4m3x2_to_float2(w[i] & 0xffffu), hi = e4m3x2_to_float2(w[i] >> 16);
+                x[4 * i] = lo.x;
+                x[4 * i + 1] = lo.y;
+                x[4 * i + 2] = hi.x;
+                x[4 * i + 3] = hi.y;
+            }
+        }
+    }
+}
 
-__device__ __forceinline__ float half_warp_sum(float v) {
-    for (int o = 8; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+template <int GROUP>
+__device__ __forceinline__ float group_sum(float v) {  // over the GROUP lanes of a position
+#pragma unroll
+    for (int o = GROUP / 2; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
     return v;
 }
 
@@ -93,109 +103,116 @@ __device__ __forceinline__ void attn_decode(const __half* __restrict__ q, const 
                                             int H, int KV, int hd, int L, int chunk, int window, float qscale,
                                             float* __restrict__ part_acc, float* __restrict__ part_m,
                                             float* __restrict__ part_l) {
-    typedef typename Raw<FMT>::type RawT;
+    constexpr int E = Fmt<FMT>::ELEMS, GROUP = Fmt<FMT>::GROUP, U = Fmt<FMT>::UNROLL, PER_WARP = 32 / GROUP;
+    constexpr int BYTES = FMT == KV_FP16 ? 2 : 1;
     __shared__ float sm_acc[MAX_G_HD];
-    __shared__ float sm_m[64];
+    __shared__ float sm_m[32 * 4];
     __shared__ float sm_l[32];
     const int kvh = blockIdx.x, split = blockIdx.y, nsplit = gridDim.y, r = blockIdx.z;
     const int G = H / KV, NW = blockDim.x >> 5, W = NW / G;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = warp % G, stream = warp / G, h = kvh * G + g;
-    const int grp = lane >> 4, lig = lane & 15;
+    const int grp = lane / GROUP, lig = lane % GROUP;
     const int b = r / T, len = pos[b] + r % T + 1;
     const int lo = window > 0 ? max(0, len - window) : 0;
     const int c0 = max(split * chunk, lo), c1 = min((split + 1) * chunk, len);
     const size_t bk = (size_t)b * KV + kvh;
+    const char* kbase = reinterpret_cast<const char*>(kc);
+    const char* vbase = reinterpret_cast<const char*>(vc);
 
-    float qv[8 * ITERS], acc[8 * ITERS];
+    float qv[E * ITERS], acc[E * ITERS];
 #pragma unroll
     for (int it = 0; it < ITERS; it++) {
-        const int e = it * 128 + lig * 8;
-        float tmp[8];
-        if (e < hd) unpack(*reinterpret_cast<const uint4*>(q + ((size_t)r * H + h) * hd + e), tmp);
+        const int e = it * 128 + lig * E;
 #pragma unroll
-        for (int i = 0; i < 8; i++) {
-            qv[it * 8 + i] = e < hd ? tmp[i] * qscale : 0.0f;
-            acc[it * 8 + i] = 0.0f;
+        for (int i = 0; i < E; i += 8) {
+            float tmp[8];
+            if (e + i < hd) half8_to_float(*reinterpret_cast<const uint4*>(q + ((size_t)r * H + h) * hd + e + i), tmp);
+#pragma unroll
+            for (int j = 0; j < 8; j++) qv[it * E + i + j] = e + i < hd ? tmp[j] * qscale : 0.0f;
         }
+#pragma unroll
+        for (int i = 0; i < E; i++) acc[it * E + i] = 0.0f;
     }
     float m = NEG_INF, l = 0.0f;
+    const int step = PER_WARP * W;  // positions covered by one pass of the block's warps of head g
 
-    // Warp-uniform loop (the shuffles need all 32 lanes); each half-warp checks its own positions.
-    for (int jw = c0 + stream * 2; jw < c1; jw += 2 * W * UNROLL) {
-        RawT kr[UNROLL][ITERS], vr[UNROLL][ITERS];
-        float ks[UNROLL], vs[UNROLL];
+    // Warp-uniform loop (the shuffles need all 32 lanes); each group checks its own positions.
+    for (int jw = c0 + stream * PER_WARP; jw < c1; jw += step * U) {
+        uint4 kr[U][ITERS], vr[U][ITERS];
+        float ks[U], vs[U];
 #pragma unroll
-        for (int u = 0; u < UNROLL; u++) {
-            const int j = jw + grp + u * 2 * W;
-            const bool ok = j < c1;
-            const size_t rowi = bk * L + (ok ? j : c0);
+        for (int u = 0; u < U; u++) {
+            const int j = jw + grp + u * step;
+            const size_t rowi = bk * L + (j < c1 ? j : c0);
 #pragma unroll
             for (int it = 0; it < ITERS; it++) {
-                const int e = it * 128 + lig * 8;
+                const int e = it * 128 + lig * E;
                 if (e < hd) {
-                    kr[u][it] = load_raw<FMT>(kc, rowi * hd + e);
-                    vr[u][it] = load_raw<FMT>(vc, rowi * hd + e);
+                    kr[u][it] = *reinterpret_cast<const uint4*>(kbase + (rowi * hd + e) * BYTES);
+                    vr[u][it] = *reinterpret_cast<const uint4*>(vbase + (rowi * hd + e) * BYTES);
                 }
             }
             ks[u] = FMT == KV_FP16 ? 1.0f : k_scale[rowi];
             vs[u] = FMT == KV_FP16 ? 1.0f : v_scale[rowi];
         }
-        float score[UNROLL];
+        float score[U];
         float mu = m;
 #pragma unroll
-        for (int u = 0; u < UNROLL; u++) {
+        for (int u = 0; u < U; u++) {
             float d = 0.0f;
 #pragma unroll
             for (int it = 0; it < ITERS; it++) {
-                if (it * 128 + lig * 8 < hd) {
-                    float k8[8];
+                if (it * 128 + lig * E < hd) {
+                    float k8[E];
                     to_float<FMT>(kr[u][it], k8);
 #pragma unroll
-                    for (int i = 0; i < 8; i++) d += qv[it * 8 + i] * k8[i];
+                    for (int i = 0; i < E; i++) d += qv[it * E + i] * k8[i];
                 }
             }
-            d = half_warp_sum(d) * ks[u];  // q . (s k) = s (q . k)
-            score[u] = jw + grp + u * 2 * W < c1 ? d : NEG_INF;
+            d = group_sum<GROUP>(d) * ks[u];  // q . (s k) = s (q . k)
+            score[u] = jw + grp + u * step < c1 ? d : NEG_INF;
             mu = fmaxf(mu, score[u]);
         }
-        if (mu == NEG_INF) continue;  // no valid position for this half-warp (shuffles are done)
+        if (mu == NEG_INF) continue;  // no valid position for this group (the shuffles are done)
         const float corr = exp2f(m - mu);
         l *= corr;
 #pragma unroll
-        for (int i = 0; i < 8 * ITERS; i++) acc[i] *= corr;
+        for (int i = 0; i < E * ITERS; i++) acc[i] *= corr;
 #pragma unroll
-        for (int u = 0; u < UNROLL; u++) {
+        for (int u = 0; u < U; u++) {
             const float p = exp2f(score[u] - mu);
             l += p;
             const float pv = p * vs[u];
 #pragma unroll
             for (int it = 0; it < ITERS; it++) {
-                if (it * 128 + lig * 8 < hd) {
-                    float v8[8];
+                if (it * 128 + lig * E < hd) {
+                    float v8[E];
                     to_float<FMT>(vr[u][it], v8);
 #pragma unroll
-                    for (int i = 0; i < 8; i++) acc[it * 8 + i] += pv * v8[i];
+                    for (int i = 0; i < E; i++) acc[it * E + i] += pv * v8[i];
                 }
             }
         }
         m = mu;
     }
 
-    // Merge the 2W half-warps of each query head, then write this split's partial result.
-    if (lig == 0) sm_m[warp * 2 + grp] = m;
+    // Merge the groups of each query head, then write this split's partial result.
+    if (lig == 0) sm_m[warp * PER_WARP + grp] = m;
     for (int i = threadIdx.x; i < G * hd; i += blockDim.x) sm_acc[i] = 0.0f;
     if (threadIdx.x < G) sm_l[threadIdx.x] = 0.0f;
     __syncthreads();
     float M = NEG_INF;
-    for (int w = g; w < NW; w += G) M = fmaxf(M, fmaxf(sm_m[2 * w], sm_m[2 * w + 1]));
+    for (int w = g; w < NW; w += G)
+        for (int j = 0; j < PER_WARP; j++) M = fmaxf(M, sm_m[w * PER_WARP + j]);
     const float f = m == NEG_INF ? 0.0f : exp2f(m - M);
 #pragma unroll
     for (int it = 0; it < ITERS; it++) {
-        const int e = it * 128 + lig * 8;
+        const int e = it * 128 + lig * E;
         if (e < hd && f > 0.0f) {
 #pragma unroll
-            for (int i = 0; i < 8; i++) atomicAdd(&sm_acc[g * hd + e + i], acc[it * 8 + i] * f);
+            for (int i = 0; i < E; i++)
+                if (e + i < hd) atomicAdd(&sm_acc[g * hd + e + i], acc[it * E + i] * f);
         }
     }
     if (lig == 0 && f > 0.0f) atomicAdd(&sm_l[g], l * f);

@@ -41,6 +41,8 @@ class GpuKVCache:
         if kind not in KV_FORMATS:
             raise MinillmError(f"the {kind} KV cache has no GPU kernels yet: use float, int8 or fp8 with --device cuda")
         layers, kv, hd = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+        if kind != "float" and hd % 16:
+            raise MinillmError(f"the {kind} KV cache on the GPU needs a head_dim that is a multiple of 16, not {hd}")
         check_fits(f"a {kind} KV cache of {max_len} tokens x batch {batch}",
                    cache_bytes(kind, layers, batch, kv, hd, max_len))
         self.kind, self.fmt, self.batch, self.max_len = kind, KV_FORMATS[kind], batch, max_len

@@ -95,10 +95,12 @@ def next_token(logits, rows: int, vocab: int, tok, pos, temperature: float = 0.0
 # -- attention (attention.cu) ----------------------------------------------------------------------
 
 def attention_plan(cfg, max_len: int, rows: int, sms: int = 132):
-    """(chunk, splits, warps per block) for decode attention over a cache of max_len positions:
-    enough (kv head, split, row) blocks to fill the GPU, chunks of at least 64 positions."""
+    """(chunk, splits, warps per block) for decode attention over a cache of max_len positions.
+    A block holds the G query heads of one key/value head x W token streams (about 8 warps: two
+    blocks fit an SM at ~100 registers a thread); splits give enough (kv head, split, row) blocks to
+    fill the GPU several times over, in chunks of at least 64 positions."""
     g = cfg.num_heads // cfg.num_kv_heads
-    streams = max(1, 4 // g)
+    streams = max(1, 8 // g)
     target = 4 * sms  # blocks
     splits = max(1, min(-(-max_len // 64), -(-target // (cfg.num_kv_heads * rows))))
     chunk = round_up(-(-max_len // splits), 64)

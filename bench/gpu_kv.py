@@ -52,8 +52,7 @@ def measure(shape, fmt, context, batch):
     h, hd = shape.num_heads, shape.head_dim
     q = rng.standard_normal((batch, h, hd), dtype=cp.float32).astype(cp.float16)
     plan = K.attention_plan(shape, context, batch)
-    parts = (cp.empty((batch, h, plan[1], hd), cp.float32), cp.empty((batch, h, plan[1]), cp.float32),
-             cp.empty((batch, h, plan[1]), cp.float32))
+    parts = K.attention_parts(batch, shape, plan)
     out = cp.empty((batch, h * hd), cp.float16)
 
     def step():
@@ -67,8 +66,28 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--contexts", default="4096,16384,32768,65536")
     ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--sweep", action="store_true", help="try the attention plans (streams x waves) at 32k first")
     args = ap.parse_args()
+    import os
+
     import cupy as cp
+
+    if args.sweep:
+        for kvh in (32, 8):
+            for batch in (1, 8):
+                for fmt in FORMATS:
+                    line = []
+                    for streams in (1, 2, 4, 8):
+                        if (32 // kvh) * streams > 16:
+                            continue
+                        for waves in (4, 8, 16):
+                            os.environ["MINILLM_ATTN_STREAMS"], os.environ["MINILLM_ATTN_WAVES"] = str(streams), str(waves)
+                            us, _ = measure(LayerShape(32, kvh), fmt, 32768, batch)
+                            cp.get_default_memory_pool().free_all_blocks()
+                            line.append(f"s{streams}w{waves} {us:.0f}")
+                    print(f"sweep kv {kvh} batch {batch} {fmt}: " + ", ".join(line), flush=True)
+        os.environ.pop("MINILLM_ATTN_STREAMS")
+        os.environ.pop("MINILLM_ATTN_WAVES")
 
     name = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
     bw = copy_bandwidth()

@@ -44,7 +44,7 @@ def summarize(path: str):
             continue
         name = row["Kernel Name"].split("(")[0]
         value = float(row["Metric Value"].replace(",", ""))
-        scale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3}[row["Metric Unit"]]
+        scale = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3}[row["Metric Unit"]]
         total[name] += value * scale
         count[name] += 1
     grand = sum(total.values())

@@ -29,8 +29,8 @@
 //   log2(e) / sqrt(hd), so exp2f does the exponentials). FP8 codes are widened by the hardware
 //   (cvt.rn.f16x2.e4m3x2, sm_89+), int8 by integer-to-float conversion; scales multiply the score
 //   and the softmax weight, once per position, not every value.
-//   At the end the groups of each query head merge through shared memory, and attn_combine
-//   merges the S splits with the same log-sum-exp rule:
+//   At the end the groups of each query head merge through shared memory, and the last block of a
+//   (row, key/value head) to finish (an atomic counter) merges the S splits with the same rule:
 //       m = max_s m_s,   l = sum_s l_s 2^(m_s - m),   out = sum_s acc_s 2^(m_s - m) / l
 
 #include "common.cuh"
@@ -102,7 +102,8 @@ __device__ __forceinline__ void attn_decode(const __half* __restrict__ q, const 
                                             const float* __restrict__ v_scale, const int* __restrict__ pos, int T,
                                             int H, int KV, int hd, int L, int chunk, int window, float qscale,
                                             float* __restrict__ part_acc, float* __restrict__ part_m,
-                                            float* __restrict__ part_l) {
+                                            float* __restrict__ part_l, int* __restrict__ counter,
+                                            __half* __restrict__ out, int ld_out) {
     constexpr int E = Fmt<FMT>::ELEMS, GROUP = Fmt<FMT>::GROUP, U = Fmt<FMT>::UNROLL, PER_WARP = 32 / GROUP;
     constexpr int BYTES = FMT == KV_FP16 ? 2 : 1;
     __shared__ float sm_acc[MAX_G_HD];
@@ -226,15 +227,58 @@ __device__ __forceinline__ void attn_decode(const __half* __restrict__ q, const 
         part_m[part0 + (size_t)g * nsplit] = M;
         part_l[part0 + (size_t)g * nsplit] = sm_l[g];
     }
+
+    // The last block of this (row, key/value head) to finish merges all splits (no second kernel):
+    // a counter per (row, kv head) in device memory, reset by that block for the next step.
+    __shared__ int is_last;
+    __threadfence();  // this block's partials are visible before it counts itself done
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const int done = atomicAdd(&counter[(size_t)r * KV + kvh], 1);
+        is_last = done == nsplit - 1;
+        if (is_last) counter[(size_t)r * KV + kvh] = 0;
+    }
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    const int used = min(nsplit, (len + chunk - 1) / chunk);  // splits past the length hold nothing
+    __shared__ float sm_M[32], sm_inv[32];
+    if (stream == 0) {  // warp g: the max and the normaliser of head g over the splits
+        const size_t base = ((size_t)r * H + h) * nsplit;
+        float mm = NEG_INF;
+        for (int s = lane; s < used; s += 32) mm = fmaxf(mm, __ldcg(part_m + base + s));
+        mm = warp_max(mm);
+        float ll = 0.0f;
+        for (int s = lane; s < used; s += 32) {
+            const float ms = __ldcg(part_m + base + s);
+            if (ms != NEG_INF) ll += __ldcg(part_l + base + s) * exp2f(ms - mm);
+        }
+        ll = warp_sum(ll);
+        if (lane == 0) {
+            sm_M[g] = mm;
+            sm_inv[g] = ll > 0.0f ? 1.0f / ll : 0.0f;
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < G * hd; i += blockDim.x) {
+        const int gg = i / hd, e = i % hd;
+        const size_t base = ((size_t)r * H + kvh * G + gg) * nsplit;
+        float o = 0.0f;
+        for (int s = 0; s < used; s++) {
+            const float ms = __ldcg(part_m + base + s);
+            if (ms != NEG_INF) o += __ldcg(part_acc + (base + s) * hd + e) * exp2f(ms - sm_M[gg]);
+        }
+        out[(size_t)r * ld_out + (kvh * G + gg) * hd + e] = __float2half(o * sm_inv[gg]);
+    }
 }
 
 #define ATTN_INSTANCE(NAME, FMT, ITERS)                                                                  \
     extern "C" __global__ void NAME(const __half* q, const void* kc, const void* vc, const float* k_scale, \
                                     const float* v_scale, const int* pos, int T, int H, int KV, int hd,    \
                                     int L, int chunk, int window, float qscale, float* part_acc,           \
-                                    float* part_m, float* part_l) {                                        \
+                                    float* part_m, float* part_l, int* counter, __half* out, int ld_out) { \
         attn_decode<FMT, ITERS>(q, kc, vc, k_scale, v_scale, pos, T, H, KV, hd, L, chunk, window, qscale,  \
-                                part_acc, part_m, part_l);                                                  \
+                                part_acc, part_m, part_l, counter, out, ld_out);                           \
     }
 
 ATTN_INSTANCE(attn_decode_fp16_1, KV_FP16, 1)
@@ -243,26 +287,3 @@ ATTN_INSTANCE(attn_decode_int8_1, KV_INT8, 1)
 ATTN_INSTANCE(attn_decode_int8_2, KV_INT8, 2)
 ATTN_INSTANCE(attn_decode_fp8_1, KV_FP8, 1)
 ATTN_INSTANCE(attn_decode_fp8_2, KV_FP8, 2)
-
-// Merge the splits of each (row, head): grid R * H, any blockDim. Splits past the row's length
-// (which a graph launched for the longest context still runs) and empty ones (m = -inf) drop out.
-extern "C" __global__ void attn_combine(const float* __restrict__ part_acc, const float* __restrict__ part_m,
-                                        const float* __restrict__ part_l, const int* __restrict__ pos, int T,
-                                        int H, int hd, int nsplit, int chunk, __half* __restrict__ out, int ld_out) {
-    const int r = blockIdx.x / H, h = blockIdx.x % H;
-    const int len = pos[r / T] + r % T + 1;
-    const int used = min(nsplit, (len + chunk - 1) / chunk);
-    const size_t base = ((size_t)r * H + h) * nsplit;
-    float M = NEG_INF;
-    for (int s = 0; s < used; s++) M = fmaxf(M, part_m[base + s]);
-    float lsum = 0.0f;
-    for (int s = 0; s < used; s++)
-        if (part_m[base + s] != NEG_INF) lsum += part_l[base + s] * exp2f(part_m[base + s] - M);
-    const float inv = lsum > 0.0f ? 1.0f / lsum : 0.0f;
-    for (int e = threadIdx.x; e < hd; e += blockDim.x) {
-        float o = 0.0f;
-        for (int s = 0; s < used; s++)
-            if (part_m[base + s] != NEG_INF) o += part_acc[(base + s) * hd + e] * exp2f(part_m[base + s] - M);
-        out[(size_t)r * ld_out + h * hd + e] = __float2half(o * inv);
-    }
-}

@@ -71,81 +71,68 @@ __device__ __forceinline__ void gemv_body(const uint4* __restrict__ qweight, con
 
     const uint4* xv = reinterpret_cast<const uint4*>(x);  // row m, chunk c, part j: xv[(m*C + c)*4 + j]
 
-    // Loads first, arithmetic after: each lane issues UNROLL chunks x ROWS rows of 16-byte weight
-    // loads (and their scales and zeros) before using any, so enough bytes are in flight per SM to
-    // cover DRAM latency even when a row is only a few chunks per lane (K = 4096: 4 per lane).
-    constexpr int UNROLL = M <= 4 ? 4 : 2;
-    for (int c0 = lane; c0 < C; c0 += 32 * UNROLL) {
-        uint4 wq[UNROLL][ROWS];
-        __half2 bias[UNROLL][ROWS];
-        float scale[UNROLL][ROWS];
+#pragma unroll 2
+    for (int c = lane; c < C; c += 32) {
+        const int g = c / chunks_per_group;
+        uint4 wq[ROWS];
+        __half2 bias[ROWS];
+        float scale[ROWS];
 #pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
-            const int c = min(c0 + 32 * u, C - 1);  // past the end: a repeat, never accumulated
-            const int g = c / chunks_per_group;
-#pragma unroll
-            for (int r = 0; r < ROWS; ++r) {
-                const int n = min(n0 + r, N - 1);  // rows past N repeat the last one; never written
-                wq[u][r] = __ldg(qweight + (size_t)n * C + c);
-                const float z = zeros ? (float)zeros[(size_t)n * ngroups + g] : 8.f;
-                bias[u][r] = __float2half2_rn(1024.f + z);
-                scale[u][r] = __half2float(scales[(size_t)n * ngroups + g]);
-            }
+        for (int r = 0; r < ROWS; ++r) {
+            const int n = min(n0 + r, N - 1);  // rows past N repeat the last one; never written
+            wq[r] = __ldg(qweight + (size_t)n * C + c);
+            const float z = zeros ? (float)zeros[(size_t)n * ngroups + g] : 8.f;
+            bias[r] = __float2half2_rn(1024.f + z);
+            scale[r] = __half2float(scales[(size_t)n * ngroups + g]);
         }
+        float part[ROWS][FOLD_SCALE ? 1 : M];
 #pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
-            const int c = c0 + 32 * u;
-            if (c >= C) break;
-            float part[ROWS][FOLD_SCALE ? 1 : M];
+        for (int r = 0; r < ROWS; ++r)
 #pragma unroll
-            for (int r = 0; r < ROWS; ++r)
-#pragma unroll
-                for (int m = 0; m < (FOLD_SCALE ? 1 : M); ++m) part[r][m] = 0.f;
+            for (int m = 0; m < (FOLD_SCALE ? 1 : M); ++m) part[r][m] = 0.f;
 
 #pragma unroll
-            for (int j = 0; j < 4; ++j) {  // word j of the chunk: codes 8j .. 8j+7
-                // Dequantize the word of every row once: d[r][i] = (q - z) (times the scale if folded).
-                float d[ROWS][8];
+        for (int j = 0; j < 4; ++j) {  // word j of the chunk: codes 8j .. 8j+7
+            // Dequantize the word of every row once: d[r][i] = (q - z) (times the scale if folded).
+            float d[ROWS][8];
 #pragma unroll
-                for (int r = 0; r < ROWS; ++r) {
-                    const uint4 w4 = wq[u][r];
-                    const uint32_t word = (j == 0) ? w4.x : (j == 1) ? w4.y : (j == 2) ? w4.z : w4.w;
+            for (int r = 0; r < ROWS; ++r) {
+                const uint32_t word = (j == 0) ? wq[r].x : (j == 1) ? wq[r].y : (j == 2) ? wq[r].z : wq[r].w;
 #pragma unroll
-                    for (int i = 0; i < 4; ++i) {
-                        const float2 p = nibble_pair(word, i, bias[u][r]);  // codes i and i + 4
-                        d[r][i] = FOLD_SCALE ? p.x * scale[u][r] : p.x;
-                        d[r][i + 4] = FOLD_SCALE ? p.y * scale[u][r] : p.y;
-                    }
-                }
-#pragma unroll
-                for (int m = 0; m < M; ++m) {
-                    const uint4 xr = __ldg(xv + ((size_t)m * C + c) * 4 + j);  // x[8j .. 8j+7]
-                    const __half2* xh = reinterpret_cast<const __half2*>(&xr);
-                    float xf[8];
-#pragma unroll
-                    for (int t = 0; t < 4; ++t) {
-                        const float2 f = __half22float2(xh[t]);
-                        xf[2 * t] = f.x;
-                        xf[2 * t + 1] = f.y;
-                    }
-#pragma unroll
-                    for (int r = 0; r < ROWS; ++r)
-#pragma unroll
-                        for (int i = 0; i < 8; ++i) {
-                            if (FOLD_SCALE) {
-                                acc[r][m] = fmaf(d[r][i], xf[i], acc[r][m]);
-                            } else {
-                                part[r][FOLD_SCALE ? 0 : m] = fmaf(d[r][i], xf[i], part[r][FOLD_SCALE ? 0 : m]);
-                            }
-                        }
+                for (int i = 0; i < 4; ++i) {
+                    const float2 p = nibble_pair(word, i, bias[r]);  // codes i and i + 4
+                    d[r][i] = FOLD_SCALE ? p.x * scale[r] : p.x;
+                    d[r][i + 4] = FOLD_SCALE ? p.y * scale[r] : p.y;
                 }
             }
-            if (!FOLD_SCALE) {
+#pragma unroll
+            for (int m = 0; m < M; ++m) {
+                const uint4 xr = __ldg(xv + ((size_t)m * C + c) * 4 + j);  // x[8j .. 8j+7]
+                const __half2* xh = reinterpret_cast<const __half2*>(&xr);
+                float xf[8];
+#pragma unroll
+                for (int t = 0; t < 4; ++t) {
+                    const float2 f = __half22float2(xh[t]);
+                    xf[2 * t] = f.x;
+                    xf[2 * t + 1] = f.y;
+                }
 #pragma unroll
                 for (int r = 0; r < ROWS; ++r)
 #pragma unroll
-                    for (int m = 0; m < M; ++m) acc[r][m] = fmaf(scale[u][r], part[r][FOLD_SCALE ? 0 : m], acc[r][m]);
+                    for (int i = 0; i < 8; ++i) {
+                        if (FOLD_SCALE) {
+                            acc[r][m] = fmaf(d[r][i], xf[i], acc[r][m]);
+                        } else {
+                            part[r][FOLD_SCALE ? 0 : m] = fmaf(d[r][i], xf[i], part[r][FOLD_SCALE ? 0 : m]);
+                        }
+                    }
             }
+        }
+        if (!FOLD_SCALE) {
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+                for (int m = 0; m < M; ++m) acc[r][m] = fmaf(scale[r], part[r][FOLD_SCALE ? 0 : m], acc[r][m]);
         }
     }
 

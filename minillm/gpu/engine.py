@@ -65,12 +65,9 @@ class Buffers:
         self.logits = z16(rp, cfg.vocab_size)
         self._parts = {}
 
-    def parts(self, plan, rows, heads, hd):
+    def parts(self, plan, rows, cfg):
         if plan not in self._parts:
-            cp = get_xp("cuda")
-            splits = plan[1]
-            self._parts[plan] = (cp.zeros((rows, heads, splits, hd), cp.float32),
-                                 cp.zeros((rows, heads, splits), cp.float32), cp.zeros((rows, heads, splits), cp.float32))
+            self._parts[plan] = K.attention_parts(rows, cfg, plan)
         return self._parts[plan]
 
     def weight(self, n, k):
@@ -195,7 +192,7 @@ class GpuModel:
         eps = c.rms_norm_eps
         cos, sin = self.rope_tables(cache.max_len)
         plan = K.attention_plan(c, cache.max_len, rows)
-        parts = buf.parts(plan, buf.q.shape[0], c.num_heads, c.head_dim)
+        parts = buf.parts(plan, buf.q.shape[0], c)
         K.embed_rows(buf.tok, self.embed, buf.h, rows, c.embedding_scale)
         delta = None
         for i, layer in enumerate(self.layers):

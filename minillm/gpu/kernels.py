@@ -96,12 +96,15 @@ def next_token(logits, rows: int, vocab: int, tok, pos, temperature: float = 0.0
 
 def attention_plan(cfg, max_len: int, rows: int, sms: int = 132):
     """(chunk, splits, warps per block) for decode attention over a cache of max_len positions.
-    A block holds the G query heads of one key/value head x W token streams (about 8 warps: two
-    blocks fit an SM at ~100 registers a thread); splits give enough (kv head, split, row) blocks to
-    fill the GPU several times over, in chunks of at least 64 positions."""
+    A block holds the G query heads of one key/value head x W token streams; splits give enough
+    (kv head, split, row) blocks to fill the GPU several times over, in chunks of at least 64
+    positions. MINILLM_ATTN_STREAMS / MINILLM_ATTN_WAVES override the two choices (bench/gpu_kv.py
+    --sweep measures them)."""
+    import os  # noqa: PLC0415
+
     g = cfg.num_heads // cfg.num_kv_heads
-    streams = max(1, 8 // g)
-    target = 4 * sms  # blocks
+    streams = int(os.environ.get("MINILLM_ATTN_STREAMS", max(1, 4 // g)))
+    target = int(os.environ.get("MINILLM_ATTN_WAVES", 8)) * sms  # blocks
     splits = max(1, min(-(-max_len // 64), -(-target // (cfg.num_kv_heads * rows))))
     chunk = round_up(-(-max_len // splits), 64)
     return chunk, -(-max_len // chunk), g * streams
@@ -109,18 +112,26 @@ def attention_plan(cfg, max_len: int, rows: int, sms: int = 132):
 
 def decode_attention(q, layer_cache, pos, rows, t, cfg, window, parts, out, plan):
     """Attention of `rows` query rows over the cache (row r sees positions up to pos[b] + r % t),
-    split along the sequence, then merged into out [rows, ld] (fp16)."""
+    split along the sequence and merged into out [rows, ld] (fp16). parts: (acc, m, l, counter)
+    scratch, the counter zeroed once (the kernel leaves it zero)."""
     kc, vc, ks, vs, fmt, max_len = layer_cache
     chunk, splits, warps = plan
     h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    acc, m, l = parts
+    acc, m, l, counter = parts
     name = {0: "fp16", 1: "int8", 2: "fp8"}[fmt]
     iters = 1 if hd <= 128 else 2
     fn("attention", f"attn_decode_{name}_{iters}")((kv, splits, rows), (32 * warps,), (
         q, kc, vc, ks if ks is not None else 0, vs if vs is not None else 0, pos, i32(t), i32(h), i32(kv), i32(hd),
-        i32(max_len), i32(chunk), i32(window or 0), np.float32(math.log2(math.e) / math.sqrt(hd)), acc, m, l))
-    fn("attention", "attn_combine")((rows * h,), (128,), (
-        acc, m, l, pos, i32(t), i32(h), i32(hd), i32(splits), i32(chunk), out, i32(out.shape[1])))
+        i32(max_len), i32(chunk), i32(window or 0), np.float32(math.log2(math.e) / math.sqrt(hd)), acc, m, l,
+        counter, out, i32(out.shape[1])))
+
+
+def attention_parts(rows: int, cfg, plan):
+    """Scratch for decode_attention: partial sums, maxima, normalisers, and the split counters."""
+    cp = get_xp("cuda")
+    h, hd, splits = cfg.num_heads, cfg.head_dim, plan[1]
+    return (cp.zeros((rows, h, splits, hd), cp.float32), cp.zeros((rows, h, splits), cp.float32),
+            cp.zeros((rows, h, splits), cp.float32), cp.zeros(rows * cfg.num_kv_heads, cp.int32))
 
 
 # -- matrix products (gemv.cu, w4a16_gemv.cu, dequant.cu) ------------------------------------------

@@ -29,15 +29,16 @@ RUNS = {  # name: flags for `minillm quantize`
     "rtn-w4-g64": ["--method", "rtn", "--bits", "4", "--group-size", "64"],
     "gptq-w4-g64": ["--method", "gptq", "--bits", "4", "--group-size", "64"],
     "gptq-act-w4-g64": ["--method", "gptq", "--bits", "4", "--group-size", "64", "--act-order"],
-    "gptq-mse-w4-g64": ["--method", "gptq", "--bits", "4", "--group-size", "64", "--clip", "mse"],
     "gptq-act-mse-w4-g64": ["--method", "gptq", "--bits", "4", "--group-size", "64", "--act-order", "--clip", "mse"],
     "awq-w4-g64": ["--method", "awq", "--bits", "4", "--group-size", "64"],
     "rtn-w4-g128": ["--method", "rtn", "--bits", "4", "--group-size", "128"],
-    "gptq-act-w4-g128": ["--method", "gptq", "--bits", "4", "--group-size", "128", "--act-order"],
+    "gptq-w4-g128": ["--method", "gptq", "--bits", "4", "--group-size", "128"],
+    "gptq-act-mse-w4-g128": ["--method", "gptq", "--bits", "4", "--group-size", "128", "--act-order", "--clip", "mse"],
     "awq-w4-g128": ["--method", "awq", "--bits", "4", "--group-size", "128"],
     "rtn-w3-g64": ["--method", "rtn", "--bits", "3", "--group-size", "64"],
     "gptq-w3-g64": ["--method", "gptq", "--bits", "3", "--group-size", "64"],
     "gptq-act-w3-g64": ["--method", "gptq", "--bits", "3", "--group-size", "64", "--act-order"],
+    "gptq-act-mse-w3-g64": ["--method", "gptq", "--bits", "3", "--group-size", "64", "--act-order", "--clip", "mse"],
     "awq-w3-g64": ["--method", "awq", "--bits", "3", "--group-size", "64"],
 }
 

@@ -166,7 +166,7 @@ def _no_worse_than_rtn(q: QuantizedTensor, w: np.ndarray, H: np.ndarray, spec: Q
 
     def row_error(qt):
         d = w64 - qt.dequantize().astype(np.float64)
-        return np.einsum("nk,kl,nl->n", d, H, d)
+        return ((d @ H) * d).sum(axis=1)  # diag(D H D^T), as one BLAS product
 
     e_gptq, e_rtn = row_error(q), row_error(rtn)
     if q.g_idx is not None:

@@ -35,14 +35,32 @@ extern "C" __global__ void embed_rows(const int* __restrict__ tok, const __half*
 
 // h[r] += delta[r] (when delta is given), then out[r] = h[r] / rms(h[r]) * w: the residual add of
 // the previous sublayer fused with the next RMSNorm (one read and one write of h instead of two).
+// A row's values stay in registers between the two passes (up to NORM_PER_THREAD per thread; longer
+// rows are read again).
+#define NORM_PER_THREAD 16
 extern "C" __global__ void add_rmsnorm(float* __restrict__ h, const __half* __restrict__ delta, int ld_delta,
                                        const float* __restrict__ w, __half* __restrict__ out, int ld_out,
                                        int D, float eps) {
     __shared__ float red[32];
     const int r = blockIdx.x;
     float* hr = h + (size_t)r * D;
+    float keep[NORM_PER_THREAD];
     float ss = 0.0f;
-    for (int i = threadIdx.x; i < D; i += blockDim.x) {
+#pragma unroll
+    for (int k = 0; k < NORM_PER_THREAD; k++) {
+        const int i = threadIdx.x + k * blockDim.x;
+        keep[k] = 0.0f;
+        if (i < D) {
+            float v = hr[i];
+            if (delta) {
+                v += __half2float(delta[(size_t)r * ld_delta + i]);
+                hr[i] = v;
+            }
+            keep[k] = v;
+            ss += v * v;
+        }
+    }
+    for (int i = threadIdx.x + NORM_PER_THREAD * blockDim.x; i < D; i += blockDim.x) {
         float v = hr[i];
         if (delta) {
             v += __half2float(delta[(size_t)r * ld_delta + i]);
@@ -51,7 +69,13 @@ extern "C" __global__ void add_rmsnorm(float* __restrict__ h, const __half* __re
         ss += v * v;
     }
     const float inv = rsqrtf(block_reduce(ss, red, false) / D + eps);
-    for (int i = threadIdx.x; i < D; i += blockDim.x) out[(size_t)r * ld_out + i] = __float2half(hr[i] * inv * w[i]);
+#pragma unroll
+    for (int k = 0; k < NORM_PER_THREAD; k++) {
+        const int i = threadIdx.x + k * blockDim.x;
+        if (i < D) out[(size_t)r * ld_out + i] = __float2half(keep[k] * inv * w[i]);
+    }
+    for (int i = threadIdx.x + NORM_PER_THREAD * blockDim.x; i < D; i += blockDim.x)
+        out[(size_t)r * ld_out + i] = __float2half(hr[i] * inv * w[i]);
 }
 
 // y[r, n] += b[n] for n < N (biases of llama/qwen2 projections).

@@ -250,6 +250,34 @@ def _add_kv_flag(p):
                    help="how the KV cache stores keys and values (default float)")
 
 
+def cmd_bench(args) -> int:
+    """The longest context per KV-cache type for a 7B-shaped W4 model in a GPU memory budget."""
+    from .capacity import plan, verify, w4_weight_bytes  # noqa: PLC0415
+    from .gpu.synthetic import llama_config  # noqa: PLC0415
+
+    if args.budget_gib <= 0:
+        raise MinillmError(f"the budget must be positive, got {args.budget_gib} GiB")
+    cfg = llama_config()
+    budget = int(args.budget_gib * 2**30)
+    rows = plan(cfg, budget)
+    check = args.device == "cuda"
+    if check:
+        from .backend import get_xp  # noqa: PLC0415
+
+        get_xp("cuda")
+    print(f"Llama-2-7B shape, W4 g128 weights {w4_weight_bytes(cfg) / 2**30:.2f} GiB, GPU memory budget "
+          f"{args.budget_gib:g} GiB (256 MiB kept for working buffers)")
+    print("| KV cache | bytes per token | longest context | verified |")
+    print("| --- | --- | --- | --- |")
+    for kind, (per_token, context) in rows.items():
+        note = "not checked (no --device cuda)"
+        if check:
+            used = verify(cfg, kind, context, budget)
+            note = f"allocated: {used / 2**30:.2f} GiB in use"
+        print(f"| {kind} | {per_token / 1024:.0f} KiB | {context} | {note} |")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minillm", description="A small LLM inference runtime.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -304,6 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     _add_kv_flag(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="longest context per KV-cache type for a 7B W4 model in a GPU memory budget")
+    p.add_argument("--budget-gib", type=float, default=16.0, help="GPU memory budget in GiB (default 16)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cuda: verify each figure by allocating the model and cache")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("chat", help="talk to a model (default: SmolLM2-135M-Instruct)")
     p.add_argument("model", nargs="?", default=None, help="model directory, .gguf file, or hub id")

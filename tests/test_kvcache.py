@@ -152,3 +152,29 @@ def test_bad_cache_requests_are_clear_errors():
     model(np.arange(10), cache)
     with pytest.raises(MinillmError, match="context overflow"):
         model(np.arange(10), cache)
+
+
+def test_bench_capacity_arithmetic():
+    """`minillm bench`: the W4 weight bytes equal the arrays a packed upload would hold (built here
+    with pack_bits on a shrunken copy of the shape), each context fits the budget and 256 more tokens
+    would not."""
+    from minillm.capacity import cache_bytes_per_token, plan, w4_weight_bytes
+    from minillm.gpu.synthetic import llama_config
+    from minillm.quant.packing import pack_bits
+
+    small = llama_config(layers=2, hidden=96, mlp=160, heads=3, kv_heads=1, vocab=50)
+    expect = 0
+    for n, k in [(5 * 32, 96), (96, 96), (320, 96), (96, 160)]:  # fused qkv, o, gate_up, down
+        codes = np.zeros((n, k), np.uint8)
+        expect += pack_bits(np.pad(codes, ((0, 0), (0, -k % 32))), 4, axis=1).nbytes
+        expect += n * -(-k // 128) * (2 + 1)  # fp16 scale + uint8 zero per group
+    expect = 2 * expect + 2 * 2 * 50 * 96 + 4 * 96 * 5
+    assert w4_weight_bytes(small) == expect
+
+    cfg = llama_config()
+    assert cache_bytes_per_token(cfg, "float") == 2 * 32 * 32 * 128 * 2
+    assert cache_bytes_per_token(cfg, "int8") == 2 * 32 * 32 * (128 + 4)
+    budget = 16 * 2**30
+    for kind, (per_token, context) in plan(cfg, budget).items():
+        room = budget - w4_weight_bytes(cfg) - (256 << 20)
+        assert context * per_token <= room < (context + 256) * per_token, kind

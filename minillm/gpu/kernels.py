@@ -52,7 +52,8 @@ def embed_rows(tok, embed, h, rows: int, scale: float):
 def add_rmsnorm(h, delta, weight, out, rows: int, eps: float):
     """h += delta (if not None); out = RMSNorm(h) * weight (fp16)."""
     d = h.shape[1]
-    fn("decode_ops", "add_rmsnorm")((rows,), (min(1024, round_up(d, 32)),), (
+    threads = min(1024, max(128, round_up(-(-d // 16), 32)))  # ~16 values a thread, kept in registers
+    fn("decode_ops", "add_rmsnorm")((rows,), (threads,), (
         h, delta if delta is not None else 0, i32(delta.shape[1] if delta is not None else 0),
         weight, out, i32(out.shape[1]), i32(d), np.float32(eps)))
 
@@ -103,8 +104,11 @@ def attention_plan(cfg, max_len: int, rows: int, sms: int = 132):
     import os  # noqa: PLC0415
 
     g = cfg.num_heads // cfg.num_kv_heads
-    streams = int(os.environ.get("MINILLM_ATTN_STREAMS", max(1, 4 // g)))
-    target = int(os.environ.get("MINILLM_ATTN_WAVES", 8)) * sms  # blocks
+    # Measured on an H100 at 32k positions (bench/gpu_kv.py --sweep): 4 warps for one query head per
+    # key/value head, 2 streams of G warps for grouped heads, 4 x SMs blocks.
+    default_streams = 4 if g == 1 else (2 if g <= 4 else 1)
+    streams = int(os.environ.get("MINILLM_ATTN_STREAMS", default_streams))
+    target = int(os.environ.get("MINILLM_ATTN_WAVES", 4)) * sms  # blocks
     splits = max(1, min(-(-max_len // 64), -(-target // (cfg.num_kv_heads * rows))))
     chunk = round_up(-(-max_len // splits), 64)
     return chunk, -(-max_len // chunk), g * streams

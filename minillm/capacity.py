@@ -51,11 +51,14 @@ def plan(cfg, budget: int, workspace: int = 256 << 20) -> dict:
 def verify(cfg, kind: str, context: int, budget: int) -> int:
     """Allocate the W4 model, a cache of `context` tokens and one decode step; -> bytes in use
     (CuPy's pool), or raise MinillmError if that exceeds the budget."""
+    import gc  # noqa: PLC0415
+
     import cupy as cp  # noqa: PLC0415
 
     from .gpu.synthetic import random_model  # noqa: PLC0415
 
     pool = cp.get_default_memory_pool()
+    gc.collect()  # an earlier model (its buffers refer back to it) is freed only by the collector
     pool.free_all_blocks()
     model = random_model(cfg, weights="w4", group=128, kv_cache=kind)
     cache = model.new_cache(max_len=context)
@@ -63,6 +66,7 @@ def verify(cfg, kind: str, context: int, budget: int) -> int:
     model.decode_next([4], cache)
     used = pool.used_bytes()
     del model, cache
+    gc.collect()
     pool.free_all_blocks()
     if used > budget:
         raise MinillmError(f"{kind}: {context} tokens used {used / 2**30:.2f} GiB, over the budget")

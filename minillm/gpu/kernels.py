@@ -52,7 +52,7 @@ def embed_rows(tok, embed, h, rows: int, scale: float):
 def add_rmsnorm(h, delta, weight, out, rows: int, eps: float):
     """h += delta (if not None); out = RMSNorm(h) * weight (fp16)."""
     d = h.shape[1]
-    threads = min(1024, max(128, round_up(-(-d // 16), 32)))  # ~16 values a thread, kept in registers
+    threads = min(1024, max(128, round_up(-(-d // 4), 32)))  # ~4 values a thread, kept in registers
     fn("decode_ops", "add_rmsnorm")((rows,), (threads,), (
         h, delta if delta is not None else 0, i32(delta.shape[1] if delta is not None else 0),
         weight, out, i32(out.shape[1]), i32(d), np.float32(eps)))

@@ -102,7 +102,7 @@ __device__ __forceinline__ float group_sum(float v) {  // over the GROUP lanes o
 
 #define MAX_G_HD 2048  // G * hd floats of shared memory (8 heads of 256)
 
-template <int FMT, int ITERS>
+template <int FMT, int ITERS, bool PIPE>
 __device__ __forceinline__ void attn_decode(const __half* __restrict__ q, const void* __restrict__ kc,
                                             const void* __restrict__ vc, const float* __restrict__ k_scale,
                                             const float* __restrict__ v_scale, const int* __restrict__ pos, int T,
@@ -144,10 +144,14 @@ __device__ __forceinline__ void attn_decode(const __half* __restrict__ q, const 
     float m = NEG_INF, l = 0.0f;
     const int step = PER_WARP * W;  // positions covered by one pass of the block's warps of head g
 
-    // Warp-uniform loop (the shuffles need all 32 lanes); each group checks its own positions.
-    for (int jw = c0 + stream * PER_WARP; jw < c1; jw += step * U) {
-        uint4 kr[U][ITERS], vr[U][ITERS];
-        float ks[U], vs[U];
+    // PIPE (software pipelining): the keys and values of the next U positions are loaded while the
+    // current ones are used, so a group always has loads in flight. The 8-bit formats spend about
+    // as long on arithmetic per byte as on waiting for it; with many blocks (batch 8) the overlap
+    // takes them from ~87% to ~98% of copy bandwidth, but the extra registers cost occupancy, and
+    // with few blocks (batch 1) the plain loop is faster (bench/NOTES.md).
+    uint4 kr[U][ITERS], vr[U][ITERS];
+    float ks[U], vs[U];
+    auto load = [&](int jw, uint4 (&kk)[U][ITERS], uint4 (&vv)[U][ITERS], float* kss, float* vss) {
 #pragma unroll
         for (int u = 0; u < U; u++) {
             const int j = jw + grp + u * step;
@@ -156,13 +160,23 @@ __device__ __forceinline__ void attn_decode(const __half* __restrict__ q, const 
             for (int it = 0; it < ITERS; it++) {
                 const int e = it * 128 + lig * E;
                 if (e < hd) {
-                    kr[u][it] = *reinterpret_cast<const uint4*>(kbase + (rowi * hd + e) * BYTES);
-                    vr[u][it] = *reinterpret_cast<const uint4*>(vbase + (rowi * hd + e) * BYTES);
+                    kk[u][it] = *reinterpret_cast<const uint4*>(kbase + (rowi * hd + e) * BYTES);
+                    vv[u][it] = *reinterpret_cast<const uint4*>(vbase + (rowi * hd + e) * BYTES);
                 }
             }
-            ks[u] = FMT == KV_FP16 ? 1.0f : k_scale[rowi];
-            vs[u] = FMT == KV_FP16 ? 1.0f : v_scale[rowi];
+            kss[u] = FMT == KV_FP16 ? 1.0f : k_scale[rowi];
+            vss[u] = FMT == KV_FP16 ? 1.0f : v_scale[rowi];
         }
+    };
+    const int first = c0 + stream * PER_WARP;
+    if (PIPE && first < c1) load(first, kr, vr, ks, vs);
+
+    // Warp-uniform loop (the shuffles need all 32 lanes); each group checks its own positions.
+    for (int jw = first; jw < c1; jw += step * U) {
+        uint4 nk[U][ITERS], nv[U][ITERS];
+        float nks[U], nvs[U];
+        if (!PIPE) load(jw, kr, vr, ks, vs);
+        else if (jw + step * U < c1) load(jw + step * U, nk, nv, nks, nvs);
         float score[U];
         float mu = m;
 #pragma unroll
@@ -181,27 +195,40 @@ __device__ __forceinline__ void attn_decode(const __half* __restrict__ q, const 
             score[u] = jw + grp + u * step < c1 ? d : NEG_INF;
             mu = fmaxf(mu, score[u]);
         }
-        if (mu == NEG_INF) continue;  // no valid position for this group (the shuffles are done)
-        const float corr = exp2f(m - mu);
-        l *= corr;
+        if (mu != NEG_INF) {  // else no valid position for this group here (the shuffles are done)
+            const float corr = exp2f(m - mu);
+            l *= corr;
 #pragma unroll
-        for (int i = 0; i < E * ITERS; i++) acc[i] *= corr;
+            for (int i = 0; i < E * ITERS; i++) acc[i] *= corr;
 #pragma unroll
-        for (int u = 0; u < U; u++) {
-            const float p = exp2f(score[u] - mu);
-            l += p;
-            const float pv = p * vs[u];
+            for (int u = 0; u < U; u++) {
+                const float p = exp2f(score[u] - mu);
+                l += p;
+                const float pv = p * vs[u];
 #pragma unroll
-            for (int it = 0; it < ITERS; it++) {
-                if (it * 128 + lig * E < hd) {
-                    float v8[E];
-                    to_float<FMT>(vr[u][it], v8);
+                for (int it = 0; it < ITERS; it++) {
+                    if (it * 128 + lig * E < hd) {
+                        float v8[E];
+                        to_float<FMT>(vr[u][it], v8);
 #pragma unroll
-                    for (int i = 0; i < E; i++) acc[it * E + i] += pv * v8[i];
+                        for (int i = 0; i < E; i++) acc[it * E + i] += pv * v8[i];
+                    }
                 }
             }
+            m = mu;
         }
-        m = mu;
+        if (PIPE) {
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+#pragma unroll
+                for (int it = 0; it < ITERS; it++) {
+                    kr[u][it] = nk[u][it];
+                    vr[u][it] = nv[u][it];
+                }
+                ks[u] = nks[u];
+                vs[u] = nvs[u];
+            }
+        }
     }
 
     // Merge the groups of each query head, then write this split's partial result.
@@ -278,18 +305,20 @@ __device__ __forceinline__ void attn_decode(const __half* __restrict__ q, const 
     }
 }
 
-#define ATTN_INSTANCE(NAME, FMT, ITERS)                                                                  \
+#define ATTN_INSTANCE(NAME, FMT, ITERS, PIPE)                                                            \
     extern "C" __global__ void NAME(const __half* q, const void* kc, const void* vc, const float* k_scale, \
                                     const float* v_scale, const int* pos, int T, int H, int KV, int hd,    \
                                     int L, int chunk, int window, float qscale, float* part_acc,           \
                                     float* part_m, float* part_l, int* counter, __half* out, int ld_out) { \
-        attn_decode<FMT, ITERS>(q, kc, vc, k_scale, v_scale, pos, T, H, KV, hd, L, chunk, window, qscale,  \
-                                part_acc, part_m, part_l, counter, out, ld_out);                           \
+        attn_decode<FMT, ITERS, PIPE>(q, kc, vc, k_scale, v_scale, pos, T, H, KV, hd, L, chunk, window,    \
+                                      qscale, part_acc, part_m, part_l, counter, out, ld_out);             \
     }
 
-ATTN_INSTANCE(attn_decode_fp16_1, KV_FP16, 1)
-ATTN_INSTANCE(attn_decode_fp16_2, KV_FP16, 2)
-ATTN_INSTANCE(attn_decode_int8_1, KV_INT8, 1)
-ATTN_INSTANCE(attn_decode_int8_2, KV_INT8, 2)
-ATTN_INSTANCE(attn_decode_fp8_1, KV_FP8, 1)
-ATTN_INSTANCE(attn_decode_fp8_2, KV_FP8, 2)
+ATTN_INSTANCE(attn_decode_fp16_1, KV_FP16, 1, false)
+ATTN_INSTANCE(attn_decode_fp16_2, KV_FP16, 2, false)
+ATTN_INSTANCE(attn_decode_int8_1, KV_INT8, 1, false)
+ATTN_INSTANCE(attn_decode_int8_2, KV_INT8, 2, false)
+ATTN_INSTANCE(attn_decode_fp8_1, KV_FP8, 1, false)
+ATTN_INSTANCE(attn_decode_fp8_2, KV_FP8, 2, false)
+ATTN_INSTANCE(attn_decode_int8_1_pipe, KV_INT8, 1, true)
+ATTN_INSTANCE(attn_decode_fp8_1_pipe, KV_FP8, 1, true)

@@ -124,7 +124,13 @@ def decode_attention(q, layer_cache, pos, rows, t, cfg, window, parts, out, plan
     acc, m, l, counter = parts
     name = {0: "fp16", 1: "int8", 2: "fp8"}[fmt]
     iters = 1 if hd <= 128 else 2
-    fn("attention", f"attn_decode_{name}_{iters}")((kv, splits, rows), (32 * warps,), (
+    # 8-bit caches with many (kv head, row) pairs: the software-pipelined loop (attention.cu, PIPE).
+    import os  # noqa: PLC0415
+
+    want = os.environ.get("MINILLM_ATTN_PIPE")  # "1" / "0" force the choice (tests, benchmarks)
+    many = kv * rows >= 128 and h == kv if want is None else want == "1"
+    pipe = "_pipe" if fmt != 0 and iters == 1 and many else ""
+    fn("attention", f"attn_decode_{name}_{iters}{pipe}")((kv, splits, rows), (32 * warps,), (
         q, kc, vc, ks if ks is not None else 0, vs if vs is not None else 0, pos, i32(t), i32(h), i32(kv), i32(hd),
         i32(max_len), i32(chunk), i32(window or 0), np.float32(math.log2(math.e) / math.sqrt(hd)), acc, m, l,
         counter, out, i32(out.shape[1])))

@@ -101,6 +101,7 @@ __device__ __forceinline__ float group_sum(float v) {  // over the GROUP lanes o
 }
 
 #define MAX_G_HD 2048  // G * hd floats of shared memory (8 heads of 256)
+#define MAX_MERGE 4352  // G * splits weights for the merge (8 heads x 544 splits; kernels.py keeps below)
 
 template <int FMT, int ITERS, bool PIPE>
 __device__ __forceinline__ void attn_decode(const __half* __restrict__ q, const void* __restrict__ kc,
@@ -275,7 +276,9 @@ __device__ __forceinline__ void attn_decode(const __half* __restrict__ q, const 
     if (!is_last) return;
     __threadfence();
     const int used = min(nsplit, (len + chunk - 1) / chunk);  // splits past the length hold nothing
-    __shared__ float sm_M[32], sm_inv[32];
+    // Each split's weight 2^(m_s - m) / l, per query head, into shared memory first; then every
+    // thread's sum over the splits is a stream of independent loads (no max or exp in the loop).
+    __shared__ float sm_w[MAX_MERGE];
     if (stream == 0) {  // warp g: the max and the normaliser of head g over the splits
         const size_t base = ((size_t)r * H + h) * nsplit;
         float mm = NEG_INF;
@@ -284,24 +287,28 @@ __device__ __forceinline__ void attn_decode(const __half* __restrict__ q, const 
         float ll = 0.0f;
         for (int s = lane; s < used; s += 32) {
             const float ms = __ldcg(part_m + base + s);
-            if (ms != NEG_INF) ll += __ldcg(part_l + base + s) * exp2f(ms - mm);
+            const float w = ms == NEG_INF ? 0.0f : exp2f(ms - mm);
+            sm_w[g * used + s] = w;
+            ll += __ldcg(part_l + base + s) * w;
         }
         ll = warp_sum(ll);
-        if (lane == 0) {
-            sm_M[g] = mm;
-            sm_inv[g] = ll > 0.0f ? 1.0f / ll : 0.0f;
-        }
+        const float inv = ll > 0.0f ? 1.0f / ll : 0.0f;
+        __syncwarp();
+        for (int s = lane; s < used; s += 32) sm_w[g * used + s] *= inv;
     }
     __syncthreads();
     for (int i = threadIdx.x; i < G * hd; i += blockDim.x) {
         const int gg = i / hd, e = i % hd;
-        const size_t base = ((size_t)r * H + kvh * G + gg) * nsplit;
-        float o = 0.0f;
-        for (int s = 0; s < used; s++) {
-            const float ms = __ldcg(part_m + base + s);
-            if (ms != NEG_INF) o += __ldcg(part_acc + (base + s) * hd + e) * exp2f(ms - sm_M[gg]);
+        const float* src = part_acc + ((size_t)r * H + kvh * G + gg) * nsplit * hd + e;
+        const float* w = sm_w + gg * used;
+        float o0 = 0.0f, o1 = 0.0f;
+        int s = 0;
+        for (; s + 1 < used; s += 2) {
+            o0 += __ldcg(src + (size_t)s * hd) * w[s];
+            o1 += __ldcg(src + (size_t)(s + 1) * hd) * w[s + 1];
         }
-        out[(size_t)r * ld_out + (kvh * G + gg) * hd + e] = __float2half(o * sm_inv[gg]);
+        if (s < used) o0 += __ldcg(src + (size_t)s * hd) * w[s];
+        out[(size_t)r * ld_out + (kvh * G + gg) * hd + e] = __float2half(o0 + o1);
     }
 }
 

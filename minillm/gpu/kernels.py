@@ -109,7 +109,7 @@ def attention_plan(cfg, max_len: int, rows: int, sms: int = 132):
     default_streams = 4 if g == 1 else (2 if g <= 4 else 1)
     streams = int(os.environ.get("MINILLM_ATTN_STREAMS", default_streams))
     target = int(os.environ.get("MINILLM_ATTN_WAVES", 4)) * sms  # blocks
-    splits = max(1, min(-(-max_len // 64), -(-target // (cfg.num_kv_heads * rows))))
+    splits = max(1, min(-(-max_len // 64), -(-target // (cfg.num_kv_heads * rows)), 4352 // g))  # MAX_MERGE
     chunk = round_up(-(-max_len // splits), 64)
     return chunk, -(-max_len // chunk), g * streams
 

@@ -16,6 +16,8 @@ from minillm.model import apply_rope
 from minillm.quant import QuantSpec, quantize_rtn
 
 pytestmark = pytest.mark.gpu
+# MINILLM_GPU_EXAMPLES=N runs N examples per test (e.g. under compute-sanitizer, which is slow).
+EXAMPLES = int(os.environ.get("MINILLM_GPU_EXAMPLES", "0"))
 
 
 class Cfg:  # the fields the kernels read
@@ -35,7 +37,7 @@ def fp16_bound(x):
     return 2.0**-10 * np.abs(x) + 1e-3
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=EXAMPLES or 25, deadline=None)
 @given(rows=st.integers(1, 9), d=st.integers(1, 700), with_delta=st.booleans(), seed=st.integers(0, 2**31))
 def test_add_rmsnorm(rows, d, with_delta, seed):
     import cupy as cp
@@ -61,7 +63,7 @@ def rope_tables(length, rot, base=10000.0):
     return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=EXAMPLES or 30, deadline=None)
 @given(b=st.integers(1, 3), t=st.integers(1, 5), kv=st.integers(1, 3), g=st.integers(1, 3),
        hd=st.sampled_from([16, 24, 64, 128, 256]), partial=st.booleans(), qk_norm=st.booleans(),
        fmt=st.sampled_from(["float", "int8", "fp8"]), seed=st.integers(0, 2**31))
@@ -118,7 +120,7 @@ def test_rope_append(b, t, kv, g, hd, partial, qk_norm, fmt, seed):
             assert np.all(np.abs(have - want) <= bound), name
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=EXAMPLES or 40, deadline=None)
 @given(b=st.integers(1, 2), t=st.integers(1, 4), kv=st.integers(1, 4), g=st.sampled_from([1, 2, 3, 4, 8]),
        hd=st.sampled_from([16, 64, 128, 256]), fmt=st.sampled_from(["float", "int8", "fp8"]),
        max_len=st.integers(8, 3000), window=st.sampled_from([0, 0, 5, 300]), outliers=st.booleans(),
@@ -172,7 +174,7 @@ def test_decode_attention(b, t, kv, g, hd, fmt, max_len, window, outliers, pipe,
         assert np.abs(got[bi] - ref).max() <= bound, (np.abs(got[bi] - ref).max(), bound)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=EXAMPLES or 40, deadline=None)
 @given(n=st.integers(1, 300), k=st.integers(1, 700), m=st.integers(1, 20), bits=st.sampled_from([16, 8, 4]),
        group=st.sampled_from([32, 64, 128, 0]), sym=st.booleans(), seed=st.integers(0, 2**31))
 def test_gpu_linear(n, k, m, bits, group, sym, seed):
@@ -282,7 +284,7 @@ def test_e4m3_encoder_matches_reference():
     assert math.isclose(float(cache.v_scale[0][0, 0, 0]), 1.0)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=EXAMPLES or 30, deadline=None)
 @given(f=st.integers(1, 200), k=st.integers(1, 300), m=st.integers(1, 20), bits=st.sampled_from([16, 8, 4]),
        act=st.sampled_from(["silu", "gelu_tanh"]), bias=st.booleans(), seed=st.integers(0, 2**31))
 def test_gate_up_with_fused_activation(f, k, m, bits, act, bias, seed):

@@ -43,6 +43,9 @@ __device__ __forceinline__ void gemv_f16_body(const uint4* __restrict__ w, const
     const int n0 = warp * ROWS;
     pdl_trigger();
     if (n0 >= N) return;
+#pragma unroll
+    for (int rr = 0; rr < ROWS; rr++)
+        if (n0 + rr < N) prefetch_l2(w + (size_t)(n0 + rr) * C, 16 * C, lane);
     pdl_wait();
     float acc[M][ROWS];
 #pragma unroll
@@ -95,6 +98,9 @@ __device__ __forceinline__ void gemv_i8_body(const uint4* __restrict__ codes, co
     const int n0 = warp * ROWS;
     pdl_trigger();
     if (n0 >= N) return;
+#pragma unroll
+    for (int rr = 0; rr < ROWS; rr++)
+        if (n0 + rr < N) prefetch_l2(codes + (size_t)(n0 + rr) * C, 16 * C, lane);
     pdl_wait();
     float acc[M][ROWS];
 #pragma unroll

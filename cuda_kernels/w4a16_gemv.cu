@@ -63,6 +63,9 @@ __device__ __forceinline__ void gemv_body(const uint4* __restrict__ qweight, con
     const int n0 = warp * ROWS;
     pdl_trigger();
     if (n0 >= N) return;
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r)
+        if (n0 + r < N) prefetch_l2(qweight + (size_t)(n0 + r) * C, 16 * C, lane);
     pdl_wait();
 
     float acc[ROWS][M];

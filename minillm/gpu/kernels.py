@@ -92,22 +92,15 @@ def _ctype(a):
 
 
 def _pdl_launch(function, grid, block, args) -> bool:
-    """Launch with programmatic stream serialization while a graph is being captured (where launch
-    cost no longer matters: eager launches keep CuPy's faster path)."""
-    if not use_pdl:
-        return False
-    cp = get_xp("cuda")
-    stream = cp.cuda.get_current_stream()
-    if not stream.is_capturing():
-        return False
-    driver = _driver()
+    driver = _driver() if use_pdl else None
     if driver is None:
         return False
     launch, attr = driver
+    cp = get_xp("cuda")
     grid, block = tuple(grid) + (1,) * (3 - len(grid)), tuple(block) + (1,) * (3 - len(block))
     values = [_ctype(a) for a in args]
     params = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values])
-    config = _LaunchConfig(*grid, *block, 0, stream.ptr, ctypes.addressof(attr), 1)
+    config = _LaunchConfig(*grid, *block, 0, cp.cuda.get_current_stream().ptr, ctypes.addressof(attr), 1)
     handle = getattr(function, "kernel", function).ptr  # RawKernel -> its cupy.cuda.Function -> CUfunction
     status = launch(ctypes.byref(config), handle, params, None)
     if status != 0:

@@ -101,8 +101,7 @@ def _pdl_launch(function, grid, block, args) -> bool:
     values = [_ctype(a) for a in args]
     params = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values])
     config = _LaunchConfig(*grid, *block, 0, cp.cuda.get_current_stream().ptr, ctypes.addressof(attr), 1)
-    handle = getattr(function, "kernel", function).ptr  # RawKernel -> its cupy.cuda.Function -> CUfunction
-    status = launch(ctypes.byref(config), handle, params, None)
+    status = launch(ctypes.byref(config), function.ptr, params, None)
     if status != 0:
         raise RuntimeError(f"cuLaunchKernelEx failed with CUresult {status}")
     return True

@@ -82,7 +82,6 @@ def main():
     args = ap.parse_args()
     import cupy as cp
 
-    from minillm.gpu import kernels
     from minillm.gpu.synthetic import llama_config, random_model
 
     name = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
@@ -92,16 +91,13 @@ def main():
     rows, prefill = {}, {}
     for weights in () if args.skip_7b else ("fp16", "w4"):
         model = random_model(cfg, weights=weights, group=128)
-        kernels.use_pdl = False
-        plain_rate, _ = decode_rate(model, args.prompt, args.tokens, graph=True)
-        kernels.use_pdl = True
         graph_rate, ctx = decode_rate(model, args.prompt, args.tokens, graph=True)
         eager_rate, _ = decode_rate(model, args.prompt, max(8, args.tokens // 8), graph=False)
         per_token = bytes_per_token(model, ctx)
         limit = bw * 1e9 / per_token
-        rows[weights] = (graph_rate, eager_rate, per_token, limit, plain_rate)
+        rows[weights] = (graph_rate, eager_rate, per_token, limit)
         prefill[weights] = prefill_time(model, 2048)
-        print(f"{weights}: graph {graph_rate:.1f} tok/s (without PDL {plain_rate:.1f}), eager {eager_rate:.1f} tok/s, "
+        print(f"{weights}: graph {graph_rate:.1f} tok/s, eager {eager_rate:.1f} tok/s, "
               f"{per_token / 1e9:.2f} GB/token, limit {limit:.0f} tok/s; prefill 2048 {prefill[weights] * 1e3:.1f} ms",
               flush=True)
         del model
@@ -116,10 +112,10 @@ def main():
 def print_7b(args, name, bw, rows, prefill):
     print(f"\nLlama-2-7B shape, random weights, batch 1, prompt {args.prompt}, {args.tokens} new tokens; "
           f"{name}, copy bandwidth {bw:.0f} GB/s\n")
-    print("| weights | GB read / token | limit (tok/s) | graph + PDL (tok/s) | % of limit | graph, no PDL | eager (tok/s) |")
+    print("| weights | GB read / token | limit (tok/s) | graph (tok/s) | % of limit | eager (tok/s) | graph speedup |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    for w, (g, e, b, lim, plain) in rows.items():
-        print(f"| {w} | {b / 1e9:.2f} | {lim:.0f} | {g:.1f} | {100 * g / lim:.0f}% | {plain:.1f} | {e:.1f} |")
+    for w, (g, e, b, lim) in rows.items():
+        print(f"| {w} | {b / 1e9:.2f} | {lim:.0f} | {g:.1f} | {100 * g / lim:.0f}% | {e:.1f} | {g / e:.1f}x |")
     print(f"\nW4 / fp16 decode (graph): {rows['w4'][0] / rows['fp16'][0]:.2f}x")
     print(f"prefill 2048 tokens: fp16 {prefill['fp16'] * 1e3:.1f} ms ({2048 / prefill['fp16']:.0f} tok/s), "
           f"W4 {prefill['w4'] * 1e3:.1f} ms ({2048 / prefill['w4']:.0f} tok/s): W4 / fp16 time "

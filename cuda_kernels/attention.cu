@@ -111,8 +111,6 @@ __device__ __forceinline__ void attn_decode(const __half* __restrict__ q, const 
                                             float* __restrict__ part_acc, float* __restrict__ part_m,
                                             float* __restrict__ part_l, int* __restrict__ counter,
                                             __half* __restrict__ out, int ld_out) {
-    pdl_trigger();
-    pdl_wait();
     constexpr int E = Fmt<FMT>::ELEMS, GROUP = Fmt<FMT>::GROUP, U = Fmt<FMT>::UNROLL, PER_WARP = 32 / GROUP;
     constexpr int BYTES = FMT == KV_FP16 ? 2 : 1;
     __shared__ float sm_acc[MAX_G_HD];

@@ -11,29 +11,6 @@ typedef unsigned long long uint64_t;
 #endif
 
 #define FULL_MASK 0xffffffffu
-
-// Programmatic dependent launch (Hopper, sm_90): the decode step's kernels are launched with
-// programmaticStreamSerialization (minillm/gpu/kernels.py), so a kernel may start while the one
-// before it drains. Each kernel lets its successor launch at once (pdl_trigger), and waits for its
-// predecessor's results (pdl_wait) before it reads them or writes anything: the GEMVs issue L2
-// prefetches of their weights (which no kernel writes) before waiting, so the weight stream of one
-// product overlaps the tail of the previous kernel. Launched without the attribute, both are no-ops.
-__device__ __forceinline__ void pdl_trigger() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
-// Prefetch `bytes` from `p` into L2, 128-byte lines spread over a warp's lanes.
-__device__ __forceinline__ void prefetch_l2(const void* p, int bytes, int lane) {
-    for (int off = lane * 128; off < bytes; off += 32 * 128)
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(reinterpret_cast<const char*>(p) + off));
-}
 #define NEG_INF __int_as_float(0xff800000)  // NVRTC has no <math.h> INFINITY
 
 __device__ __forceinline__ float warp_sum(float v) {

@@ -28,8 +28,6 @@
 
 extern "C" __global__ void embed_rows(const int* __restrict__ tok, const __half* __restrict__ E,
                                       float* __restrict__ h, int D, float scale) {
-    pdl_trigger();
-    pdl_wait();
     const int r = blockIdx.x;
     const __half* e = E + (size_t)tok[r] * D;
     for (int i = threadIdx.x; i < D; i += blockDim.x) h[(size_t)r * D + i] = __half2float(e[i]) * scale;
@@ -43,8 +41,6 @@ extern "C" __global__ void embed_rows(const int* __restrict__ tok, const __half*
 extern "C" __global__ void add_rmsnorm(float* __restrict__ h, const __half* __restrict__ delta, int ld_delta,
                                        const float* __restrict__ w, __half* __restrict__ out, int ld_out,
                                        int D, float eps) {
-    pdl_trigger();
-    pdl_wait();
     __shared__ float red[32];
     const int r = blockIdx.x;
     float* hr = h + (size_t)r * D;
@@ -84,8 +80,6 @@ extern "C" __global__ void add_rmsnorm(float* __restrict__ h, const __half* __re
 
 // y[r, n] += b[n] for n < N (biases of llama/qwen2 projections).
 extern "C" __global__ void add_bias(__half* __restrict__ y, int ld, const __half* __restrict__ b, int N) {
-    pdl_trigger();
-    pdl_wait();
     const int r = blockIdx.y;
     for (int n = blockIdx.x * blockDim.x + threadIdx.x; n < N; n += gridDim.x * blockDim.x)
         y[(size_t)r * ld + n] = __float2half(__half2float(y[(size_t)r * ld + n]) + __half2float(b[n]));
@@ -95,8 +89,6 @@ extern "C" __global__ void add_bias(__half* __restrict__ y, int ld, const __half
 // prefill). Gate and up rows are interleaved in the fused weight (minillm/gpu/linear.py).
 extern "C" __global__ void gated_act(const __half* __restrict__ gu, int ld_in, __half* __restrict__ out, int ld_out,
                                      int F, int act) {
-    pdl_trigger();
-    pdl_wait();
     const int r = blockIdx.y;
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < F; i += gridDim.x * blockDim.x) {
         const float g = __half2float(gu[(size_t)r * ld_in + 2 * i]), u = __half2float(gu[(size_t)r * ld_in + 2 * i + 1]);
@@ -107,8 +99,6 @@ extern "C" __global__ void gated_act(const __half* __restrict__ gu, int ld_in, _
 // out[r, j] = x[r, perm[j]] for j < K (act-order weights read their input columns in group order).
 extern "C" __global__ void gather_cols(const __half* __restrict__ x, int ld_in, const long long* __restrict__ perm,
                                        __half* __restrict__ out, int ld_out, int K) {
-    pdl_trigger();
-    pdl_wait();
     const int r = blockIdx.y;
     for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < K; j += gridDim.x * blockDim.x)
         out[(size_t)r * ld_out + j] = x[(size_t)r * ld_in + perm[j]];
@@ -128,8 +118,6 @@ extern "C" __global__ void rope_append(const __half* __restrict__ qkv, int ld_qk
                                        const int* __restrict__ pos, int T, int H, int KV, int hd, int rot, int L,
                                        int fmt, void* __restrict__ kc, void* __restrict__ vc,
                                        float* __restrict__ k_scale, float* __restrict__ v_scale) {
-    pdl_trigger();
-    pdl_wait();
     __shared__ float v[512];
     __shared__ float red[32];
     const int r = blockIdx.x, j = blockIdx.y, b = r / T, t = r % T;
@@ -198,8 +186,6 @@ __device__ __forceinline__ float uniform01(uint64_t seed, uint32_t a, uint32_t b
 extern "C" __global__ void next_token(const __half* __restrict__ logits, int ld, int V, float inv_temp,
                                       unsigned long long seed, int* __restrict__ tok, int* __restrict__ pos,
                                       int advance) {
-    pdl_trigger();
-    pdl_wait();
     __shared__ float best_v[1024];
     __shared__ int best_i[1024];
     const int b = blockIdx.x;

@@ -41,12 +41,7 @@ __device__ __forceinline__ void gemv_f16_body(const uint4* __restrict__ w, const
                                               __half* __restrict__ y, int ldy, int N, int C, int act) {
     const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
     const int n0 = warp * ROWS;
-    pdl_trigger();
     if (n0 >= N) return;
-#pragma unroll
-    for (int rr = 0; rr < ROWS; rr++)
-        if (n0 + rr < N) prefetch_l2(w + (size_t)(n0 + rr) * C, 16 * C, lane);
-    pdl_wait();
     float acc[M][ROWS];
 #pragma unroll
     for (int m = 0; m < M; m++)
@@ -96,12 +91,7 @@ __device__ __forceinline__ void gemv_i8_body(const uint4* __restrict__ codes, co
                                              int chunks_per_group, int act) {
     const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
     const int n0 = warp * ROWS;
-    pdl_trigger();
     if (n0 >= N) return;
-#pragma unroll
-    for (int rr = 0; rr < ROWS; rr++)
-        if (n0 + rr < N) prefetch_l2(codes + (size_t)(n0 + rr) * C, 16 * C, lane);
-    pdl_wait();
     float acc[M][ROWS];
 #pragma unroll
     for (int m = 0; m < M; m++)

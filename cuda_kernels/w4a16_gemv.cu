@@ -61,12 +61,7 @@ __device__ __forceinline__ void gemv_body(const uint4* __restrict__ qweight, con
     const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
     const int n0 = warp * ROWS;
-    pdl_trigger();
     if (n0 >= N) return;
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r)
-        if (n0 + r < N) prefetch_l2(qweight + (size_t)(n0 + r) * C, 16 * C, lane);
-    pdl_wait();
 
     float acc[ROWS][M];
 #pragma unroll

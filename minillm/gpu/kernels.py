@@ -5,7 +5,6 @@ sequence of them can be captured in a CUDA graph (no allocation inside).
 
 from __future__ import annotations
 
-import ctypes
 import math
 from functools import lru_cache
 from pathlib import Path
@@ -27,84 +26,8 @@ def module(name: str):
     return cp.RawModule(code=src, options=("-std=c++17", f"-I{KERNEL_DIR}"))
 
 
-@lru_cache(maxsize=None)
 def fn(file: str, name: str):
-    return Kernel(module(file).get_function(name))
-
-
-class Kernel:
-    """A compiled kernel, launched with programmatic dependent launch where the GPU has it (common.cuh
-    says what the kernels do with it; MINILLM_PDL=0 turns it off)."""
-
-    def __init__(self, function):
-        self.function = function
-
-    def __call__(self, grid, block, args):
-        if not _pdl_launch(self.function, grid, block, args):
-            self.function(grid, block, args)
-
-
-class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: an id, padding, a 64-byte value union
-    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_char * 64)]
-
-
-class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
-    _fields_ = [("grid_x", ctypes.c_uint), ("grid_y", ctypes.c_uint), ("grid_z", ctypes.c_uint),
-                ("block_x", ctypes.c_uint), ("block_y", ctypes.c_uint), ("block_z", ctypes.c_uint),
-                ("shared_bytes", ctypes.c_uint), ("stream", ctypes.c_void_p), ("attrs", ctypes.c_void_p),
-                ("num_attrs", ctypes.c_uint)]
-
-
-_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-# Programmatic dependent launch on (where the GPU has it); MINILLM_PDL=0, or setting this, turns it off.
-use_pdl = __import__("os").environ.get("MINILLM_PDL", "1") != "0"
-
-
-@lru_cache(maxsize=1)
-def _driver():
-    """cuLaunchKernelEx from the driver, on a GPU of compute capability >= 9.0; else None."""
-    cp = get_xp("cuda")
-    if int(cp.cuda.Device().compute_capability) < 90:
-        return None
-    try:
-        lib = ctypes.CDLL("libcuda.so.1")
-        launch = lib.cuLaunchKernelEx
-    except (OSError, AttributeError):
-        return None
-    launch.restype = ctypes.c_int
-    launch.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-    attr = _LaunchAttribute(_PROGRAMMATIC_STREAM_SERIALIZATION, b"", (1).to_bytes(4, "little") + bytes(60))
-    return launch, attr
-
-
-def _ctype(a):
-    if hasattr(a, "__cuda_array_interface__"):
-        return ctypes.c_void_p(a.data.ptr)
-    if isinstance(a, np.int32):
-        return ctypes.c_int32(int(a))
-    if isinstance(a, np.float32):
-        return ctypes.c_float(float(a))
-    if isinstance(a, np.uint64):
-        return ctypes.c_uint64(int(a))
-    if isinstance(a, int):  # 0: a null pointer
-        return ctypes.c_void_p(a)
-    raise TypeError(f"kernel argument of type {type(a).__name__}")
-
-
-def _pdl_launch(function, grid, block, args) -> bool:
-    driver = _driver() if use_pdl else None
-    if driver is None:
-        return False
-    launch, attr = driver
-    cp = get_xp("cuda")
-    grid, block = tuple(grid) + (1,) * (3 - len(grid)), tuple(block) + (1,) * (3 - len(block))
-    values = [_ctype(a) for a in args]
-    params = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values])
-    config = _LaunchConfig(*grid, *block, 0, cp.cuda.get_current_stream().ptr, ctypes.addressof(attr), 1)
-    status = launch(ctypes.byref(config), function.ptr, params, None)
-    if status != 0:
-        raise RuntimeError(f"cuLaunchKernelEx failed with CUresult {status}")
-    return True
+    return module(file).get_function(name)
 
 
 def i32(v) -> np.int32:

@@ -23,9 +23,9 @@ _THREADS = 128  # 4 warps per block
 
 
 def kernel(m: int, rows: int):
-    from .kernels import fn  # noqa: PLC0415 - kernels.py imports this module's class
+    from .kernels import module  # noqa: PLC0415 - kernels.py imports this module's class
 
-    return fn("w4a16_gemv", f"w4a16_gemv_m{m}_r{rows}")
+    return module("w4a16_gemv").get_function(f"w4a16_gemv_m{m}_r{rows}")
 
 
 class W4A16Weight:

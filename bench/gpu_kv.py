@@ -31,14 +31,14 @@ class LayerShape:
         self.num_layers = 1
 
 
-def measure(shape, fmt, context, batch):
+def measure(shape, fmt, context, batch, max_len=None):
     import cupy as cp
     import numpy as np
 
     from minillm.gpu import kernels as K
     from minillm.gpu.cache import GpuKVCache
 
-    cache = GpuKVCache(shape, fmt, batch, context)
+    cache = GpuKVCache(shape, fmt, batch, max_len or context)
     rng = cp.random.default_rng(0)
     for arr in (cache.keys[0], cache.values[0]):
         if fmt == "float":
@@ -51,7 +51,7 @@ def measure(shape, fmt, context, batch):
     cache.pos.set(np.full(batch, context - 1, np.int32))  # the step's query sees all `context` positions
     h, hd = shape.num_heads, shape.head_dim
     q = rng.standard_normal((batch, h, hd), dtype=cp.float32).astype(cp.float16)
-    plan = K.attention_plan(shape, context, batch)
+    plan = K.attention_plan(shape, max_len or context, batch)
     parts = K.attention_parts(batch, shape, plan)
     out = cp.empty((batch, h * hd), cp.float16)
 
@@ -67,11 +67,22 @@ def main():
     ap.add_argument("--contexts", default="4096,16384,32768,65536")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--sweep", action="store_true", help="try the attention plans (streams x waves) at 32k first")
+    ap.add_argument("--sweep-short", action="store_true",
+                    help="the plans at a decode step's short context (600 of 904 positions, as bench/gpu_decode.py)")
     args = ap.parse_args()
     import os
 
     import cupy as cp
 
+    if args.sweep_short:
+        for streams in (1, 2, 4, 8):
+            line = []
+            for waves in (1, 2, 4, 8):
+                os.environ["MINILLM_ATTN_STREAMS"], os.environ["MINILLM_ATTN_WAVES"] = str(streams), str(waves)
+                us, _ = measure(LayerShape(32, 32), "float", 600, 1, max_len=904)
+                line.append(f"s{streams}w{waves} {us:.1f}")
+            print("sweep short (600 of 904, kv 32, batch 1, fp16): " + ", ".join(line), flush=True)
+        return
     if args.sweep:
         for kvh in (32, 8):
             for batch in (1, 8):

@@ -63,6 +63,7 @@ def quantize_calibrated(m, spec: QuantSpec, method: str, windows: np.ndarray, ac
     rng = np.random.default_rng(0)
     sample = rng.choice(s * length, size=min(2048, s * length), replace=False)  # tokens for searches/report
     report = []
+    folded = {}  # (prefix, projection, "col" | "row") -> the AWQ scale folded into it so far
     t0 = time.perf_counter()
 
     for i, blk in enumerate(tqdm(work.blocks, desc=f"{method} blocks", unit="block", disable=not progress, leave=False)):
@@ -93,9 +94,13 @@ def quantize_calibrated(m, spec: QuantSpec, method: str, windows: np.ndarray, ac
                     qt = g.quantize(w, spec, damp=damp, act_order=act_order, clip=clip)
                 else:
                     qt = quantize_with_range(w, *search_clip(xs[:512], w, spec), spec)
-                rtn = quantize_rtn(w, spec).dequantize()
                 dq = qt.dequantize()
-                report.append({"layer": full, "rtn_error": _rel_error(xs[:512], w, rtn),
+                # The baseline is plain RTN of the layer as it came (AWQ's scales undone: its input
+                # columns were multiplied by `col`, its output rows by `row`), on the same tokens.
+                col, row = folded.pop((p, short, "col"), 1.0), folded.pop((p, short, "row"), 1.0)
+                w0 = w / np.asarray(col, np.float32)[None] / np.asarray(row, np.float32).reshape(-1, 1)
+                x0 = xs[:512] * np.asarray(col, np.float32)
+                report.append({"layer": full, "rtn_error": _rel_error(x0, w0, quantize_rtn(w0, spec).dequantize()),
                                f"{method}_error": _rel_error(xs[:512], w, dq)})
                 weights[full] = qt
                 setattr(blk, _ATTR[short], QuantLinear(qt, lin.bias))
@@ -106,15 +111,15 @@ def quantize_calibrated(m, spec: QuantSpec, method: str, windows: np.ndarray, ac
             sc, _, _ = search_scales(n.reshape(-1, n.shape[-1])[sample], [blk.q.weight, blk.k.weight, blk.v.weight], spec)
             _fold_norm(blk, "attn_norm", weights, p + "input_layernorm.weight", sc)
             for short in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
-                _scale_columns(blk, short, weights, p, sc)
+                _scale_columns(blk, short, weights, p, sc, folded)
             n = attention_in(h)
             if cfg.num_heads == cfg.num_kv_heads:
                 # v -> o: scale v's output rows down and o's input columns up. Only when each v
                 # channel feeds exactly one o channel (grouped-query attention shares them).
                 attn = attention_heads(n)
                 sc, _, _ = search_scales(attn.reshape(-1, attn.shape[-1])[sample], [blk.o.weight], spec)
-                _scale_rows(blk, "self_attn.v_proj", weights, p, 1.0 / sc)
-                _scale_columns(blk, "self_attn.o_proj", weights, p, sc)
+                _scale_rows(blk, "self_attn.v_proj", weights, p, 1.0 / sc, folded)
+                _scale_columns(blk, "self_attn.o_proj", weights, p, sc, folded)
         quantize(["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], n)
 
         # o reads the attention heads (computed with the quantized q, k, v)
@@ -128,14 +133,14 @@ def quantize_calibrated(m, spec: QuantSpec, method: str, windows: np.ndarray, ac
             sc, _, _ = search_scales(mnorm.reshape(-1, mnorm.shape[-1])[sample], [blk.gate.weight, blk.up.weight], spec)
             _fold_norm(blk, "mlp_norm", weights, p + "post_attention_layernorm.weight", sc)
             for short in ("mlp.gate_proj", "mlp.up_proj"):
-                _scale_columns(blk, short, weights, p, sc)
+                _scale_columns(blk, short, weights, p, sc, folded)
             mnorm = rms_norm(np, a, blk.mlp_norm, cfg.rms_norm_eps)
         if method == "awq":
             # up -> down: scale up's rows down and down's columns up, before up is quantized.
             hid = work.mlp_hidden(blk, mnorm)
             sc, _, _ = search_scales(hid.reshape(-1, hid.shape[-1])[sample], [blk.down.weight], spec)
-            _scale_rows(blk, "mlp.up_proj", weights, p, 1.0 / sc)
-            _scale_columns(blk, "mlp.down_proj", weights, p, sc)
+            _scale_rows(blk, "mlp.up_proj", weights, p, 1.0 / sc, folded)
+            _scale_columns(blk, "mlp.down_proj", weights, p, sc, folded)
         quantize(["mlp.gate_proj", "mlp.up_proj"], mnorm)
 
         # down reads act(gate) * up (computed with the quantized gate and up)
@@ -164,16 +169,20 @@ def _fold_norm(blk, attr, weights, name, s):
     weights[name] = new
 
 
-def _scale_columns(blk, short, weights, p, s):
+def _scale_columns(blk, short, weights, p, s, folded=None):
     lin = getattr(blk, _ATTR[short])
     lin.weight = lin.weight * s[None, :]
     weights[f"{p}{short}.weight"] = lin.weight
+    if folded is not None:  # remembered for the report's RTN baseline
+        folded[(p, short, "col")] = folded.get((p, short, "col"), 1.0) * s
 
 
-def _scale_rows(blk, short, weights, p, s):
+def _scale_rows(blk, short, weights, p, s, folded=None):
     lin = getattr(blk, _ATTR[short])
     lin.weight = lin.weight * s[:, None]
     weights[f"{p}{short}.weight"] = lin.weight
     if lin.bias is not None:
         lin.bias = lin.bias * s
         weights[f"{p}{short}.bias"] = lin.bias
+    if folded is not None:
+        folded[(p, short, "row")] = folded.get((p, short, "row"), 1.0) * s

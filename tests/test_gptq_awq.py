@@ -207,3 +207,19 @@ def test_cli_eval_against_a_reference(tiny, tmp_path):
     assert run_cli("quantize", str(tiny), str(q), "--bits", "3", "--group-size", "32", "--quiet").returncode == 0
     quant = ev(str(q), "--reference", str(tiny))
     assert quant["kl_divergence"] > 0 and quant["reference_perplexity"] == pytest.approx(same["perplexity"])
+
+
+def test_report_baseline_is_plain_rtn_for_awq_too(tiny):
+    """The report's RTN column is plain rounding of the layer as it came, with AWQ's folded scales
+    undone: on the first layer's q/k/v (whose inputs do not depend on earlier quantized layers) the
+    AWQ and GPTQ reports give the same RTN error."""
+    m = minillm.load(tiny, progress=False)
+    spec = QuantSpec(4, "group", 32)
+    windows = calibration_windows(m.tokenizer, 2, 64)
+    rtn = {}
+    for method in ("gptq", "awq"):
+        _, report = quantize_calibrated(m, spec, method, windows, progress=False)
+        rtn[method] = {r["layer"]: r["rtn_error"] for r in report["layers"]}
+    for short in ("q_proj", "k_proj", "v_proj"):
+        name = f"model.layers.0.self_attn.{short}.weight"
+        assert rtn["awq"][name] == pytest.approx(rtn["gptq"][name], rel=1e-4)

@@ -175,9 +175,6 @@ def main():
             options = {r: time_cupy(lambda w: w4a16_matmul(x, w, out=y, rows=r), [(w,) for w in weights])
                        for r in ((1, 2, 4, 8) if m == 1 else (2, 4))}
             print(f"  {k}x{n} m={m}: " + ", ".join(f"{r} rows/warp {t:.1f} us" for r, t in options.items()))
-            splits = {ks: time_cupy(lambda w: w4a16_matmul(x, w, out=y, ksplit=ks), [(w,) for w in weights])
-                      for ks in (1, 2, 4)}
-            print(f"  {k}x{n} m={m}: " + ", ".join(f"{ks} warps/row group {t:.1f} us" for ks, t in splits.items()))
             ours = time_cupy(lambda w: w4a16_matmul(x, w, out=y), [(w,) for w in weights])
             xt = torch.randn((m, k), dtype=torch.float16, device="cuda")
             cublas = time_torch(lambda w: torch.nn.functional.linear(xt, w), [(w,) for w in wt])

@@ -18,8 +18,7 @@
 // ================================================================================================
 //   A warp computes ROWS consecutive outputs for all M batch rows. Its 32 lanes stride over the
 //   chunks of those rows (lane l takes chunks l, l+32, ...), so each warp-wide step reads 32
-//   consecutive 16-byte chunks of a row: fully coalesced 512-byte requests. For matrices with few
-//   rows, ksplit warps of a block share the rows and split the chunks (see gemv_body). Each weight word is
+//   consecutive 16-byte chunks of a row: fully coalesced 512-byte requests. Each weight word is
 //   dequantized once and reused for the M rows of x; each x load is reused for the ROWS rows.
 //   Accumulation is fp32. At the end, the partial sums are reduced across the warp with shuffles
 //   and lane 0 writes y.
@@ -54,19 +53,15 @@ template <int M, int ROWS>
 __device__ __forceinline__ void gemv_body(const uint4* __restrict__ qweight, const __half* __restrict__ scales,
                                           const uint8_t* __restrict__ zeros, const __half* __restrict__ x,
                                           __half* __restrict__ y, int ldy, int N, int C, int ngroups,
-                                          int chunks_per_group, int act, int ksplit) {
+                                          int chunks_per_group, int act) {
     // Small batches keep the group's scale out of the inner loop (one multiply per chunk); large
     // ones fold it into the dequantized weight once, which is then reused by all M rows of x and
     // saves M x ROWS partial sums of registers.
     constexpr bool FOLD_SCALE = M >= 8;
-    // ksplit (1, 2 or 4) warps of the block share the same ROWS rows, each taking every ksplit-th
-    // stretch of 32 chunks, and add their sums in shared memory at the end. A matrix with few rows
-    // (N = 4096: 2048 warps at ROWS = 2, under half a wave of the GPU) otherwise leaves each SM too
-    // few loads in flight to cover DRAM latency (Nsight Compute: 23% achieved occupancy).
-    const int wib = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int kpart = wib % ksplit;
-    const int n0 = (blockIdx.x * (4 / ksplit) + wib / ksplit) * ROWS;
-    const bool active = n0 < N;  // no early return: the block meets at a barrier below
+    const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    const int n0 = warp * ROWS;
+    if (n0 >= N) return;
 
     float acc[ROWS][M];
 #pragma unroll
@@ -77,7 +72,7 @@ __device__ __forceinline__ void gemv_body(const uint4* __restrict__ qweight, con
     const uint4* xv = reinterpret_cast<const uint4*>(x);  // row m, chunk c, part j: xv[(m*C + c)*4 + j]
 
 #pragma unroll 2
-    for (int c = kpart * 32 + lane; active && c < C; c += 32 * ksplit) {
+    for (int c = lane; c < C; c += 32) {
         const int g = c / chunks_per_group;
         uint4 wq[ROWS];
         __half2 bias[ROWS];
@@ -144,7 +139,6 @@ __device__ __forceinline__ void gemv_body(const uint4* __restrict__ qweight, con
     // ---------------------------------------------------------------------------------------------
     // Reduction across the warp
     // ---------------------------------------------------------------------------------------------
-    __shared__ float part_sums[4][ROWS][M];  // per warp of the block, for ksplit > 1
 #pragma unroll
     for (int m = 0; m < M; ++m) {
         float v[ROWS];
@@ -153,22 +147,8 @@ __device__ __forceinline__ void gemv_body(const uint4* __restrict__ qweight, con
             v[r] = acc[r][m];
 #pragma unroll
             for (int off = 16; off > 0; off >>= 1) v[r] += __shfl_xor_sync(0xffffffffu, v[r], off);
-            if (ksplit > 1 && lane == 0) part_sums[wib][r][m] = v[r];
         }
-        if (ksplit == 1 && lane == 0 && active) store_rows<ROWS>(y, ldy, m, n0, N, v, act);
-    }
-    if (ksplit == 1) return;
-    __syncthreads();
-    if (kpart != 0 || lane != 0 || !active) return;
-#pragma unroll
-    for (int m = 0; m < M; ++m) {
-        float v[ROWS];
-#pragma unroll
-        for (int r = 0; r < ROWS; ++r) {
-            v[r] = 0.f;
-            for (int k = 0; k < ksplit; ++k) v[r] += part_sums[wib + k][r][m];
-        }
-        store_rows<ROWS>(y, ldy, m, n0, N, v, act);
+        if (lane == 0) store_rows<ROWS>(y, ldy, m, n0, N, v, act);
     }
 }
 
@@ -179,9 +159,8 @@ __device__ __forceinline__ void gemv_body(const uint4* __restrict__ qweight, con
         w4a16_gemv_m##M##_r##ROWS(const uint4* __restrict__ qweight, const __half* __restrict__ scales, \
                                   const uint8_t* __restrict__ zeros, const __half* __restrict__ x,       \
                                   __half* __restrict__ y, int ldy, int N, int C, int ngroups,           \
-                                  int chunks_per_group, int act, int ksplit) {                         \
-        gemv_body<M, ROWS>(qweight, scales, zeros, x, y, ldy, N, C, ngroups, chunks_per_group, act,    \
-                           ksplit);                                                                    \
+                                  int chunks_per_group, int act) {                                     \
+        gemv_body<M, ROWS>(qweight, scales, zeros, x, y, ldy, N, C, ngroups, chunks_per_group, act);   \
     }
 
 W4A16_KERNEL(1, 1)

@@ -50,8 +50,7 @@ def test_w4a16_matches_numpy(n, k, m, group, sym, act_order, seed):
     rows = [None, 1, 2, 4][seed % 4] if m in (1, 2, 4, 8, 16) else None
     if rows is not None and f"w4a16_gemv_m{m}_r{rows}" not in open(KERNELS).read():
         rows = None
-    ksplit = [None, 1, 2, 4][(seed // 4) % 4]  # warps sharing a group of rows (split along K)
-    res = w4a16_matmul(cp.asarray(x), w, out=out if m in (1, 2, 4, 8, 16) else None, rows=rows, ksplit=ksplit)
+    res = w4a16_matmul(cp.asarray(x), w, out=out if m in (1, 2, 4, 8, 16) else None, rows=rows)
     check(cp.asnumpy(res), reference(x, qt), x, qt)
 
 

@@ -69,38 +69,21 @@ class W4A16Weight:
         return int(self.qweight.nbytes + self.scales.nbytes + z)
 
 
-_WARP_SLOTS = 132 * 36  # an H100's SMs x the warps each holds at this kernel's ~54 registers
-
-
-def ksplit_for(n: int, rows: int) -> int:
-    """Warps per group of rows: enough warps for about two waves of the GPU (1, 2 or 4)."""
-    warps = -(-n // rows)
-    k = 1
-    while k < 4 and warps * k < 2 * _WARP_SLOTS:
-        k *= 2
-    return k
-
-
-def _launch(x_pad, w: W4A16Weight, y, m_kernel: int, rows: int | None = None, act: int = -1,
-            ksplit: int | None = None):
+def _launch(x_pad, w: W4A16Weight, y, m_kernel: int, rows: int | None = None, act: int = -1):
     """y[:m_kernel] = x_pad W^T (y's rows may be longer than N: its row stride is y.shape[1]); with
     act >= 0 W's rows are (gate, up) pairs and y gets act(gate) * up (cuda_kernels/common.cuh)."""
     if rows is None:
         rows = _INSTANCES[m_kernel]
-    if ksplit is None:
-        ksplit = ksplit_for(w.n, rows)
-    groups_per_block = (_THREADS // 32) // ksplit
-    blocks = -(-(-(-w.n // rows)) // groups_per_block)
+    warps = -(-w.n // rows)
+    blocks = -(-warps // (_THREADS // 32))
     zeros = w.zeros if w.zeros is not None else 0  # a null pointer for symmetric weights
     kernel(m_kernel, rows)((blocks,), (_THREADS,), (
         w.qweight, w.scales, zeros, x_pad, y, np.int32(y.shape[1]),
-        np.int32(w.n), np.int32(w.chunks), np.int32(w.scales.shape[1]), np.int32(w.group_size // 32), np.int32(act),
-        np.int32(ksplit)))
+        np.int32(w.n), np.int32(w.chunks), np.int32(w.scales.shape[1]), np.int32(w.group_size // 32), np.int32(act)))
 
 
-def w4a16_matmul(x, w: W4A16Weight, out=None, rows: int | None = None, ksplit: int | None = None):
-    """y = x W^T.  x: fp16 [M, K] (cupy) -> fp16 [M, N]. `rows` overrides the rows per warp,
-    `ksplit` the warps sharing them."""
+def w4a16_matmul(x, w: W4A16Weight, out=None, rows: int | None = None):
+    """y = x W^T.  x: fp16 [M, K] (cupy) -> fp16 [M, N]. `rows` overrides the rows per warp."""
     cp = get_xp("cuda")
     m, k = x.shape
     if k != w.k:
@@ -117,7 +100,7 @@ def w4a16_matmul(x, w: W4A16Weight, out=None, rows: int | None = None, ksplit: i
     else:
         x_pad = x
     y = cp.empty((m_kernel, w.n), dtype=cp.float16) if out is None or m_kernel != m else out
-    _launch(x_pad, w, y, m_kernel, rows, ksplit=ksplit)
+    _launch(x_pad, w, y, m_kernel, rows)
     return y[:m] if m_kernel != m else y
 
 

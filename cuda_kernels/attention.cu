@@ -103,6 +103,62 @@ __device__ __forceinline__ float group_sum(float v) {  // over the GROUP lanes o
 #define MAX_G_HD 2048  // G * hd floats of shared memory (8 heads of 256)
 #define MAX_MERGE 4352  // G * splits weights for the merge (8 heads x 544 splits; kernels.py keeps below)
 
+// The last block of a (row, key/value head) to finish merges the splits' partial results (an atomic
+// counter per (row, kv head) in device memory, reset by that block for the next step), so no second
+// kernel is launched:  m = max_s m_s,  l = sum_s l_s 2^(m_s - m),  out = sum_s acc_s 2^(m_s - m) / l.
+__device__ __forceinline__ void merge_splits(int r, int H, int KV, int kvh, int G, int nsplit, int len, int chunk,
+                                             int hd, const float* __restrict__ part_acc,
+                                             const float* __restrict__ part_m, const float* __restrict__ part_l,
+                                             int* __restrict__ counter, __half* __restrict__ out, int ld_out) {
+    __shared__ int is_last;
+    __threadfence();  // this block's partials are visible before it counts itself done
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const int done = atomicAdd(&counter[(size_t)r * KV + kvh], 1);
+        is_last = done == nsplit - 1;
+        if (is_last) counter[(size_t)r * KV + kvh] = 0;
+    }
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    const int used = min(nsplit, (len + chunk - 1) / chunk);  // splits past the length hold nothing
+    // Each split's weight 2^(m_s - m) / l, per query head, into shared memory first; then every
+    // thread's sum over the splits is a stream of independent loads (no max or exp in the loop).
+    __shared__ float sm_w[MAX_MERGE];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
+    for (int g = warp; g < G; g += nwarps) {  // warp by warp: the max and the normaliser of head g
+        const size_t base = ((size_t)r * H + kvh * G + g) * nsplit;
+        float mm = NEG_INF;
+        for (int s = lane; s < used; s += 32) mm = fmaxf(mm, __ldcg(part_m + base + s));
+        mm = warp_max(mm);
+        float ll = 0.0f;
+        for (int s = lane; s < used; s += 32) {
+            const float ms = __ldcg(part_m + base + s);
+            const float w = ms == NEG_INF ? 0.0f : exp2f(ms - mm);
+            sm_w[g * used + s] = w;
+            ll += __ldcg(part_l + base + s) * w;
+        }
+        ll = warp_sum(ll);
+        const float inv = ll > 0.0f ? 1.0f / ll : 0.0f;
+        __syncwarp();
+        for (int s = lane; s < used; s += 32) sm_w[g * used + s] *= inv;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < G * hd; i += blockDim.x) {
+        const int gg = i / hd, e = i % hd;
+        const float* src = part_acc + ((size_t)r * H + kvh * G + gg) * nsplit * hd + e;
+        const float* w = sm_w + gg * used;
+        float o0 = 0.0f, o1 = 0.0f;
+        int s = 0;
+        for (; s + 1 < used; s += 2) {
+            o0 += __ldcg(src + (size_t)s * hd) * w[s];
+            o1 += __ldcg(src + (size_t)(s + 1) * hd) * w[s + 1];
+        }
+        if (s < used) o0 += __ldcg(src + (size_t)s * hd) * w[s];
+        out[(size_t)r * ld_out + (kvh * G + gg) * hd + e] = __float2half(o0 + o1);
+    }
+}
+
 template <int FMT, int ITERS, bool PIPE>
 __device__ __forceinline__ void attn_decode(const __half* __restrict__ q, const void* __restrict__ kc,
                                             const void* __restrict__ vc, const float* __restrict__ k_scale,
@@ -262,55 +318,185 @@ __device__ __forceinline__ void attn_decode(const __half* __restrict__ q, const 
         part_l[part0 + (size_t)g * nsplit] = sm_l[g];
     }
 
-    // The last block of this (row, key/value head) to finish merges all splits (no second kernel):
-    // a counter per (row, kv head) in device memory, reset by that block for the next step.
-    __shared__ int is_last;
-    __threadfence();  // this block's partials are visible before it counts itself done
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        const int done = atomicAdd(&counter[(size_t)r * KV + kvh], 1);
-        is_last = done == nsplit - 1;
-        if (is_last) counter[(size_t)r * KV + kvh] = 0;
-    }
-    __syncthreads();
-    if (!is_last) return;
-    __threadfence();
-    const int used = min(nsplit, (len + chunk - 1) / chunk);  // splits past the length hold nothing
-    // Each split's weight 2^(m_s - m) / l, per query head, into shared memory first; then every
-    // thread's sum over the splits is a stream of independent loads (no max or exp in the loop).
-    __shared__ float sm_w[MAX_MERGE];
-    if (stream == 0) {  // warp g: the max and the normaliser of head g over the splits
-        const size_t base = ((size_t)r * H + h) * nsplit;
-        float mm = NEG_INF;
-        for (int s = lane; s < used; s += 32) mm = fmaxf(mm, __ldcg(part_m + base + s));
-        mm = warp_max(mm);
-        float ll = 0.0f;
-        for (int s = lane; s < used; s += 32) {
-            const float ms = __ldcg(part_m + base + s);
-            const float w = ms == NEG_INF ? 0.0f : exp2f(ms - mm);
-            sm_w[g * used + s] = w;
-            ll += __ldcg(part_l + base + s) * w;
-        }
-        ll = warp_sum(ll);
-        const float inv = ll > 0.0f ? 1.0f / ll : 0.0f;
-        __syncwarp();
-        for (int s = lane; s < used; s += 32) sm_w[g * used + s] *= inv;
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < G * hd; i += blockDim.x) {
-        const int gg = i / hd, e = i % hd;
-        const float* src = part_acc + ((size_t)r * H + kvh * G + gg) * nsplit * hd + e;
-        const float* w = sm_w + gg * used;
-        float o0 = 0.0f, o1 = 0.0f;
-        int s = 0;
-        for (; s + 1 < used; s += 2) {
-            o0 += __ldcg(src + (size_t)s * hd) * w[s];
-            o1 += __ldcg(src + (size_t)(s + 1) * hd) * w[s + 1];
-        }
-        if (s < used) o0 += __ldcg(src + (size_t)s * hd) * w[s];
-        out[(size_t)r * ld_out + (kvh * G + gg) * hd + e] = __float2half(o0 + o1);
+    merge_splits(r, H, KV, kvh, G, nsplit, len, chunk, hd, part_acc, part_m, part_l, counter, out, ld_out);
+}
+
+// Grouped-query heads (G = H / KV in 2, 4, 8; head_dim <= 128): one warp serves all G query heads of
+// its key/value head, so each cached row is loaded and widened once and used G times. (The kernel
+// above gives every query head its own warp; those warps find the rows in L1, but each converts
+// them again, which made the 8-bit caches arithmetic-bound with grouped heads.) Groups of 16 lanes
+// take 8 values each (16 bytes of fp16, 8 bytes of codes); the rest is as above.
+template <int FMT> struct RawG { typedef uint2 type; };
+template <> struct RawG<KV_FP16> { typedef uint4 type; };
+
+template <int FMT>
+__device__ __forceinline__ void widen8(typename RawG<FMT>::type raw, float* x);
+template <> __device__ __forceinline__ void widen8<KV_FP16>(uint4 raw, float* x) { half8_to_float(raw, x); }
+template <> __device__ __forceinline__ void widen8<KV_INT8>(uint2 raw, float* x) {
+    const uint32_t w[2] = {raw.x ^ 0x80808080u, raw.y ^ 0x80808080u};
+#pragma unroll
+    for (int i = 0; i < 8; i++) x[i] = __uint_as_float(__byte_perm(w[i / 4], 0x4B000000u, 0x7440 + i % 4)) - 8388736.0f;
+}
+template <> __device__ __forceinline__ void widen8<KV_FP8>(uint2 raw, float* x) {
+    const uint32_t w[2] = {raw.x, raw.y};
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        const float2 lo = e4m3x2_to_float2(w[i] & 0xffffu), hi = e4m3x2_to_float2(w[i] >> 16);
+        x[4 * i] = lo.x;
+        x[4 * i + 1] = lo.y;
+        x[4 * i + 2] = hi.x;
+        x[4 * i + 3] = hi.y;
     }
 }
+
+template <int FMT, int G>
+__device__ __forceinline__ void attn_decode_gqa(const __half* __restrict__ q, const void* __restrict__ kc,
+                                                const void* __restrict__ vc, const float* __restrict__ k_scale,
+                                                const float* __restrict__ v_scale, const int* __restrict__ pos,
+                                                int T, int H, int KV, int hd, int L, int chunk, int window,
+                                                float qscale, float* __restrict__ part_acc,
+                                                float* __restrict__ part_m, float* __restrict__ part_l,
+                                                int* __restrict__ counter, __half* __restrict__ out, int ld_out) {
+    typedef typename RawG<FMT>::type RawT;
+    constexpr int U = 4, BYTES = FMT == KV_FP16 ? 2 : 1;
+    __shared__ float sm_acc[G * 128];
+    __shared__ float sm_m[16 * G];
+    __shared__ float sm_l[G];
+    const int kvh = blockIdx.x, split = blockIdx.y, nsplit = gridDim.y, r = blockIdx.z;
+    const int NW = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int grp = lane >> 4, lig = lane & 15, e = lig * 8;
+    const bool has = e < hd;
+    const int b = r / T, len = pos[b] + r % T + 1;
+    const int lo = window > 0 ? max(0, len - window) : 0;
+    const int c0 = max(split * chunk, lo), c1 = min((split + 1) * chunk, len);
+    const size_t bk = (size_t)b * KV + kvh;
+    const char* kbase = reinterpret_cast<const char*>(kc);
+    const char* vbase = reinterpret_cast<const char*>(vc);
+
+    float qv[G][8], acc[G][8], m[G], l[G];
+#pragma unroll
+    for (int g = 0; g < G; g++) {
+        float tmp[8];
+        if (has) half8_to_float(*reinterpret_cast<const uint4*>(q + ((size_t)r * H + kvh * G + g) * hd + e), tmp);
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            qv[g][i] = has ? tmp[i] * qscale : 0.0f;
+            acc[g][i] = 0.0f;
+        }
+        m[g] = NEG_INF;
+        l[g] = 0.0f;
+    }
+    const int step = 2 * NW;
+    for (int jw = c0 + warp * 2; jw < c1; jw += step * U) {  // warp-uniform
+        RawT kr[U], vr[U];
+        float ks[U], vs[U];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int j = jw + grp + u * step;
+            const size_t rowi = bk * L + (j < c1 ? j : c0);
+            if (has) {
+                kr[u] = *reinterpret_cast<const RawT*>(kbase + (rowi * hd + e) * BYTES);
+                vr[u] = *reinterpret_cast<const RawT*>(vbase + (rowi * hd + e) * BYTES);
+            }
+            ks[u] = FMT == KV_FP16 ? 1.0f : k_scale[rowi];
+            vs[u] = FMT == KV_FP16 ? 1.0f : v_scale[rowi];
+        }
+        float score[U][G];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            float k8[8];
+            if (has) widen8<FMT>(kr[u], k8);
+            const bool ok = jw + grp + u * step < c1;
+#pragma unroll
+            for (int g = 0; g < G; g++) {
+                float d = 0.0f;
+#pragma unroll
+                for (int i = 0; i < 8; i++) d += has ? qv[g][i] * k8[i] : 0.0f;
+                d = group_sum<16>(d) * ks[u];
+                score[u][g] = ok ? d : NEG_INF;
+            }
+        }
+        float mref[G];
+#pragma unroll
+        for (int g = 0; g < G; g++) {
+            float mu = m[g];
+#pragma unroll
+            for (int u = 0; u < U; u++) mu = fmaxf(mu, score[u][g]);
+            mref[g] = mu == NEG_INF ? 0.0f : mu;  // all -inf so far: nothing to rescale
+            const float corr = exp2f(m[g] - mref[g]);
+            l[g] *= corr;
+#pragma unroll
+            for (int i = 0; i < 8; i++) acc[g][i] *= corr;
+            m[g] = mu;
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            float v8[8];
+            if (has) widen8<FMT>(vr[u], v8);
+#pragma unroll
+            for (int g = 0; g < G; g++) {
+                const float p = exp2f(score[u][g] - mref[g]);
+                l[g] += p;
+                const float pv = p * vs[u];
+#pragma unroll
+                for (int i = 0; i < 8; i++) acc[g][i] += has ? pv * v8[i] : 0.0f;
+            }
+        }
+    }
+
+    // Merge the block's 2 NW groups for each head, write this split's partials, then the splits.
+    if (lig == 0) {
+#pragma unroll
+        for (int g = 0; g < G; g++) sm_m[(warp * 2 + grp) * G + g] = m[g];
+    }
+    for (int i = threadIdx.x; i < G * hd; i += blockDim.x) sm_acc[i] = 0.0f;
+    if (threadIdx.x < G) sm_l[threadIdx.x] = 0.0f;
+    __syncthreads();
+#pragma unroll
+    for (int g = 0; g < G; g++) {
+        float M = NEG_INF;
+        for (int k = 0; k < 2 * NW; k++) M = fmaxf(M, sm_m[k * G + g]);
+        const float f = m[g] == NEG_INF ? 0.0f : exp2f(m[g] - M);
+        if (has && f > 0.0f) {
+#pragma unroll
+            for (int i = 0; i < 8; i++) atomicAdd(&sm_acc[g * hd + e + i], acc[g][i] * f);
+        }
+        if (lig == 0 && f > 0.0f) atomicAdd(&sm_l[g], l[g] * f);
+    }
+    __syncthreads();
+    const size_t part0 = ((size_t)r * H + kvh * G) * nsplit + split;
+    for (int i = threadIdx.x; i < G * hd; i += blockDim.x) {
+        const int gg = i / hd, ee = i % hd;
+        part_acc[(part0 + (size_t)gg * nsplit) * hd + ee] = sm_acc[i];
+    }
+    if (threadIdx.x < G) {
+        const int g = threadIdx.x;
+        float M = NEG_INF;
+        for (int k = 0; k < 2 * NW; k++) M = fmaxf(M, sm_m[k * G + g]);
+        part_m[part0 + (size_t)g * nsplit] = M;
+        part_l[part0 + (size_t)g * nsplit] = sm_l[g];
+    }
+    merge_splits(r, H, KV, kvh, G, nsplit, len, chunk, hd, part_acc, part_m, part_l, counter, out, ld_out);
+}
+
+#define GQA_INSTANCE(NAME, FMT, G)                                                                       \
+    extern "C" __global__ void NAME(const __half* q, const void* kc, const void* vc, const float* k_scale, \
+                                    const float* v_scale, const int* pos, int T, int H, int KV, int hd,    \
+                                    int L, int chunk, int window, float qscale, float* part_acc,           \
+                                    float* part_m, float* part_l, int* counter, __half* out, int ld_out) { \
+        attn_decode_gqa<FMT, G>(q, kc, vc, k_scale, v_scale, pos, T, H, KV, hd, L, chunk, window, qscale,  \
+                                part_acc, part_m, part_l, counter, out, ld_out);                           \
+    }
+
+GQA_INSTANCE(attn_gqa_fp16_g2, KV_FP16, 2)
+GQA_INSTANCE(attn_gqa_fp16_g4, KV_FP16, 4)
+GQA_INSTANCE(attn_gqa_fp16_g8, KV_FP16, 8)
+GQA_INSTANCE(attn_gqa_int8_g2, KV_INT8, 2)
+GQA_INSTANCE(attn_gqa_int8_g4, KV_INT8, 4)
+GQA_INSTANCE(attn_gqa_int8_g8, KV_INT8, 8)
+GQA_INSTANCE(attn_gqa_fp8_g2, KV_FP8, 2)
+GQA_INSTANCE(attn_gqa_fp8_g4, KV_FP8, 4)
+GQA_INSTANCE(attn_gqa_fp8_g8, KV_FP8, 8)
 
 #define ATTN_INSTANCE(NAME, FMT, ITERS, PIPE)                                                            \
     extern "C" __global__ void NAME(const __half* q, const void* kc, const void* vc, const float* k_scale, \

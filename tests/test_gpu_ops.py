@@ -124,8 +124,8 @@ def test_rope_append(b, t, kv, g, hd, partial, qk_norm, fmt, seed):
 @given(b=st.integers(1, 2), t=st.integers(1, 4), kv=st.integers(1, 4), g=st.sampled_from([1, 2, 3, 4, 8]),
        hd=st.sampled_from([16, 64, 128, 256]), fmt=st.sampled_from(["float", "int8", "fp8"]),
        max_len=st.integers(8, 3000), window=st.sampled_from([0, 0, 5, 300]), outliers=st.booleans(),
-       pipe=st.booleans(), seed=st.integers(0, 2**31))
-def test_decode_attention(b, t, kv, g, hd, fmt, max_len, window, outliers, pipe, seed):
+       pipe=st.booleans(), gqa=st.booleans(), seed=st.integers(0, 2**31))
+def test_decode_attention(b, t, kv, g, hd, fmt, max_len, window, outliers, pipe, gqa, seed):
     """Split-K attention equals softmax(q K^T / sqrt(hd)) V over the dequantized cache (causal for
     every row, sliding window where given), for any context length and GQA grouping."""
     import cupy as cp
@@ -158,11 +158,12 @@ def test_decode_attention(b, t, kv, g, hd, fmt, max_len, window, outliers, pipe,
     plan = K.attention_plan(cfg, max_len, b * t)
     parts = K.attention_parts(b * t, cfg, plan)
     out = poisoned(cp, (b * t, K.round_up(h * hd, 32)), cp.float16)
-    os.environ["MINILLM_ATTN_PIPE"] = "1" if pipe else "0"  # both loops (attention.cu, PIPE)
+    # Both loops (attention.cu, PIPE), and the grouped-heads kernel or one warp per query head.
+    os.environ["MINILLM_ATTN_PIPE"], os.environ["MINILLM_ATTN_GQA"] = ("1" if pipe else "0"), ("1" if gqa else "0")
     try:
         K.decode_attention(cp.asarray(q), cache.layer(0), cache.pos, b * t, t, cfg, window or None, parts, out, plan)
     finally:
-        del os.environ["MINILLM_ATTN_PIPE"]
+        del os.environ["MINILLM_ATTN_PIPE"], os.environ["MINILLM_ATTN_GQA"]
     got = cp.asnumpy(out[:, : h * hd]).astype(np.float64).reshape(b, t, h, hd)
     for bi in range(b):
         end = pos[bi] + t

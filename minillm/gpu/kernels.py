@@ -124,6 +124,14 @@ def decode_attention(q, layer_cache, pos, rows, t, cfg, window, parts, out, plan
     acc, m, l, counter = parts
     name = {0: "fp16", 1: "int8", 2: "fp8"}[fmt]
     iters = 1 if hd <= 128 else 2
+    g = h // kv
+    # Grouped heads: one warp per key/value head serves all G queries (attention.cu, attn_decode_gqa).
+    if g in (2, 4, 8) and hd <= 128 and __import__("os").environ.get("MINILLM_ATTN_GQA", "1") == "1":
+        fn("attention", f"attn_gqa_{name}_g{g}")((kv, splits, rows), (128,), (
+            q, kc, vc, ks if ks is not None else 0, vs if vs is not None else 0, pos, i32(t), i32(h), i32(kv),
+            i32(hd), i32(max_len), i32(chunk), i32(window or 0), np.float32(math.log2(math.e) / math.sqrt(hd)),
+            acc, m, l, counter, out, i32(out.shape[1])))
+        return
     # 8-bit caches with many (kv head, row) pairs: the software-pipelined loop (attention.cu, PIPE).
     import os  # noqa: PLC0415
 

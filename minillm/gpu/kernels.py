@@ -125,8 +125,12 @@ def decode_attention(q, layer_cache, pos, rows, t, cfg, window, parts, out, plan
     name = {0: "fp16", 1: "int8", 2: "fp8"}[fmt]
     iters = 1 if hd <= 128 else 2
     g = h // kv
-    # Grouped heads: one warp per key/value head serves all G queries (attention.cu, attn_decode_gqa).
-    if g in (2, 4, 8) and hd <= 128 and __import__("os").environ.get("MINILLM_ATTN_GQA", "1") == "1":
+    # Grouped heads with many (kv head, row) pairs: one warp per key/value head serves all G queries
+    # (attention.cu, attn_decode_gqa): 1.2-1.3x faster at batch 8 x 8 kv heads from 16k positions,
+    # slower with few blocks (batch 1), where one warp per query head is kept (bench/NOTES.md).
+    want_gqa = __import__("os").environ.get("MINILLM_ATTN_GQA")  # "1" / "0" force it (tests)
+    gqa = kv * rows >= 64 if want_gqa is None else want_gqa == "1"
+    if g in (2, 4, 8) and hd <= 128 and gqa:
         fn("attention", f"attn_gqa_{name}_g{g}")((kv, splits, rows), (128,), (
             q, kc, vc, ks if ks is not None else 0, vs if vs is not None else 0, pos, i32(t), i32(h), i32(kv),
             i32(hd), i32(max_len), i32(chunk), i32(window or 0), np.float32(math.log2(math.e) / math.sqrt(hd)),

@@ -148,3 +148,19 @@ def test_smollm2_greedy_text_equals_cpu(smollm2_pair, prompt):
     a = "".join(cpu.chat(msgs, max_new_tokens=64))
     b = "".join(gpu.chat(msgs, max_new_tokens=64))
     assert a == b
+
+
+def test_cli_info_and_generate_on_gpu(tiny_dirs):
+    """`minillm info` and `minillm generate` with --device cuda run through (the REPL shares generate's
+    path) and report the GPU model's facts."""
+    import json
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "minillm.cli", "info", str(tiny_dirs["llama"]), "--device", "cuda",
+                        "--kv-cache", "int8", "--json", "--quiet"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    facts = json.loads(r.stdout)
+    cpu = minillm.load(tiny_dirs["llama"], progress=False)
+    assert facts["parameters"] == cpu.model.num_parameters and facts["compute_dtype"] == "float16"
+    assert facts["kv_cache"] == "int8" and facts["kv_cache_bytes"] > 0

@@ -141,6 +141,12 @@ class GpuModel:
         return int(c.max_position_embeddings * (c.rope.factor if c.rope.type == "dynamic" else 1))
 
     @property
+    def num_parameters(self) -> int:
+        from ..loading.names import expected_shapes  # noqa: PLC0415
+
+        return sum(int(np.prod(shape)) for shape in expected_shapes(self.config).values())
+
+    @property
     def nbytes(self) -> int:
         total = self.embed.nbytes + self.final_norm.nbytes
         if self.lm_head.w is not self.embed:

@@ -177,3 +177,14 @@ def test_device_cuda_without_cupy_or_gpu(good_dir):
     except ImportError:
         pass
     assert_clean_error(run_cli("info", str(good_dir), "--device", "cuda"), "minillm[cuda]")
+
+
+def test_bench_budget_too_small_and_cuda_without_gpu():
+    """`minillm bench`: a budget below the weights, a non-positive budget, and --device cuda on a
+    machine without CuPy or a GPU each give one line."""
+    assert_clean_error(run_cli("bench", "--budget-gib", "2"), "does not hold the weights")
+    assert_clean_error(run_cli("bench", "--budget-gib", "0"), "must be positive")
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        assert_clean_error(run_cli("bench", "--device", "cuda"), "minillm[cuda]")

@@ -38,6 +38,18 @@ def cache_bytes_per_token(cfg, kind: str) -> int:
     return cache_bytes(kind, cfg.num_layers, 1, cfg.num_kv_heads, cfg.head_dim, 1)
 
 
+def int4_bytes_per_token(cfg) -> int:
+    """Per-token bytes of the INT4 (KIVI) cache as minillm's CPU reference stores it (packed codes,
+    fp32 scales and zeros; the float window is a fixed cost). It has no GPU kernels yet, so this row
+    of `minillm bench` is arithmetic only."""
+    from .kvcache import Int4KVCache  # noqa: PLC0415
+
+    def nbytes(length):  # np.zeros reserves pages lazily: nothing this size is touched
+        return Int4KVCache(cfg.num_layers, 1, cfg.num_kv_heads, cfg.head_dim, length).nbytes
+
+    return (nbytes(2048) - nbytes(1024)) // 1024
+
+
 def plan(cfg, budget: int, workspace: int = 256 << 20) -> dict:
     """kind -> (bytes per token, longest context, rounded down to 256 tokens)."""
     free = budget - w4_weight_bytes(cfg) - workspace

@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from gpu_kernels import copy_bandwidth, time_cupy  # noqa: E402
 
-FORMATS = ("float", "int8", "fp8")
+FORMATS = ("float", "int8", "fp8", "int4")
 
 
 class LayerShape:
@@ -40,12 +40,21 @@ def measure(shape, fmt, context, batch, max_len=None):
 
     cache = GpuKVCache(shape, fmt, batch, max_len or context)
     rng = cp.random.default_rng(0)
-    for arr in (cache.keys[0], cache.values[0]):
+    if fmt == "int4":
+        for arr in (cache.kq[0], cache.vq[0]):
+            arr[...] = rng.integers(0, 256, size=arr.shape, dtype=cp.int32).astype(cp.uint8)
+        for arr in (cache.ks[0], cache.vs[0]):
+            arr[...] = 0.01
+        for arr in (cache.kz[0], cache.vz[0]):
+            arr[...] = 8.0
+        for arr in (cache.wk[0], cache.wv[0]):
+            arr[...] = rng.standard_normal(arr.shape, dtype=cp.float32).astype(cp.float16)
+    for arr in () if fmt == "int4" else (cache.keys[0], cache.values[0]):
         if fmt == "float":
             arr[...] = rng.standard_normal(arr.shape, dtype=cp.float32).astype(cp.float16)
         else:
             arr[...] = rng.integers(0, 120, size=arr.shape, dtype=cp.int32).astype(arr.dtype)
-    for sc in (cache.k_scale[0], cache.v_scale[0]):
+    for sc in () if fmt == "int4" else (cache.k_scale[0], cache.v_scale[0]):
         if sc is not None:
             sc[...] = 0.01
     cache.pos.set(np.full(batch, context - 1, np.int32))  # the step's query sees all `context` positions
@@ -56,7 +65,10 @@ def measure(shape, fmt, context, batch, max_len=None):
     out = cp.empty((batch, h * hd), cp.float16)
 
     def step():
-        K.decode_attention(q, cache.layer(0), cache.pos, batch, 1, shape, None, parts, out, plan)
+        if fmt == "int4":
+            K.decode_attention_int4(q, cache.kivi(0), cache.pos, batch, 1, shape, None, parts, out, plan)
+        else:
+            K.decode_attention(q, cache.layer(0), cache.pos, batch, 1, shape, None, parts, out, plan)
 
     us = time_cupy(step, [()], reps=20, warmup=2)
     return us, cache.nbytes  # every position of the cache is read once (codes and scales)
@@ -120,8 +132,8 @@ def main():
     print(f"\nDecode attention, one layer, 32 query heads x head_dim 128; {name}, copy bandwidth {bw:.0f} GB/s;"
           " us per call (split + combine), GB/s of cache bytes read, % of copy bandwidth\n")
     print("| kv heads | batch | context | fp16 us | fp16 GB/s (%) | int8 us | int8 GB/s (%) | int8 speedup "
-          "| fp8 us | fp8 GB/s (%) | fp8 speedup |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| fp8 us | fp8 GB/s (%) | fp8 speedup | int4 us | int4 GB/s (%) | int4 speedup |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for kvh, batch, ctx, row in results:
         cells = []
         base = row["float"][0]

@@ -498,6 +498,111 @@ GQA_INSTANCE(attn_gqa_fp8_g2, KV_FP8, 2)
 GQA_INSTANCE(attn_gqa_fp8_g4, KV_FP8, 4)
 GQA_INSTANCE(attn_gqa_fp8_g8, KV_FP8, 8)
 
+// KIVI INT4 cache (decode_ops.cu kivi_flush writes it): a position j of row r is read quantized when
+// its block was complete by the row's own position (j < floor(len / R) R), else from the fp16
+// window (slot j % R) — exactly what kvcache.Int4KVCache.attend gives each query. Keys dequantize
+// per channel with their block's (scale, zero), values per position and group. One warp per query
+// head x W streams, 16 lanes x 8 values per position, one position per group at a time; head_dim <= 128.
+extern "C" __global__ void attn_decode_int4(const __half* __restrict__ q, const uint8_t* __restrict__ kq,
+                                            const uint8_t* __restrict__ vq, const float* __restrict__ ks,
+                                            const float* __restrict__ kz, const float* __restrict__ vs,
+                                            const float* __restrict__ vz, const __half* __restrict__ wk,
+                                            const __half* __restrict__ wv, const int* __restrict__ pos, int T,
+                                            int H, int KV, int hd, int L, int R, int group, int chunk, int window,
+                                            float qscale, float* __restrict__ part_acc, float* __restrict__ part_m,
+                                            float* __restrict__ part_l, int* __restrict__ counter,
+                                            __half* __restrict__ out, int ld_out) {
+    __shared__ float sm_acc[MAX_G_HD];
+    __shared__ float sm_m[64];
+    __shared__ float sm_l[32];
+    const int kvh = blockIdx.x, split = blockIdx.y, nsplit = gridDim.y, r = blockIdx.z;
+    const int G = H / KV, NW = blockDim.x >> 5, W = NW / G;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = warp % G, stream = warp / G, h = kvh * G + g;
+    const int grp = lane >> 4, lig = lane & 15, e = lig * 8;
+    const bool has = e < hd;
+    const int b = r / T, len = pos[b] + r % T + 1;
+    const int lo = window > 0 ? max(0, len - window) : 0;
+    const int c0 = max(split * chunk, lo), c1 = min((split + 1) * chunk, len);
+    const int qlen = (len / R) * R;  // positions quantized by the time this row's token was decoded
+    const size_t bk = (size_t)b * KV + kvh;
+    const int nb = (L + R - 1) / R, ngroups = hd / group;
+
+    float qv[8], acc[8];
+    {
+        float tmp[8];
+        if (has) half8_to_float(*reinterpret_cast<const uint4*>(q + ((size_t)r * H + h) * hd + e), tmp);
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            qv[i] = has ? tmp[i] * qscale : 0.0f;
+            acc[i] = 0.0f;
+        }
+    }
+    float m = NEG_INF, l = 0.0f;
+    for (int jw = c0 + stream * 2; jw < c1; jw += 2 * W) {  // warp-uniform
+        const int j = jw + grp;
+        const bool ok = j < c1;
+        float k8[8], v8[8];
+#pragma unroll
+        for (int i = 0; i < 8; i++) k8[i] = v8[i] = 0.0f;
+        if (ok && has) {
+            if (j < qlen) {
+                const size_t row = bk * L + j;
+                const uint32_t kw = *reinterpret_cast<const uint32_t*>(kq + row * (hd / 2) + e / 2);
+                const uint32_t vw = *reinterpret_cast<const uint32_t*>(vq + row * (hd / 2) + e / 2);
+                const float* ksp = ks + (bk * nb + j / R) * hd + e;
+                const float* kzp = kz + (bk * nb + j / R) * hd + e;
+                const float vsc = vs[row * ngroups + e / group], vzr = vz[row * ngroups + e / group];
+#pragma unroll
+                for (int i = 0; i < 8; i++) {
+                    k8[i] = ((float)((kw >> (4 * i)) & 15u) - kzp[i]) * ksp[i];
+                    v8[i] = ((float)((vw >> (4 * i)) & 15u) - vzr) * vsc;
+                }
+            } else {
+                const size_t slot = bk * R + j % R;
+                half8_to_float(*reinterpret_cast<const uint4*>(wk + slot * hd + e), k8);
+                half8_to_float(*reinterpret_cast<const uint4*>(wv + slot * hd + e), v8);
+            }
+        }
+        float d = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 8; i++) d += qv[i] * k8[i];
+        d = group_sum<16>(d);
+        if (ok) {
+            const float mu = fmaxf(m, d);
+            const float corr = exp2f(m - mu), p = exp2f(d - mu);
+            l = l * corr + p;
+#pragma unroll
+            for (int i = 0; i < 8; i++) acc[i] = acc[i] * corr + p * v8[i];
+            m = mu;
+        }
+    }
+
+    if (lig == 0) sm_m[warp * 2 + grp] = m;
+    for (int i = threadIdx.x; i < G * hd; i += blockDim.x) sm_acc[i] = 0.0f;
+    if (threadIdx.x < G) sm_l[threadIdx.x] = 0.0f;
+    __syncthreads();
+    float M = NEG_INF;
+    for (int w = g; w < NW; w += G) M = fmaxf(M, fmaxf(sm_m[2 * w], sm_m[2 * w + 1]));
+    const float f = m == NEG_INF ? 0.0f : exp2f(m - M);
+    if (has && f > 0.0f) {
+#pragma unroll
+        for (int i = 0; i < 8; i++) atomicAdd(&sm_acc[g * hd + e + i], acc[i] * f);
+    }
+    if (lig == 0 && f > 0.0f) atomicAdd(&sm_l[g], l * f);
+    __syncthreads();
+    const size_t part0 = ((size_t)r * H + kvh * G) * nsplit + split;
+    for (int i = threadIdx.x; i < G * hd; i += blockDim.x) {
+        const int gg = i / hd, ee = i % hd;
+        part_acc[(part0 + (size_t)gg * nsplit) * hd + ee] = sm_acc[i];
+    }
+    if (lane == 0 && stream == 0) {
+        part_m[part0 + (size_t)g * nsplit] = M;
+        part_l[part0 + (size_t)g * nsplit] = sm_l[g];
+    }
+    merge_splits(r, H, KV, kvh, G, nsplit, len, chunk, hd, part_acc, part_m, part_l, counter, out, ld_out);
+}
+
 #define ATTN_INSTANCE(NAME, FMT, ITERS, PIPE)                                                            \
     extern "C" __global__ void NAME(const __half* q, const void* kc, const void* vc, const float* k_scale, \
                                     const float* v_scale, const int* pos, int T, int H, int KV, int hd,    \

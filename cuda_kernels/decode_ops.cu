@@ -108,6 +108,7 @@ extern "C" __global__ void gather_cols(const __half* __restrict__ x, int ld_in, 
 #define KV_FP16 0
 #define KV_INT8 1
 #define KV_FP8 2
+#define KV_INT4 3  // KIVI: new keys and values go to an fp16 window of L = R slots, slot p % R
 
 // Rotary embedding (rotate_half pairs (i, i + rot/2), dims past rot unchanged), optional per-head
 // RMSNorm before it (qwen3), then: queries to q_out, keys and values into the cache at position
@@ -149,9 +150,9 @@ extern "C" __global__ void rope_append(const __half* __restrict__ qkv, int ld_qk
         for (int i = threadIdx.x; i < hd; i += blockDim.x) q_out[((size_t)r * H + head) * hd + i] = __float2half(v[i]);
         return;
     }
-    const size_t row = ((size_t)b * KV + head) * L + p;  // (b, head, position)
+    const size_t row = ((size_t)b * KV + head) * L + (fmt == KV_INT4 ? p % L : p);  // (b, head, position)
     void* cache = kind == 1 ? kc : vc;
-    if (fmt == KV_FP16) {
+    if (fmt == KV_FP16 || fmt == KV_INT4) {
         for (int i = threadIdx.x; i < hd; i += blockDim.x) ((__half*)cache)[row * hd + i] = __float2half(v[i]);
         return;
     }
@@ -215,5 +216,75 @@ extern "C" __global__ void next_token(const __half* __restrict__ logits, int ld,
     if (threadIdx.x == 0) {
         tok[b] = best_i[0];
         if (advance) pos[b] += 1;
+    }
+}
+
+// KIVI INT4 (Liu et al. 2024, sec. 3; minillm/kvcache.py Int4KVCache is the reference): when the last
+// position written this step, pos[b] + T - 1, completes a block of R positions, the block is
+// quantized out of the fp16 window: keys per channel over the R positions, values per position in
+// groups of `group` along head_dim, both asymmetric 4-bit (scale = (hi - lo) / 15 over a range that
+// contains 0, zero = round(-lo / scale)). Codes are packed two per byte along head_dim (low nibble
+// first). The window keeps its values: positions of the block still read them until they are past.
+// grid (B * KV), 128 threads. (The engine splits a prompt at block boundaries, so at most one block
+// completes per step.)
+__device__ __forceinline__ void asym4_params(float lo, float hi, float& scale, float& zero) {
+    lo = fminf(lo, 0.0f);
+    hi = fmaxf(hi, 0.0f);
+    scale = hi > lo ? (hi - lo) / 15.0f : 1.0f;
+    zero = fminf(fmaxf(rintf(-lo / scale), 0.0f), 15.0f);
+}
+
+__device__ __forceinline__ uint32_t asym4_code(float x, float scale, float zero) {
+    return (uint32_t)fminf(fmaxf(rintf(x / scale) + zero, 0.0f), 15.0f);
+}
+
+extern "C" __global__ void kivi_flush(const __half* __restrict__ wk, const __half* __restrict__ wv,
+                                      uint8_t* __restrict__ kq, uint8_t* __restrict__ vq,
+                                      float* __restrict__ ks, float* __restrict__ kz, float* __restrict__ vs,
+                                      float* __restrict__ vz, const int* __restrict__ pos, int T, int KV, int hd,
+                                      int L, int R, int group) {
+    const int bk = blockIdx.x, b = bk / KV;
+    const int last = pos[b] + T - 1;
+    if ((last + 1) % R != 0) return;
+    const int blk = last / R, p0 = blk * R;
+    const int nb = (L + R - 1) / R, ngroups = hd / group;
+    const __half* wkb = wk + (size_t)bk * R * hd;
+    const __half* wvb = wv + (size_t)bk * R * hd;
+    // Keys: a thread per pair of channels (one output byte per position).
+    for (int c2 = threadIdx.x; c2 < hd / 2; c2 += blockDim.x) {
+        float sc[2], zr[2];
+        for (int h = 0; h < 2; h++) {
+            float lo = 3.4e38f, hi = -3.4e38f;
+            for (int j = 0; j < R; j++) {
+                const float x = __half2float(wkb[(size_t)j * hd + 2 * c2 + h]);
+                lo = fminf(lo, x);
+                hi = fmaxf(hi, x);
+            }
+            asym4_params(lo, hi, sc[h], zr[h]);
+            ks[((size_t)bk * nb + blk) * hd + 2 * c2 + h] = sc[h];
+            kz[((size_t)bk * nb + blk) * hd + 2 * c2 + h] = zr[h];
+        }
+        for (int j = 0; j < R; j++) {
+            const uint32_t q0 = asym4_code(__half2float(wkb[(size_t)j * hd + 2 * c2]), sc[0], zr[0]);
+            const uint32_t q1 = asym4_code(__half2float(wkb[(size_t)j * hd + 2 * c2 + 1]), sc[1], zr[1]);
+            kq[((size_t)bk * L + p0 + j) * (hd / 2) + c2] = (uint8_t)(q0 | (q1 << 4));
+        }
+    }
+    // Values: a thread per (position, group).
+    for (int t = threadIdx.x; t < R * ngroups; t += blockDim.x) {
+        const int j = t / ngroups, g = t % ngroups;
+        const __half* x = wvb + (size_t)j * hd + g * group;
+        float lo = 3.4e38f, hi = -3.4e38f;
+        for (int i = 0; i < group; i++) {
+            lo = fminf(lo, __half2float(x[i]));
+            hi = fmaxf(hi, __half2float(x[i]));
+        }
+        float sc, zr;
+        asym4_params(lo, hi, sc, zr);
+        vs[((size_t)bk * L + p0 + j) * ngroups + g] = sc;
+        vz[((size_t)bk * L + p0 + j) * ngroups + g] = zr;
+        for (int i = 0; i < group; i += 2)
+            vq[((size_t)bk * L + p0 + j) * (hd / 2) + (g * group + i) / 2] =
+                (uint8_t)(asym4_code(__half2float(x[i]), sc, zr) | (asym4_code(__half2float(x[i + 1]), sc, zr) << 4));
     }
 }

@@ -6,6 +6,8 @@ KV cache is what grows with the context:
     bytes per token = 2 (K, V) x layers x kv_heads x (head_dim x bytes per value + scale bytes)
                     = 2 x 32 x 32 x (128 x 2)     = 512 KiB  fp16
                     = 2 x 32 x 32 x (128 x 1 + 4) = 264 KiB  int8 / fp8 (+ a float32 scale per head)
+                    = 32 x 32 x 192               = 192 KiB  int4 KIVI (codes 2 x 64 B, value groups
+                                                             32 B, key channels per 32-token block 32 B)
 
 so the longest context = (budget - weights - working buffers) / bytes per token. On a GPU the figure
 is then checked by allocating the model, the cache and one decode step's buffers inside the budget.
@@ -17,7 +19,7 @@ import numpy as np
 
 from .errors import MinillmError
 
-GPU_CACHES = ("float", "int8", "fp8")
+GPU_CACHES = ("float", "int8", "fp8", "int4")
 
 
 def w4_weight_bytes(cfg, group: int = 128) -> int:
@@ -32,22 +34,15 @@ def w4_weight_bytes(cfg, group: int = 128) -> int:
     return total
 
 
-def cache_bytes_per_token(cfg, kind: str) -> int:
+def _cache_bytes(cfg, kind: str, length: int) -> int:
     from .gpu.cache import cache_bytes  # noqa: PLC0415 - no CuPy needed for the arithmetic
 
-    return cache_bytes(kind, cfg.num_layers, 1, cfg.num_kv_heads, cfg.head_dim, 1)
+    return cache_bytes(kind, cfg.num_layers, 1, cfg.num_kv_heads, cfg.head_dim, length)
 
 
-def int4_bytes_per_token(cfg) -> int:
-    """Per-token bytes of the INT4 (KIVI) cache as minillm's CPU reference stores it (packed codes,
-    fp32 scales and zeros; the float window is a fixed cost). It has no GPU kernels yet, so this row
-    of `minillm bench` is arithmetic only."""
-    from .kvcache import Int4KVCache  # noqa: PLC0415
-
-    def nbytes(length):  # np.zeros reserves pages lazily: nothing this size is touched
-        return Int4KVCache(cfg.num_layers, 1, cfg.num_kv_heads, cfg.head_dim, length).nbytes
-
-    return (nbytes(2048) - nbytes(1024)) // 1024
+def cache_bytes_per_token(cfg, kind: str) -> int:
+    """What one more token costs (INT4 also has a fixed cost: its fp16 window)."""
+    return (_cache_bytes(cfg, kind, 2048) - _cache_bytes(cfg, kind, 1024)) // 1024
 
 
 def plan(cfg, budget: int, workspace: int = 256 << 20) -> dict:
@@ -56,8 +51,12 @@ def plan(cfg, budget: int, workspace: int = 256 << 20) -> dict:
     if free <= 0:
         raise MinillmError(f"a budget of {budget / 2**30:.1f} GiB does not hold the weights "
                            f"({w4_weight_bytes(cfg) / 2**30:.2f} GiB)")
-    return {kind: (cache_bytes_per_token(cfg, kind), int(free // cache_bytes_per_token(cfg, kind)) // 256 * 256)
-            for kind in GPU_CACHES}
+    out = {}
+    for kind in GPU_CACHES:
+        per_token = cache_bytes_per_token(cfg, kind)
+        fixed = _cache_bytes(cfg, kind, 1024) - 1024 * per_token
+        out[kind] = (per_token, int((free - fixed) // per_token) // 256 * 256)
+    return out
 
 
 def verify(cfg, kind: str, context: int, budget: int) -> int:

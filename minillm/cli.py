@@ -252,7 +252,7 @@ def _add_kv_flag(p):
 
 def cmd_bench(args) -> int:
     """The longest context per KV-cache type for a 7B-shaped W4 model in a GPU memory budget."""
-    from .capacity import int4_bytes_per_token, plan, verify, w4_weight_bytes  # noqa: PLC0415
+    from .capacity import plan, verify, w4_weight_bytes  # noqa: PLC0415
     from .gpu.synthetic import llama_config  # noqa: PLC0415
 
     if args.budget_gib <= 0:
@@ -275,10 +275,6 @@ def cmd_bench(args) -> int:
             used = verify(cfg, kind, context, budget)
             note = f"allocated: {used / 2**30:.2f} GiB in use"
         print(f"| {kind} | {per_token / 1024:.0f} KiB | {context} | {note} |")
-    per_token = int4_bytes_per_token(cfg)
-    room = budget - w4_weight_bytes(cfg) - (256 << 20)
-    print(f"| int4 (KIVI, CPU reference layout) | {per_token / 1024:.0f} KiB | ~{room // per_token // 256 * 256} | "
-          "arithmetic only: no GPU kernels yet |")
     return 0
 
 

@@ -58,27 +58,32 @@ def test_quantized_weights_stay_packed(method, bits, tiny_dirs, tmp_path):
     close(gpu(tokens[:5]), cpu(tokens[:5]))
 
 
-@pytest.mark.parametrize("kind", ["int8", "fp8"])
+@pytest.mark.parametrize("kind", ["int8", "fp8", "int4"])
 def test_quantized_kv_cache_matches_reference(kind, tiny_dirs):
-    """The GPU int8/fp8 caches against kvcache.py's reference caches, prompt and decode steps. The
-    tolerance is the format's own effect: the GPU quantizes fp16 keys and values, the reference fp32
-    ones, and a code that flips moves by a whole step, so the two may differ by up to about what the
-    quantization itself changes (measured here as reference-quantized vs reference-float)."""
+    """The GPU int8 / fp8 / int4 (KIVI) caches against kvcache.py's reference caches: a 40-token
+    prompt (int4: split at its 32-position block boundary), decoding across the next boundary (the
+    block flushed from the window), then a truncation into a quantized block (reopened into the
+    window) and more decoding. The tolerance is the format's own effect: the GPU quantizes fp16 keys
+    and values, the reference fp32 ones, and a code that flips moves by a whole step, so the two may
+    differ by up to about what the quantization itself changes (reference-quantized vs float)."""
     cpu = minillm.load(tiny_dirs["llama"], progress=False, kv_cache=kind)
     ref = minillm.load(tiny_dirs["llama"], progress=False)
     gpu = minillm.load(tiny_dirs["llama"], device="cuda", progress=False, kv_cache=kind)
-    tokens = np.random.default_rng(2).integers(3, 128, size=30)
-    caches = [gpu.new_cache(max_len=40), cpu.new_cache(max_len=40), ref.new_cache(max_len=40)]
+    tokens = np.random.default_rng(2).integers(3, 128, size=80)
+    caches = [gpu.new_cache(max_len=96), cpu.new_cache(max_len=96), ref.new_cache(max_len=96)]
 
     def check(lg, lc, lf):
-        scale = np.abs(lf).max()
-        budget = np.abs(lc - lf).max() / scale
+        budget = np.abs(lc - lf).max() / np.abs(lf).max()
         close(lg, lc, rel=2 * budget + REL)
 
-    check(*(m(tokens[:20], c) for m, c in zip((gpu, cpu, ref), caches)))
-    for i in range(20, 30):
+    check(*(m(tokens[:40], c) for m, c in zip((gpu, cpu, ref), caches)))
+    for i in range(40, 70):
         check(*(m(tokens[i : i + 1], c) for m, c in zip((gpu, cpu, ref), caches)))
-    assert caches[0].nbytes < gpu.new_cache(max_len=40, kind="float").nbytes
+    for c in caches:
+        c.truncate(45)
+    for i in range(45, 55):
+        check(*(m(tokens[i : i + 1], c) for m, c in zip((gpu, cpu, ref), caches)))
+    assert caches[0].nbytes < gpu.new_cache(max_len=96, kind="float").nbytes
 
 
 def test_graph_replay_equals_eager(tiny_dirs):
@@ -116,9 +121,11 @@ def test_model_too_large_fails_before_allocating(tiny_dirs, monkeypatch):
         minillm.load(tiny_dirs["llama"], device="cuda", progress=False)
 
 
-def test_int4_cache_on_gpu_is_a_clear_error(tiny_dirs):
-    with pytest.raises(MinillmError, match="int4 KV cache has no GPU kernels"):
-        minillm.load(tiny_dirs["llama"], device="cuda", progress=False, kv_cache="int4")
+def test_int4_cache_needs_a_head_dim_it_can_read(tiny_dirs):
+    gpu = minillm.load(tiny_dirs["gemma"], device="cuda", progress=False)  # head_dim 32: fine
+    assert gpu.new_cache(max_len=64, kind="int4").nbytes > 0
+    with pytest.raises(MinillmError, match="head_dim that is a multiple of 16"):
+        minillm.load(tiny_dirs["qwen3"], device="cuda", progress=False).new_cache(max_len=64, kind="int4")
 
 
 PROMPTS = [

@@ -15,12 +15,25 @@ from ..kvcache import KV_CACHE_TYPES
 from .kernels import KV_FORMATS
 
 CODE_BYTES = {"float": 2, "int8": 1, "fp8": 1}
+KIVI_BLOCK = 32  # INT4: positions per key block, and the fp16 window's slots
+
+
+def kivi_group(head_dim: int) -> int:
+    return min(32, head_dim)  # values: positions' head_dim in groups of this many
 
 
 def cache_bytes(kind: str, num_layers, batch, kv_heads, head_dim, max_len) -> int:
-    """Bytes of a cache: codes, plus a float32 scale per (token, head) for the 8-bit formats."""
+    """Bytes of a cache: codes, plus a float32 scale per (token, head) for the 8-bit formats; for INT4,
+    packed codes, fp32 (scale, zero) per key channel and block and per value group and position, and
+    the fp16 window."""
+    heads = num_layers * batch * kv_heads
+    if kind == "int4":
+        blocks = -(-max_len // KIVI_BLOCK)
+        per_head = (2 * max_len * head_dim // 2 + blocks * head_dim * 8
+                    + max_len * (head_dim // kivi_group(head_dim)) * 8 + 2 * KIVI_BLOCK * head_dim * 2)
+        return heads * per_head
     per_pos = head_dim * CODE_BYTES[kind] + (4 if kind != "float" else 0)
-    return 2 * num_layers * batch * kv_heads * max_len * per_pos
+    return 2 * heads * max_len * per_pos
 
 
 def check_fits(what: str, need: int) -> None:
@@ -39,14 +52,20 @@ class GpuKVCache:
         if kind not in KV_CACHE_TYPES:
             raise MinillmError(f"unknown KV cache type {kind!r}: choose from {', '.join(KV_CACHE_TYPES)}")
         if kind not in KV_FORMATS:
-            raise MinillmError(f"the {kind} KV cache has no GPU kernels yet: use float, int8 or fp8 with --device cuda")
+            raise MinillmError(f"the {kind} KV cache has no GPU kernels: use float, int8, fp8 or int4 with --device cuda")
         layers, kv, hd = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
-        if kind != "float" and hd % 16:
+        if kind in ("int8", "fp8") and hd % 16:
             raise MinillmError(f"the {kind} KV cache on the GPU needs a head_dim that is a multiple of 16, not {hd}")
+        if kind == "int4" and (hd % 16 or hd > 128):
+            raise MinillmError(f"the int4 KV cache on the GPU needs a head_dim that is a multiple of 16 and at "
+                               f"most 128, not {hd}")
         check_fits(f"a {kind} KV cache of {max_len} tokens x batch {batch}",
                    cache_bytes(kind, layers, batch, kv, hd, max_len))
         self.kind, self.fmt, self.batch, self.max_len = kind, KV_FORMATS[kind], batch, max_len
         self.length = 0
+        if kind == "int4":
+            self._init_int4(layers, batch, kv, hd, max_len)
+            return
         dtype = {"float": cp.float16, "int8": cp.int8, "fp8": cp.uint8}[kind]
         shape = (batch, kv, max_len, hd)
         self.keys = [cp.zeros(shape, dtype) for _ in range(layers)]
@@ -61,9 +80,32 @@ class GpuKVCache:
         self.warm = False  # a decode step has run eagerly (kernels compiled, scratch allocated)
         self.dev_length = None  # the length cache.pos holds
 
+    def _init_int4(self, layers, batch, kv, hd, max_len):
+        """KIVI: packed codes for every position, (scale, zero) per key channel and block and per value
+        group and position, and the fp16 window where new positions wait for their block to fill."""
+        cp = get_xp("cuda")
+        r, blocks, groups = KIVI_BLOCK, -(-max_len // KIVI_BLOCK), hd // kivi_group(hd)
+
+        def z(*shape, dtype=cp.float32):
+            return [cp.zeros(shape, dtype) for _ in range(layers)]
+
+        self.kq, self.vq = z(batch, kv, max_len, hd // 2, dtype=cp.uint8), z(batch, kv, max_len, hd // 2, dtype=cp.uint8)
+        self.ks, self.kz = z(batch, kv, blocks, hd), z(batch, kv, blocks, hd)
+        self.vs, self.vz = z(batch, kv, max_len, groups), z(batch, kv, max_len, groups)
+        self.wk, self.wv = z(batch, kv, r, hd, dtype=cp.float16), z(batch, kv, r, hd, dtype=cp.float16)
+        self.group = kivi_group(hd)
+
     def layer(self, i: int):
-        """(keys, values, key scales, value scales, format code, max_len): what the kernels take."""
+        """(keys, values, key scales, value scales, format code, rows): what the append and attention
+        kernels take. For INT4 the append writes the fp16 window (rows = its slots)."""
+        if self.kind == "int4":
+            return self.wk[i], self.wv[i], None, None, self.fmt, KIVI_BLOCK
         return self.keys[i], self.values[i], self.k_scale[i], self.v_scale[i], self.fmt, self.max_len
+
+    def kivi(self, i: int):
+        """INT4 layer i: (kq, vq, ks, kz, vs, vz, wk, wv, max_len, block, group)."""
+        return (self.kq[i], self.vq[i], self.ks[i], self.kz[i], self.vs[i], self.vz[i], self.wk[i], self.wv[i],
+                self.max_len, KIVI_BLOCK, self.group)
 
     def check_room(self, new_tokens: int) -> None:
         if self.length + new_tokens > self.max_len:
@@ -81,7 +123,31 @@ class GpuKVCache:
 
     def truncate(self, length: int) -> None:
         # Rows past `length` are stale and overwritten by the next append; attention never reads them.
-        self.length = max(0, min(length, self.length))
+        length = max(0, min(length, self.length))
+        if self.kind == "int4":
+            r = KIVI_BLOCK
+            start = length // r * r
+            if start < self.length // r * r and start < length:  # cut into a quantized block: reopen it
+                self._reopen(start, length)
+        self.length = length
+
+    def _reopen(self, start: int, end: int) -> None:
+        """INT4: positions [start, end) of a quantized block go back to the fp16 window (dequantized),
+        as the reference cache does, so appending continues the block."""
+        cp = get_xp("cuda")
+        shifts = cp.asarray([0, 4], dtype=cp.uint8)
+        blk, slots = start // KIVI_BLOCK, cp.arange(start, end) % KIVI_BLOCK
+        for i in range(len(self.kq)):
+            for codes, dest in ((self.kq[i], self.wk[i]), (self.vq[i], self.wv[i])):
+                q = ((codes[:, :, start:end, :, None] >> shifts) & 15).reshape(*codes.shape[:2], end - start, -1)
+                q = q.astype(cp.float32)
+                if dest is self.wk[i]:
+                    x = (q - self.kz[i][:, :, blk, None, :]) * self.ks[i][:, :, blk, None, :]
+                else:
+                    g = self.group
+                    qg = q.reshape(*q.shape[:3], -1, g)
+                    x = ((qg - self.vz[i][:, :, start:end, :, None]) * self.vs[i][:, :, start:end, :, None]).reshape(q.shape)
+                dest[:, :, slots] = x.astype(cp.float16)
 
     def dequantized(self, layer: int, end: int):
         """K, V of positions [0, end) as float32 [B, KV, end, hd] (for tests and the prefill path)."""
@@ -99,7 +165,10 @@ class GpuKVCache:
 
     @property
     def nbytes(self) -> int:
-        arrays = self.keys + self.values + [a for a in self.k_scale + self.v_scale if a is not None]
+        if self.kind == "int4":
+            arrays = self.kq + self.vq + self.ks + self.kz + self.vs + self.vz + self.wk + self.wv
+        else:
+            arrays = self.keys + self.values + [a for a in self.k_scale + self.v_scale if a is not None]
         return int(sum(a.nbytes for a in arrays))
 
 

@@ -206,7 +206,11 @@ class GpuModel:
             layer.qkv(buf.x, buf.qkv, rows, buf)
             K.rope_append(buf.qkv, buf.q, layer.q_norm, layer.k_norm, eps, cos, sin, cache.pos, rows, t, c,
                           cache.layer(i))
-            if prefill_attention:
+            if cache.kind == "int4":
+                K.kivi_flush(cache.kivi(i), cache.pos, cache.batch, t, c)
+                K.decode_attention_int4(buf.q, cache.kivi(i), cache.pos, rows, t, c, layer.window, parts, buf.attn,
+                                        plan)
+            elif prefill_attention:
                 self._prefill_attention(buf, cache, i, rows, t, layer.window)
             else:
                 K.decode_attention(buf.q, cache.layer(i), cache.pos, rows, t, c, layer.window, parts, buf.attn, plan)
@@ -260,6 +264,8 @@ class GpuModel:
         if cache.batch != b:
             raise MinillmError(f"the cache holds {cache.batch} sequences but {b} were given")
         cache.check_room(t)
+        if cache.kind == "int4" and t > 1:
+            return self._by_blocks(tok, cache, last_only, squeeze)
         cache.sync_pos()
         rows = b * t
         buf = self.buffers(rows)
@@ -274,6 +280,19 @@ class GpuModel:
             sel = sel[:, -1:]
         logits = self._logits(buf.x[cp.asarray(sel.reshape(-1))])
         out = cp.asnumpy(logits.astype(cp.float32)).reshape(b, sel.shape[1], -1)
+        return out[0] if squeeze else out
+
+    def _by_blocks(self, tok, cache, last_only: bool, squeeze: bool):
+        """An INT4 cache takes a prompt in pieces that end at its block boundaries: at most one block
+        completes per step, and the window holds the block's positions until then."""
+        from .cache import KIVI_BLOCK  # noqa: PLC0415
+
+        outs, i, t = [], 0, tok.shape[1]
+        while i < t:
+            n = min(t - i, KIVI_BLOCK - (cache.length % KIVI_BLOCK))
+            outs.append(self(tok[:, i : i + n], cache, last_only=last_only))
+            i += n
+        out = outs[-1] if last_only else np.concatenate(outs, axis=1)
         return out[0] if squeeze else out
 
     def _logits(self, x):

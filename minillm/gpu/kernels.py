@@ -14,7 +14,7 @@ import numpy as np
 from ..backend import get_xp
 
 KERNEL_DIR = Path(__file__).resolve().parents[2] / "cuda_kernels"
-KV_FORMATS = {"float": 0, "int8": 1, "fp8": 2}  # the cache formats the kernels read (attention.cu)
+KV_FORMATS = {"float": 0, "int8": 1, "fp8": 2, "int4": 3}  # the cache formats the kernels read
 GEMV_BATCHES = (1, 2, 4, 8, 16)  # batch sizes compiled into gemv.cu / w4a16_gemv.cu
 _GEMV_ROWS = {1: 2, 2: 2, 4: 2, 8: 2, 16: 2}  # rows per warp of gemv.cu's instances (even: see act)
 
@@ -154,6 +154,26 @@ def attention_parts(rows: int, cfg, plan):
     h, hd, splits = cfg.num_heads, cfg.head_dim, plan[1]
     return (cp.zeros((rows, h, splits, hd), cp.float32), cp.zeros((rows, h, splits), cp.float32),
             cp.zeros((rows, h, splits), cp.float32), cp.zeros(rows * cfg.num_kv_heads, cp.int32))
+
+
+def kivi_flush(kivi, pos, batch: int, t: int, cfg):
+    """INT4 cache: quantize the block the step's last position completed (if it did) out of the window."""
+    kq, vq, ks, kz, vs, vz, wk, wv, max_len, block, group = kivi
+    kv, hd = cfg.num_kv_heads, cfg.head_dim
+    fn("decode_ops", "kivi_flush")((batch * kv,), (128,), (
+        wk, wv, kq, vq, ks, kz, vs, vz, pos, i32(t), i32(kv), i32(hd), i32(max_len), i32(block), i32(group)))
+
+
+def decode_attention_int4(q, kivi, pos, rows, t, cfg, window, parts, out, plan):
+    """Attention over an INT4 (KIVI) cache: quantized blocks and the fp16 window, per row."""
+    kq, vq, ks, kz, vs, vz, wk, wv, max_len, block, group = kivi
+    chunk, splits, warps = plan
+    h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    acc, m, l, counter = parts
+    fn("attention", "attn_decode_int4")((kv, splits, rows), (32 * warps,), (
+        q, kq, vq, ks, kz, vs, vz, wk, wv, pos, i32(t), i32(h), i32(kv), i32(hd), i32(max_len), i32(block),
+        i32(group), i32(chunk), i32(window or 0), np.float32(math.log2(math.e) / math.sqrt(hd)), acc, m, l, counter,
+        out, i32(out.shape[1])))
 
 
 # -- matrix products (gemv.cu, w4a16_gemv.cu, dequant.cu) ------------------------------------------

@@ -65,16 +65,16 @@ class GpuKVCache:
         self.length = 0
         if kind == "int4":
             self._init_int4(layers, batch, kv, hd, max_len)
-            return
-        dtype = {"float": cp.float16, "int8": cp.int8, "fp8": cp.uint8}[kind]
-        shape = (batch, kv, max_len, hd)
-        self.keys = [cp.zeros(shape, dtype) for _ in range(layers)]
-        self.values = [cp.zeros(shape, dtype) for _ in range(layers)]
-        if kind == "float":
-            self.k_scale = self.v_scale = [None] * layers
         else:
-            self.k_scale = [cp.zeros(shape[:3], cp.float32) for _ in range(layers)]
-            self.v_scale = [cp.zeros(shape[:3], cp.float32) for _ in range(layers)]
+            dtype = {"float": cp.float16, "int8": cp.int8, "fp8": cp.uint8}[kind]
+            shape = (batch, kv, max_len, hd)
+            self.keys = [cp.zeros(shape, dtype) for _ in range(layers)]
+            self.values = [cp.zeros(shape, dtype) for _ in range(layers)]
+            if kind == "float":
+                self.k_scale = self.v_scale = [None] * layers
+            else:
+                self.k_scale = [cp.zeros(shape[:3], cp.float32) for _ in range(layers)]
+                self.v_scale = [cp.zeros(shape[:3], cp.float32) for _ in range(layers)]
         self.pos = cp.zeros(batch, cp.int32)  # device copy of `length`, one per batch row
         self.graph = None  # (sampling key, the captured decode step for this cache): engine.py
         self.warm = False  # a decode step has run eagerly (kernels compiled, scratch allocated)

@@ -33,7 +33,7 @@ from ..config import ModelConfig
 from ..errors import MinillmError
 from ..model import rope_inv_freq
 from . import kernels as K
-from .cache import GpuKVCache, cache_bytes, check_fits
+from .cache import KIVI_BLOCK, GpuKVCache, cache_bytes, check_fits
 from .linear import GpuLinear
 
 
@@ -264,8 +264,8 @@ class GpuModel:
         if cache.batch != b:
             raise MinillmError(f"the cache holds {cache.batch} sequences but {b} were given")
         cache.check_room(t)
-        if cache.kind == "int4" and t > 1:
-            return self._by_blocks(tok, cache, last_only, squeeze)
+        if cache.kind == "int4" and t > 1 and cache.length // KIVI_BLOCK != (cache.length + t - 1) // KIVI_BLOCK:
+            return self._by_blocks(tok, cache, last_only, squeeze)  # the tokens span a block boundary
         cache.sync_pos()
         rows = b * t
         buf = self.buffers(rows)
@@ -285,8 +285,6 @@ class GpuModel:
     def _by_blocks(self, tok, cache, last_only: bool, squeeze: bool):
         """An INT4 cache takes a prompt in pieces that end at its block boundaries: at most one block
         completes per step, and the window holds the block's positions until then."""
-        from .cache import KIVI_BLOCK  # noqa: PLC0415
-
         outs, i, t = [], 0, tok.shape[1]
         while i < t:
             n = min(t - i, KIVI_BLOCK - (cache.length % KIVI_BLOCK))

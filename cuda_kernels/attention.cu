@@ -502,7 +502,8 @@ GQA_INSTANCE(attn_gqa_fp8_g8, KV_FP8, 8)
 // its block was complete by the row's own position (j < floor(len / R) R), else from the fp16
 // window (slot j % R) — exactly what kvcache.Int4KVCache.attend gives each query. Keys dequantize
 // per channel with their block's (scale, zero), values per position and group. One warp per query
-// head x W streams, 16 lanes x 8 values per position, one position per group at a time; head_dim <= 128.
+// head x W streams, 16 lanes x 8 values per position; a group takes whole key blocks (chunks are
+// multiples of 8 blocks, kernels.py); head_dim <= 128.
 extern "C" __global__ void attn_decode_int4(const __half* __restrict__ q, const uint8_t* __restrict__ kq,
                                             const uint8_t* __restrict__ vq, const float* __restrict__ ks,
                                             const float* __restrict__ kz, const float* __restrict__ vs,
@@ -539,43 +540,79 @@ extern "C" __global__ void attn_decode_int4(const __half* __restrict__ q, const 
         }
     }
     float m = NEG_INF, l = 0.0f;
-    for (int jw = c0 + stream * 2; jw < c1; jw += 2 * W) {  // warp-uniform
+    auto update = [&](float d, const float* v8) {  // online softmax with one more position
+        const float mu = fmaxf(m, d);
+        const float corr = exp2f(m - mu), p = exp2f(d - mu);
+        l = l * corr + p;
+#pragma unroll
+        for (int i = 0; i < 8; i++) acc[i] = acc[i] * corr + p * v8[i];
+        m = mu;
+    };
+
+    // Quantized positions, a whole block per group at a time: the key block's (scale, zero) per
+    // channel fold into the query once, qs_c = q_c s_c and bias = sum_c qs_c z_c, so a position
+    // costs q . k = sum_c qs_c code_c - bias: its codes and its value group's (scale, zero) only.
+    const int qend = min(c1, qlen);
+    const int groups = 2 * W;  // groups per query head in this block
+    for (int bw = c0 / R + stream * 2; bw * R < qend; bw += groups) {  // warp-uniform
+        const int blk = bw + grp;
+        float qs[8], bias = 0.0f;
+        if (has) {
+            const float* ksp = ks + (bk * nb + min(blk, nb - 1)) * hd + e;
+            const float* kzp = kz + (bk * nb + min(blk, nb - 1)) * hd + e;
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                qs[i] = qv[i] * ksp[i];
+                bias += qs[i] * kzp[i];
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < 8; i++) qs[i] = 0.0f;
+        }
+        for (int jj = 0; jj < R; jj += 4) {
+            uint32_t kw[4], vw[4];
+            float vsc[4], vzr[4];
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                const int j = min(blk * R + jj + u, L - 1);
+                const size_t row = bk * L + j;
+                kw[u] = has ? *reinterpret_cast<const uint32_t*>(kq + row * (hd / 2) + e / 2) : 0u;
+                vw[u] = has ? *reinterpret_cast<const uint32_t*>(vq + row * (hd / 2) + e / 2) : 0u;
+                vsc[u] = vs[row * ngroups + (has ? e / group : 0)];
+                vzr[u] = vz[row * ngroups + (has ? e / group : 0)];
+            }
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                const int j = blk * R + jj + u;
+                float d = 0.0f;
+#pragma unroll
+                for (int i = 0; i < 8; i++) d += qs[i] * (float)((kw[u] >> (4 * i)) & 15u);
+                d = group_sum<16>(d - bias);
+                if (j >= c0 && j < qend) {
+                    float v8[8];
+#pragma unroll
+                    for (int i = 0; i < 8; i++) v8[i] = ((float)((vw[u] >> (4 * i)) & 15u) - vzr[u]) * vsc[u];
+                    update(d, v8);
+                }
+            }
+        }
+    }
+    // The float window: positions of the row's own, not yet quantized, block.
+    for (int jw = max(c0, qlen) + stream * 2; jw < c1; jw += groups) {  // warp-uniform
         const int j = jw + grp;
-        const bool ok = j < c1;
         float k8[8], v8[8];
 #pragma unroll
         for (int i = 0; i < 8; i++) k8[i] = v8[i] = 0.0f;
-        if (ok && has) {
-            if (j < qlen) {
-                const size_t row = bk * L + j;
-                const uint32_t kw = *reinterpret_cast<const uint32_t*>(kq + row * (hd / 2) + e / 2);
-                const uint32_t vw = *reinterpret_cast<const uint32_t*>(vq + row * (hd / 2) + e / 2);
-                const float* ksp = ks + (bk * nb + j / R) * hd + e;
-                const float* kzp = kz + (bk * nb + j / R) * hd + e;
-                const float vsc = vs[row * ngroups + e / group], vzr = vz[row * ngroups + e / group];
-#pragma unroll
-                for (int i = 0; i < 8; i++) {
-                    k8[i] = ((float)((kw >> (4 * i)) & 15u) - kzp[i]) * ksp[i];
-                    v8[i] = ((float)((vw >> (4 * i)) & 15u) - vzr) * vsc;
-                }
-            } else {
-                const size_t slot = bk * R + j % R;
-                half8_to_float(*reinterpret_cast<const uint4*>(wk + slot * hd + e), k8);
-                half8_to_float(*reinterpret_cast<const uint4*>(wv + slot * hd + e), v8);
-            }
+        if (j < c1 && has) {
+            const size_t slot = bk * R + j % R;
+            half8_to_float(*reinterpret_cast<const uint4*>(wk + slot * hd + e), k8);
+            half8_to_float(*reinterpret_cast<const uint4*>(wv + slot * hd + e), v8);
         }
         float d = 0.0f;
 #pragma unroll
         for (int i = 0; i < 8; i++) d += qv[i] * k8[i];
         d = group_sum<16>(d);
-        if (ok) {
-            const float mu = fmaxf(m, d);
-            const float corr = exp2f(m - mu), p = exp2f(d - mu);
-            l = l * corr + p;
-#pragma unroll
-            for (int i = 0; i < 8; i++) acc[i] = acc[i] * corr + p * v8[i];
-            m = mu;
-        }
+        if (j < c1) update(d, v8);
     }
 
     if (lig == 0) sm_m[warp * 2 + grp] = m;

@@ -169,6 +169,10 @@ def decode_attention_int4(q, kivi, pos, rows, t, cfg, window, parts, out, plan):
     kq, vq, ks, kz, vs, vz, wk, wv, max_len, block, group = kivi
     chunk, splits, warps = plan
     h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    # Each of a head's 2 x streams groups takes whole key blocks: chunks of that many blocks (fewer,
+    # longer splits than the plan's, so they fit its scratch).
+    chunk = round_up(chunk, block * 2 * (warps // (h // kv)))
+    splits = -(-max_len // chunk)
     acc, m, l, counter = parts
     fn("attention", "attn_decode_int4")((kv, splits, rows), (32 * warps,), (
         q, kq, vq, ks, kz, vs, vz, wk, wv, pos, i32(t), i32(h), i32(kv), i32(hd), i32(max_len), i32(block),

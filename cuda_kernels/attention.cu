@@ -581,19 +581,32 @@ extern "C" __global__ void attn_decode_int4(const __half* __restrict__ q, const 
                 vsc[u] = vs[row * ngroups + (has ? e / group : 0)];
                 vzr[u] = vz[row * ngroups + (has ? e / group : 0)];
             }
+            // Four scores, then one rescale of the running sums for all four (not one per position).
+            float d[4], mu = m;
 #pragma unroll
             for (int u = 0; u < 4; u++) {
                 const int j = blk * R + jj + u;
-                float d = 0.0f;
+                float x = 0.0f;
 #pragma unroll
-                for (int i = 0; i < 8; i++) d += qs[i] * (float)((kw[u] >> (4 * i)) & 15u);
-                d = group_sum<16>(d - bias);
-                if (j >= c0 && j < qend) {
-                    float v8[8];
+                for (int i = 0; i < 8; i++) x += qs[i] * (float)((kw[u] >> (4 * i)) & 15u);
+                x = group_sum<16>(x - bias);
+                d[u] = j >= c0 && j < qend ? x : NEG_INF;
+                mu = fmaxf(mu, d[u]);
+            }
+            if (mu != NEG_INF) {
+                const float corr = exp2f(m - mu);
+                l *= corr;
 #pragma unroll
-                    for (int i = 0; i < 8; i++) v8[i] = ((float)((vw[u] >> (4 * i)) & 15u) - vzr[u]) * vsc[u];
-                    update(d, v8);
+                for (int i = 0; i < 8; i++) acc[i] *= corr;
+#pragma unroll
+                for (int u = 0; u < 4; u++) {
+                    const float p = exp2f(d[u] - mu);  // 0 for positions outside [c0, qend)
+                    l += p;
+                    const float ps = p * vsc[u], pz = ps * vzr[u];  // p (code - z) s = ps code - pz
+#pragma unroll
+                    for (int i = 0; i < 8; i++) acc[i] += ps * (float)((vw[u] >> (4 * i)) & 15u) - pz;
                 }
+                m = mu;
             }
         }
     }

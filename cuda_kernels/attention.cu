@@ -100,7 +100,7 @@ __device__ __forceinline__ float group_sum(float v) {  // over the GROUP lanes o
     return v;
 }
 
-#define MAX_G_HD 2048  // G * hd floats of shared memory (8 heads of 256)
+#define MAX_PART 4096  // warps x head_dim floats of shared memory for the in-block merge
 #define MAX_MERGE 4352  // G * splits weights for the merge (8 heads x 544 splits; kernels.py keeps below)
 
 // The last block of a (row, key/value head) to finish merges the splits' partial results (an atomic
@@ -169,9 +169,9 @@ __device__ __forceinline__ void attn_decode(const __half* __restrict__ q, const 
                                             __half* __restrict__ out, int ld_out) {
     constexpr int E = Fmt<FMT>::ELEMS, GROUP = Fmt<FMT>::GROUP, U = Fmt<FMT>::UNROLL, PER_WARP = 32 / GROUP;
     constexpr int BYTES = FMT == KV_FP16 ? 2 : 1;
-    __shared__ float sm_acc[MAX_G_HD];
+    __shared__ float sm_part[MAX_PART];  // a warp's partial sums (per head and warp: NW x hd)
     __shared__ float sm_m[32 * 4];
-    __shared__ float sm_l[32];
+    __shared__ float sm_lw[32];
     const int kvh = blockIdx.x, split = blockIdx.y, nsplit = gridDim.y, r = blockIdx.z;
     const int G = H / KV, NW = blockDim.x >> 5, W = NW / G;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -288,34 +288,47 @@ __device__ __forceinline__ void attn_decode(const __half* __restrict__ q, const 
         }
     }
 
-    // Merge the groups of each query head, then write this split's partial result.
+    // Merge the groups of each query head in a fixed order (no float atomics: the sum must not depend
+    // on which warp finishes first, or greedy decoding would vary from run to run), then write this
+    // split's partial result.
     if (lig == 0) sm_m[warp * PER_WARP + grp] = m;
-    for (int i = threadIdx.x; i < G * hd; i += blockDim.x) sm_acc[i] = 0.0f;
-    if (threadIdx.x < G) sm_l[threadIdx.x] = 0.0f;
     __syncthreads();
     float M = NEG_INF;
     for (int w = g; w < NW; w += G)
         for (int j = 0; j < PER_WARP; j++) M = fmaxf(M, sm_m[w * PER_WARP + j]);
     const float f = m == NEG_INF ? 0.0f : exp2f(m - M);
+    l *= f;
 #pragma unroll
-    for (int it = 0; it < ITERS; it++) {
-        const int e = it * 128 + lig * E;
-        if (e < hd && f > 0.0f) {
+    for (int i = 0; i < E * ITERS; i++) acc[i] *= f;
+#pragma unroll
+    for (int off = GROUP; off < 32; off <<= 1) {  // the warp's groups hold the same elements
+        l += __shfl_xor_sync(FULL_MASK, l, off);
+#pragma unroll
+        for (int i = 0; i < E * ITERS; i++) acc[i] += __shfl_xor_sync(FULL_MASK, acc[i], off);
+    }
+    if (grp == 0) {
+#pragma unroll
+        for (int it = 0; it < ITERS; it++) {
+            const int e = it * 128 + lig * E;
 #pragma unroll
             for (int i = 0; i < E; i++)
-                if (e + i < hd) atomicAdd(&sm_acc[g * hd + e + i], acc[it * E + i] * f);
+                if (e + i < hd) sm_part[warp * hd + e + i] = acc[it * E + i];
         }
     }
-    if (lig == 0 && f > 0.0f) atomicAdd(&sm_l[g], l * f);
+    if (lane == 0) sm_lw[warp] = l;
     __syncthreads();
     const size_t part0 = ((size_t)r * H + kvh * G) * nsplit + split;  // (r, head kvh*G, split)
     for (int i = threadIdx.x; i < G * hd; i += blockDim.x) {
         const int gg = i / hd, e = i % hd;
-        part_acc[(part0 + (size_t)gg * nsplit) * hd + e] = sm_acc[i];
+        float sum = 0.0f;
+        for (int w = gg; w < NW; w += G) sum += sm_part[w * hd + e];
+        part_acc[(part0 + (size_t)gg * nsplit) * hd + e] = sum;
     }
     if (lane == 0 && stream == 0) {  // one warp per query head writes its m and l
+        float lsum = 0.0f;
+        for (int w = g; w < NW; w += G) lsum += sm_lw[w];
         part_m[part0 + (size_t)g * nsplit] = M;
-        part_l[part0 + (size_t)g * nsplit] = sm_l[g];
+        part_l[part0 + (size_t)g * nsplit] = lsum;
     }
 
     merge_splits(r, H, KV, kvh, G, nsplit, len, chunk, hd, part_acc, part_m, part_l, counter, out, ld_out);
@@ -359,9 +372,9 @@ __device__ __forceinline__ void attn_decode_gqa(const __half* __restrict__ q, co
                                                 int* __restrict__ counter, __half* __restrict__ out, int ld_out) {
     typedef typename RawG<FMT>::type RawT;
     constexpr int U = 4, BYTES = FMT == KV_FP16 ? 2 : 1;
-    __shared__ float sm_acc[G * 128];
+    __shared__ float sm_part[4 * G * 128];  // per warp (4) and head
     __shared__ float sm_m[16 * G];
-    __shared__ float sm_l[G];
+    __shared__ float sm_lw[4 * G];
     const int kvh = blockIdx.x, split = blockIdx.y, nsplit = gridDim.y, r = blockIdx.z;
     const int NW = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int grp = lane >> 4, lig = lane & 15, e = lig * 8;
@@ -444,37 +457,42 @@ __device__ __forceinline__ void attn_decode_gqa(const __half* __restrict__ q, co
         }
     }
 
-    // Merge the block's 2 NW groups for each head, write this split's partials, then the splits.
+    // Merge the block's 2 NW groups for each head in a fixed order, write this split's partials.
     if (lig == 0) {
 #pragma unroll
         for (int g = 0; g < G; g++) sm_m[(warp * 2 + grp) * G + g] = m[g];
     }
-    for (int i = threadIdx.x; i < G * hd; i += blockDim.x) sm_acc[i] = 0.0f;
-    if (threadIdx.x < G) sm_l[threadIdx.x] = 0.0f;
     __syncthreads();
 #pragma unroll
     for (int g = 0; g < G; g++) {
         float M = NEG_INF;
         for (int k = 0; k < 2 * NW; k++) M = fmaxf(M, sm_m[k * G + g]);
         const float f = m[g] == NEG_INF ? 0.0f : exp2f(m[g] - M);
-        if (has && f > 0.0f) {
+        float lg = l[g] * f;
+        lg += __shfl_xor_sync(FULL_MASK, lg, 16);
 #pragma unroll
-            for (int i = 0; i < 8; i++) atomicAdd(&sm_acc[g * hd + e + i], acc[g][i] * f);
+        for (int i = 0; i < 8; i++) {
+            float a = acc[g][i] * f;
+            a += __shfl_xor_sync(FULL_MASK, a, 16);
+            if (grp == 0 && has) sm_part[(warp * G + g) * hd + e + i] = a;
         }
-        if (lig == 0 && f > 0.0f) atomicAdd(&sm_l[g], l[g] * f);
+        if (lane == 0) sm_lw[warp * G + g] = lg;
     }
     __syncthreads();
     const size_t part0 = ((size_t)r * H + kvh * G) * nsplit + split;
     for (int i = threadIdx.x; i < G * hd; i += blockDim.x) {
         const int gg = i / hd, ee = i % hd;
-        part_acc[(part0 + (size_t)gg * nsplit) * hd + ee] = sm_acc[i];
+        float sum = 0.0f;
+        for (int w = 0; w < NW; w++) sum += sm_part[(w * G + gg) * hd + ee];
+        part_acc[(part0 + (size_t)gg * nsplit) * hd + ee] = sum;
     }
     if (threadIdx.x < G) {
         const int g = threadIdx.x;
-        float M = NEG_INF;
+        float M = NEG_INF, lsum = 0.0f;
         for (int k = 0; k < 2 * NW; k++) M = fmaxf(M, sm_m[k * G + g]);
+        for (int w = 0; w < NW; w++) lsum += sm_lw[w * G + g];
         part_m[part0 + (size_t)g * nsplit] = M;
-        part_l[part0 + (size_t)g * nsplit] = sm_l[g];
+        part_l[part0 + (size_t)g * nsplit] = lsum;
     }
     merge_splits(r, H, KV, kvh, G, nsplit, len, chunk, hd, part_acc, part_m, part_l, counter, out, ld_out);
 }
@@ -513,9 +531,9 @@ extern "C" __global__ void attn_decode_int4(const __half* __restrict__ q, const 
                                             float qscale, float* __restrict__ part_acc, float* __restrict__ part_m,
                                             float* __restrict__ part_l, int* __restrict__ counter,
                                             __half* __restrict__ out, int ld_out) {
-    __shared__ float sm_acc[MAX_G_HD];
+    __shared__ float sm_part[MAX_PART];
     __shared__ float sm_m[64];
-    __shared__ float sm_l[32];
+    __shared__ float sm_lw[32];
     const int kvh = blockIdx.x, split = blockIdx.y, nsplit = gridDim.y, r = blockIdx.z;
     const int G = H / KV, NW = blockDim.x >> 5, W = NW / G;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -628,27 +646,34 @@ extern "C" __global__ void attn_decode_int4(const __half* __restrict__ q, const 
         if (j < c1) update(d, v8);
     }
 
+    // The in-block merge, in a fixed order (as attn_decode's).
     if (lig == 0) sm_m[warp * 2 + grp] = m;
-    for (int i = threadIdx.x; i < G * hd; i += blockDim.x) sm_acc[i] = 0.0f;
-    if (threadIdx.x < G) sm_l[threadIdx.x] = 0.0f;
     __syncthreads();
     float M = NEG_INF;
     for (int w = g; w < NW; w += G) M = fmaxf(M, fmaxf(sm_m[2 * w], sm_m[2 * w + 1]));
     const float f = m == NEG_INF ? 0.0f : exp2f(m - M);
-    if (has && f > 0.0f) {
+    l *= f;
+    l += __shfl_xor_sync(FULL_MASK, l, 16);
 #pragma unroll
-        for (int i = 0; i < 8; i++) atomicAdd(&sm_acc[g * hd + e + i], acc[i] * f);
+    for (int i = 0; i < 8; i++) {
+        acc[i] *= f;
+        acc[i] += __shfl_xor_sync(FULL_MASK, acc[i], 16);
+        if (grp == 0 && has) sm_part[warp * hd + e + i] = acc[i];
     }
-    if (lig == 0 && f > 0.0f) atomicAdd(&sm_l[g], l * f);
+    if (lane == 0) sm_lw[warp] = l;
     __syncthreads();
     const size_t part0 = ((size_t)r * H + kvh * G) * nsplit + split;
     for (int i = threadIdx.x; i < G * hd; i += blockDim.x) {
         const int gg = i / hd, ee = i % hd;
-        part_acc[(part0 + (size_t)gg * nsplit) * hd + ee] = sm_acc[i];
+        float sum = 0.0f;
+        for (int w = gg; w < NW; w += G) sum += sm_part[w * hd + ee];
+        part_acc[(part0 + (size_t)gg * nsplit) * hd + ee] = sum;
     }
     if (lane == 0 && stream == 0) {
+        float lsum = 0.0f;
+        for (int w = g; w < NW; w += G) lsum += sm_lw[w];
         part_m[part0 + (size_t)g * nsplit] = M;
-        part_l[part0 + (size_t)g * nsplit] = sm_l[g];
+        part_l[part0 + (size_t)g * nsplit] = lsum;
     }
     merge_splits(r, H, KV, kvh, G, nsplit, len, chunk, hd, part_acc, part_m, part_l, counter, out, ld_out);
 }

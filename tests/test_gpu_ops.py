@@ -333,3 +333,63 @@ def test_gate_up_with_fused_activation(f, k, m, bits, act, bias, seed):
     su = np.abs(xs) @ np.abs(dense[1]).T + np.abs(u)
     bound = 2.0**-9 * (1.13 * sg * np.abs(u) + su * np.abs(ACTIVATIONS[act](np, g))) + 2.0**-10 * np.abs(ref) + 1e-4
     assert np.all(np.abs(got - ref) <= bound)
+
+
+@settings(max_examples=EXAMPLES or 20, deadline=None)
+@given(kv=st.integers(1, 3), g=st.sampled_from([1, 2, 4]), hd=st.sampled_from([16, 32, 64, 128]),
+       length=st.integers(0, 150), t=st.integers(1, 8), outliers=st.booleans(), seed=st.integers(0, 2**31))
+def test_int4_cache_kernels(kv, g, hd, length, t, outliers, seed):
+    """The INT4 (KIVI) kernels — window append (rope_append), block flush (kivi_flush) and attention
+    (attn_decode_int4) — against kvcache.Int4KVCache fed the same keys and values in the same pieces
+    (ending at block boundaries, as the engine feeds a prompt): the last piece's attention output."""
+    import cupy as cp
+
+    from minillm.gpu import kernels as K
+    from minillm.gpu.cache import KIVI_BLOCK, GpuKVCache
+    from minillm.kvcache import Int4KVCache
+
+    rng = np.random.default_rng(seed)
+    h, r = kv * g, KIVI_BLOCK
+    cfg = Cfg(h, kv, hd)
+    cfg.num_layers = 1
+    t = min(t, r - length % r)  # the last piece stays inside one block
+    total = length + t
+    cache = GpuKVCache(cfg, "int4", 1, total + r)
+    ref = Int4KVCache(1, 1, kv, hd, total + r)
+    keys = rng.normal(size=(1, kv, total, hd)).astype(np.float16).astype(np.float32)
+    if outliers:
+        keys[..., rng.integers(0, hd, 2)] *= 20
+    keys = keys.astype(np.float16).astype(np.float32)
+    values = rng.normal(size=(1, kv, total, hd)).astype(np.float16).astype(np.float32)
+    q = rng.normal(size=(1, h, t, hd)).astype(np.float16).astype(np.float32)
+    cos, sin = cp.ones((total + r, hd // 2), cp.float32), cp.zeros((total + r, hd // 2), cp.float32)
+    pieces, p = [], 0
+    while p < length:
+        n = min(length - p, r - p % r)
+        pieces.append((p, n))
+        p += n
+    pieces.append((length, t))
+    for p0, n in pieces:
+        last = p0 == length
+        qkv = np.zeros((n, (h + 2 * kv) * hd), np.float32)
+        if last:
+            qkv[:, : h * hd] = q[0].transpose(1, 0, 2).reshape(n, h * hd)
+        qkv[:, h * hd : (h + kv) * hd] = keys[0, :, p0 : p0 + n].transpose(1, 0, 2).reshape(n, kv * hd)
+        qkv[:, (h + kv) * hd :] = values[0, :, p0 : p0 + n].transpose(1, 0, 2).reshape(n, kv * hd)
+        cache.pos.set(np.array([p0], np.int32))
+        q_out = cp.zeros((n, h, hd), cp.float16)
+        K.rope_append(cp.asarray(qkv.astype(np.float16)), q_out, None, None, 1e-6, cos, sin, cache.pos, n, n, cfg,
+                      cache.layer(0))
+        K.kivi_flush(cache.kivi(0), cache.pos, 1, n, cfg)
+        out_ref = ref.attend(0, q if last else np.zeros((1, h, n, hd), np.float32), keys[:, :, p0 : p0 + n],
+                             values[:, :, p0 : p0 + n], p0, None)
+        ref.advance(n)
+    plan = K.attention_plan(cfg, total + r, t)
+    out = poisoned(cp, (t, K.round_up(h * hd, 32)), cp.float16)
+    K.decode_attention_int4(q_out, cache.kivi(0), cache.pos, t, t, cfg, None, K.attention_parts(t, cfg, plan), out, plan)
+    got = cp.asnumpy(out[:, : h * hd]).astype(np.float64).reshape(t, h, hd)
+    want = out_ref[0].transpose(1, 0, 2)  # [t, h, hd]
+    # Same codes on both sides (the inputs are fp16-exact, the formulas the same in fp32): fp32
+    # accumulation and one fp16 rounding of outputs bounded by max |v|.
+    bound = (2.0**-10 + 1e-4) * np.abs(values).max()
+    assert np.abs(got - want).max() <= bound, (np.abs(got - want).max(), bound)

@@ -49,16 +49,6 @@ template <int FMT> struct Fmt {
     static constexpr int UNROLL = FMT == KV_FP16 ? 4 : 4;   // positions per group loaded before use
 };
 
-__device__ __forceinline__ void half8_to_float(uint4 raw, float* x) {
-    const __half2* h = reinterpret_cast<const __half2*>(&raw);
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        float2 f = __half22float2(h[i]);
-        x[2 * i] = f.x;
-        x[2 * i + 1] = f.y;
-    }
-}
-
 // Two E4M3 codes (low byte first) to two halves with the hardware conversion (sm_89+).
 __device__ __forceinline__ float2 e4m3x2_to_float2(uint32_t two) {
     uint32_t h2;
@@ -156,6 +146,59 @@ __device__ __forceinline__ void merge_splits(int r, int H, int KV, int kvh, int 
         }
         if (s < used) o0 += __ldcg(src + (size_t)s * hd) * w[s];
         out[(size_t)r * ld_out + (kvh * G + gg) * hd + e] = __float2half(o0 + o1);
+    }
+}
+
+// The end of a split, for the kernels with one warp per query head: merge the block's groups of each
+// head in a fixed order (no float atomics: the sum must not depend on which warp finishes first, or
+// greedy decoding would vary from run to run) and write the split's partial result (acc, m, l). Each
+// lane holds E values per 128-wide slice, ITERS slices; GROUP lanes share a position.
+template <int E, int ITERS, int GROUP>
+__device__ __forceinline__ void write_split(float* acc, float m, float l, int hd, int G, int g, int stream, int r,
+                                            int H, int kvh, int split, int nsplit, float* sm_part, float* sm_m,
+                                            float* sm_lw, float* __restrict__ part_acc, float* __restrict__ part_m,
+                                            float* __restrict__ part_l) {
+    constexpr int PER_WARP = 32 / GROUP;
+    const int NW = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int grp = lane / GROUP, lig = lane % GROUP;
+    if (lig == 0) sm_m[warp * PER_WARP + grp] = m;
+    __syncthreads();
+    float M = NEG_INF;
+    for (int w = g; w < NW; w += G)
+        for (int j = 0; j < PER_WARP; j++) M = fmaxf(M, sm_m[w * PER_WARP + j]);
+    const float f = m == NEG_INF ? 0.0f : exp2f(m - M);
+    l *= f;
+#pragma unroll
+    for (int i = 0; i < E * ITERS; i++) acc[i] *= f;
+#pragma unroll
+    for (int off = GROUP; off < 32; off <<= 1) {  // the warp's groups hold the same elements
+        l += __shfl_xor_sync(FULL_MASK, l, off);
+#pragma unroll
+        for (int i = 0; i < E * ITERS; i++) acc[i] += __shfl_xor_sync(FULL_MASK, acc[i], off);
+    }
+    if (grp == 0) {
+#pragma unroll
+        for (int it = 0; it < ITERS; it++) {
+            const int e = it * 128 + lig * E;
+#pragma unroll
+            for (int i = 0; i < E; i++)
+                if (e + i < hd) sm_part[warp * hd + e + i] = acc[it * E + i];
+        }
+    }
+    if (lane == 0) sm_lw[warp] = l;
+    __syncthreads();
+    const size_t part0 = ((size_t)r * H + kvh * G) * nsplit + split;  // (r, head kvh*G, split)
+    for (int i = threadIdx.x; i < G * hd; i += blockDim.x) {
+        const int gg = i / hd, e = i % hd;
+        float sum = 0.0f;
+        for (int w = gg; w < NW; w += G) sum += sm_part[w * hd + e];
+        part_acc[(part0 + (size_t)gg * nsplit) * hd + e] = sum;
+    }
+    if (lane == 0 && stream == 0) {  // one warp per query head writes its m and l
+        float lsum = 0.0f;
+        for (int w = g; w < NW; w += G) lsum += sm_lw[w];
+        part_m[part0 + (size_t)g * nsplit] = M;
+        part_l[part0 + (size_t)g * nsplit] = lsum;
     }
 }
 
@@ -288,49 +331,8 @@ __device__ __forceinline__ void attn_decode(const __half* __restrict__ q, const 
         }
     }
 
-    // Merge the groups of each query head in a fixed order (no float atomics: the sum must not depend
-    // on which warp finishes first, or greedy decoding would vary from run to run), then write this
-    // split's partial result.
-    if (lig == 0) sm_m[warp * PER_WARP + grp] = m;
-    __syncthreads();
-    float M = NEG_INF;
-    for (int w = g; w < NW; w += G)
-        for (int j = 0; j < PER_WARP; j++) M = fmaxf(M, sm_m[w * PER_WARP + j]);
-    const float f = m == NEG_INF ? 0.0f : exp2f(m - M);
-    l *= f;
-#pragma unroll
-    for (int i = 0; i < E * ITERS; i++) acc[i] *= f;
-#pragma unroll
-    for (int off = GROUP; off < 32; off <<= 1) {  // the warp's groups hold the same elements
-        l += __shfl_xor_sync(FULL_MASK, l, off);
-#pragma unroll
-        for (int i = 0; i < E * ITERS; i++) acc[i] += __shfl_xor_sync(FULL_MASK, acc[i], off);
-    }
-    if (grp == 0) {
-#pragma unroll
-        for (int it = 0; it < ITERS; it++) {
-            const int e = it * 128 + lig * E;
-#pragma unroll
-            for (int i = 0; i < E; i++)
-                if (e + i < hd) sm_part[warp * hd + e + i] = acc[it * E + i];
-        }
-    }
-    if (lane == 0) sm_lw[warp] = l;
-    __syncthreads();
-    const size_t part0 = ((size_t)r * H + kvh * G) * nsplit + split;  // (r, head kvh*G, split)
-    for (int i = threadIdx.x; i < G * hd; i += blockDim.x) {
-        const int gg = i / hd, e = i % hd;
-        float sum = 0.0f;
-        for (int w = gg; w < NW; w += G) sum += sm_part[w * hd + e];
-        part_acc[(part0 + (size_t)gg * nsplit) * hd + e] = sum;
-    }
-    if (lane == 0 && stream == 0) {  // one warp per query head writes its m and l
-        float lsum = 0.0f;
-        for (int w = g; w < NW; w += G) lsum += sm_lw[w];
-        part_m[part0 + (size_t)g * nsplit] = M;
-        part_l[part0 + (size_t)g * nsplit] = lsum;
-    }
-
+    write_split<E, ITERS, GROUP>(acc, m, l, hd, G, g, stream, r, H, kvh, split, nsplit, sm_part, sm_m, sm_lw,
+                                 part_acc, part_m, part_l);
     merge_splits(r, H, KV, kvh, G, nsplit, len, chunk, hd, part_acc, part_m, part_l, counter, out, ld_out);
 }
 
@@ -646,35 +648,8 @@ extern "C" __global__ void attn_decode_int4(const __half* __restrict__ q, const 
         if (j < c1) update(d, v8);
     }
 
-    // The in-block merge, in a fixed order (as attn_decode's).
-    if (lig == 0) sm_m[warp * 2 + grp] = m;
-    __syncthreads();
-    float M = NEG_INF;
-    for (int w = g; w < NW; w += G) M = fmaxf(M, fmaxf(sm_m[2 * w], sm_m[2 * w + 1]));
-    const float f = m == NEG_INF ? 0.0f : exp2f(m - M);
-    l *= f;
-    l += __shfl_xor_sync(FULL_MASK, l, 16);
-#pragma unroll
-    for (int i = 0; i < 8; i++) {
-        acc[i] *= f;
-        acc[i] += __shfl_xor_sync(FULL_MASK, acc[i], 16);
-        if (grp == 0 && has) sm_part[warp * hd + e + i] = acc[i];
-    }
-    if (lane == 0) sm_lw[warp] = l;
-    __syncthreads();
-    const size_t part0 = ((size_t)r * H + kvh * G) * nsplit + split;
-    for (int i = threadIdx.x; i < G * hd; i += blockDim.x) {
-        const int gg = i / hd, ee = i % hd;
-        float sum = 0.0f;
-        for (int w = gg; w < NW; w += G) sum += sm_part[w * hd + ee];
-        part_acc[(part0 + (size_t)gg * nsplit) * hd + ee] = sum;
-    }
-    if (lane == 0 && stream == 0) {
-        float lsum = 0.0f;
-        for (int w = g; w < NW; w += G) lsum += sm_lw[w];
-        part_m[part0 + (size_t)g * nsplit] = M;
-        part_l[part0 + (size_t)g * nsplit] = lsum;
-    }
+    write_split<8, 1, 16>(acc, m, l, hd, G, g, stream, r, H, kvh, split, nsplit, sm_part, sm_m, sm_lw, part_acc,
+                          part_m, part_l);
     merge_splits(r, H, KV, kvh, G, nsplit, len, chunk, hd, part_acc, part_m, part_l, counter, out, ld_out);
 }
 

@@ -87,3 +87,14 @@ __device__ __forceinline__ void store_rows(__half* y, int ldy, int m, int n0, in
             if (n0 + r + 1 < N) y[(size_t)m * ldy + (n0 + r) / 2] = __float2half_rn(gate_act(v[r], act) * v[r + 1]);
     }
 }
+
+// 8 halves (one 16-byte load) -> 8 floats.
+__device__ __forceinline__ void half8_to_float(uint4 raw, float* x) {
+    const __half2* h = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const float2 f = __half22float2(h[i]);
+        x[2 * i] = f.x;
+        x[2 * i + 1] = f.y;
+    }
+}

@@ -26,16 +26,6 @@
 
 #define UNROLL 4
 
-__device__ __forceinline__ void half8(uint4 raw, float* f) {
-    const __half2* h = reinterpret_cast<const __half2*>(&raw);
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        float2 v = __half22float2(h[i]);
-        f[2 * i] = v.x;
-        f[2 * i + 1] = v.y;
-    }
-}
-
 template <int M, int ROWS>
 __device__ __forceinline__ void gemv_f16_body(const uint4* __restrict__ w, const __half* __restrict__ x, int ldx,
                                               __half* __restrict__ y, int ldy, int N, int C, int act) {
@@ -63,11 +53,11 @@ __device__ __forceinline__ void gemv_f16_body(const uint4* __restrict__ w, const
             if (c >= C) break;
             float wf[ROWS][8];
 #pragma unroll
-            for (int rr = 0; rr < ROWS; rr++) half8(wr[u][rr], wf[rr]);
+            for (int rr = 0; rr < ROWS; rr++) half8_to_float(wr[u][rr], wf[rr]);
 #pragma unroll
             for (int m = 0; m < M; m++) {
                 float xf[8];
-                half8(*reinterpret_cast<const uint4*>(x + (size_t)m * ldx + 8 * c), xf);
+                half8_to_float(*reinterpret_cast<const uint4*>(x + (size_t)m * ldx + 8 * c), xf);
 #pragma unroll
                 for (int rr = 0; rr < ROWS; rr++)
 #pragma unroll
@@ -122,8 +112,8 @@ __device__ __forceinline__ void gemv_i8_body(const uint4* __restrict__ codes, co
 #pragma unroll
             for (int m = 0; m < M; m++) {
                 float xf[16];
-                half8(*reinterpret_cast<const uint4*>(x + (size_t)m * ldx + 16 * c), xf);
-                half8(*reinterpret_cast<const uint4*>(x + (size_t)m * ldx + 16 * c + 8), xf + 8);
+                half8_to_float(*reinterpret_cast<const uint4*>(x + (size_t)m * ldx + 16 * c), xf);
+                half8_to_float(*reinterpret_cast<const uint4*>(x + (size_t)m * ldx + 16 * c + 8), xf + 8);
 #pragma unroll
                 for (int rr = 0; rr < ROWS; rr++) {
                     const uint32_t words[4] = {wr[u][rr].x, wr[u][rr].y, wr[u][rr].z, wr[u][rr].w};

@@ -215,14 +215,8 @@ class Model:
         With a cache, the tokens continue the cached sequence and the cache is extended.
         """
         xp, c = self.xp, self.config
-        tok = np.asarray(tokens) if not hasattr(tokens, "__cuda_array_interface__") else tokens
-        squeeze = tok.ndim == 1
-        tok = tok[None] if squeeze else tok
+        tok, squeeze = token_batch(tokens, c.vocab_size)
         b, t = tok.shape
-        if t == 0:
-            raise MinillmError("the model was given an empty sequence of tokens")
-        if int(tok.min()) < 0 or int(tok.max()) >= c.vocab_size:
-            raise MinillmError(f"token ids must lie in [0, {c.vocab_size}); got {int(tok.min())}..{int(tok.max())}")
         # Without a cache, one sized to this sequence: a plain forward reads K and V through the
         # model's cache type just as decoding does.
         cache = cache if cache is not None else self.new_cache(batch=b, max_len=t)
@@ -284,6 +278,18 @@ class Model:
         c = self.config
         shapes = expected_shapes(c)
         return sum(int(np.prod(s)) for s in shapes.values())
+
+
+def token_batch(tokens, vocab_size: int):
+    """tokens [T] or [B, T] -> ([B, T], whether a [T] was given), after checking the ids."""
+    tok = np.asarray(tokens) if not hasattr(tokens, "__cuda_array_interface__") else tokens
+    squeeze = tok.ndim == 1
+    tok = tok[None] if squeeze else tok
+    if tok.shape[1] == 0:
+        raise MinillmError("the model was given an empty sequence of tokens")
+    if int(tok.min()) < 0 or int(tok.max()) >= vocab_size:
+        raise MinillmError(f"token ids must lie in [0, {vocab_size}); got {int(tok.min())}..{int(tok.max())}")
+    return tok, squeeze
 
 
 def _check_shapes(config: ModelConfig, weights: dict) -> None:

@@ -6,6 +6,7 @@ launches, and SmolLM2's greedy text equal to the CPU's. Run with `python3 -m pyt
 import numpy as np
 import pytest
 from conftest import ARCH_CASES, make_tiny_model, save_tiny
+from test_generate_parity import PROMPTS
 
 import minillm
 from minillm.errors import MinillmError
@@ -128,13 +129,6 @@ def test_int4_cache_needs_a_head_dim_it_can_read(tiny_dirs):
         minillm.load(tiny_dirs["qwen3"], device="cuda", progress=False).new_cache(max_len=64, kind="int4")
 
 
-PROMPTS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Explain what a hash table is in two sentences.",
-    "List three fruits that are red.",
-    "How do I reverse a list in Python?",
-]
 
 
 @pytest.fixture(scope="module")

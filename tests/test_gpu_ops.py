@@ -32,6 +32,21 @@ def poisoned(cp, shape, dtype):
     return a
 
 
+class LinearScratch:
+    """What GpuLinear asks of the engine's buffers: an input-gather buffer and dense weight room."""
+
+    def __init__(self, rows, ld):
+        import cupy as cp
+
+        self.x_perm = cp.zeros((rows, ld), cp.float16)
+
+    @staticmethod
+    def weight(n, k):
+        import cupy as cp
+
+        return cp.empty((n, k), cp.float16)
+
+
 def fp16_bound(x):
     """fp16 rounding of a result of magnitude |x| (plus a floor for values near zero)."""
     return 2.0**-10 * np.abs(x) + 1e-3
@@ -203,15 +218,10 @@ def test_gpu_linear(n, k, m, bits, group, sym, seed):
     x = np.zeros((rp, ld), np.float16)
     x[:m, :k] = rng.normal(size=(m, k))
 
-    class Scratch:
-        x_perm = cp.zeros((rp, ld), cp.float16)
-
-        @staticmethod
-        def weight(nn, kk):
-            return cp.empty((nn, kk), cp.float16)
+    scratch = LinearScratch(rp, ld)
 
     y = poisoned(cp, (rp, n), cp.float16)
-    lin(cp.asarray(x), y, m, Scratch)
+    lin(cp.asarray(x), y, m, scratch)
     got = cp.asnumpy(y[:m]).astype(np.float64)
     xs = x[:m, :k].astype(np.float64)
     ref = xs @ dense.T
@@ -312,16 +322,11 @@ def test_gate_up_with_fused_activation(f, k, m, bits, act, bias, seed):
     x = np.zeros((rp, ld), np.float16)
     x[:m, :k] = rng.normal(size=(m, k))
 
-    class Scratch:
-        x_perm = cp.zeros((rp, ld), cp.float16)
-
-        @staticmethod
-        def weight(nn, kk):
-            return cp.empty((nn, kk), cp.float16)
+    scratch = LinearScratch(rp, ld)
 
     y = poisoned(cp, (rp, K.round_up(f, 32)), cp.float16)
     gu = poisoned(cp, (rp, 2 * f), cp.float16)
-    lin(cp.asarray(x), y, m, Scratch, act=act, gu=gu)
+    lin(cp.asarray(x), y, m, scratch, act=act, gu=gu)
     xs = x[:m, :k].astype(np.float64)
     g = xs @ dense[0].T + (0 if bg is None else bg.astype(np.float16).astype(np.float64))
     u = xs @ dense[1].T + (0 if bu is None else bu.astype(np.float16).astype(np.float64))

@@ -31,9 +31,9 @@ import numpy as np
 from ..backend import get_xp
 from ..config import ModelConfig
 from ..errors import MinillmError
-from ..model import rope_inv_freq
+from ..model import rope_inv_freq, token_batch
 from . import kernels as K
-from .cache import KIVI_BLOCK, GpuKVCache, cache_bytes, check_fits
+from .cache import KIVI_BLOCK, GpuKVCache, check_fits
 from .linear import GpuLinear
 
 
@@ -252,14 +252,8 @@ class GpuModel:
     def __call__(self, tokens, cache: GpuKVCache | None = None, last_only: bool = False):
         """tokens [T] or [B, T] -> logits (host float32) [T, V] / [B, T, V], or the last position's."""
         cp, c = self.xp, self.config
-        tok = np.asarray(tokens)
-        squeeze = tok.ndim == 1
-        tok = tok[None] if squeeze else tok
+        tok, squeeze = token_batch(np.asarray(tokens), c.vocab_size)
         b, t = tok.shape
-        if t == 0:
-            raise MinillmError("the model was given an empty sequence of tokens")
-        if int(tok.min()) < 0 or int(tok.max()) >= c.vocab_size:
-            raise MinillmError(f"token ids must lie in [0, {c.vocab_size}); got {int(tok.min())}..{int(tok.max())}")
         cache = cache if cache is not None else self.new_cache(batch=b, max_len=t)
         if cache.batch != b:
             raise MinillmError(f"the cache holds {cache.batch} sequences but {b} were given")
@@ -358,7 +352,3 @@ def estimate_bytes(config: ModelConfig, weights: dict) -> int:
         total += size * (bits if bits in (4, 8) else 16) // 8
     return total  # (a tied LM head is the embedding itself)
 
-
-def describe_fit(config: ModelConfig, weights_bytes: int, kind: str, max_len: int, batch: int = 1) -> str:
-    kv = cache_bytes(kind, config.num_layers, batch, config.num_kv_heads, config.head_dim, max_len)
-    return f"weights {weights_bytes / 2**30:.2f} GiB + {kind} KV cache {kv / 2**30:.2f} GiB for {max_len} tokens"

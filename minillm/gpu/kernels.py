@@ -6,6 +6,7 @@ sequence of them can be captured in a CUDA graph (no allocation inside).
 from __future__ import annotations
 
 import math
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -26,6 +27,7 @@ def module(name: str):
     return cp.RawModule(code=src, options=("-std=c++17", f"-I{KERNEL_DIR}"))
 
 
+@lru_cache(maxsize=None)
 def fn(file: str, name: str):
     return module(file).get_function(name)
 
@@ -101,8 +103,6 @@ def attention_plan(cfg, max_len: int, rows: int, sms: int = 132):
     (kv head, split, row) blocks to fill the GPU several times over, in chunks of at least 64
     positions. MINILLM_ATTN_STREAMS / MINILLM_ATTN_WAVES override the two choices (bench/gpu_kv.py
     --sweep measures them)."""
-    import os  # noqa: PLC0415
-
     g = cfg.num_heads // cfg.num_kv_heads
     # Measured on an H100 at 32k positions (bench/gpu_kv.py --sweep): 4 warps for one query head per
     # key/value head, 2 streams of G warps for grouped heads, 4 x SMs blocks.
@@ -128,7 +128,7 @@ def decode_attention(q, layer_cache, pos, rows, t, cfg, window, parts, out, plan
     # Grouped heads with many (kv head, row) pairs: one warp per key/value head serves all G queries
     # (attention.cu, attn_decode_gqa): 1.2-1.3x faster at batch 8 x 8 kv heads from 16k positions,
     # slower with few blocks (batch 1), where one warp per query head is kept (bench/NOTES.md).
-    want_gqa = __import__("os").environ.get("MINILLM_ATTN_GQA")  # "1" / "0" force it (tests)
+    want_gqa = os.environ.get("MINILLM_ATTN_GQA")  # "1" / "0" force it (tests)
     gqa = kv * rows >= 64 if want_gqa is None else want_gqa == "1"
     if g in (2, 4, 8) and hd <= 128 and gqa:
         fn("attention", f"attn_gqa_{name}_g{g}")((kv, splits, rows), (128,), (
@@ -137,8 +137,6 @@ def decode_attention(q, layer_cache, pos, rows, t, cfg, window, parts, out, plan
             acc, m, l, counter, out, i32(out.shape[1])))
         return
     # 8-bit caches with many (kv head, row) pairs: the software-pipelined loop (attention.cu, PIPE).
-    import os  # noqa: PLC0415
-
     want = os.environ.get("MINILLM_ATTN_PIPE")  # "1" / "0" force the choice (tests, benchmarks)
     many = kv * rows >= 128 and h == kv if want is None else want == "1"
     pipe = "_pipe" if fmt != 0 and iters == 1 and many else ""

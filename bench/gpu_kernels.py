@@ -5,7 +5,7 @@ the bytes each kernel must read (its weights + scales/zeros + x, and y written),
 percentage of the device-to-device copy bandwidth measured at the start of the same run. Weights are
 rotated among enough copies to exceed the L2 cache, so every timing reads HBM.
 
-    python3 bench/gpu_kernels.py            (on a machine with CUDA, CuPy and torch)
+    python3 bench/gpu_kernels.py [--batches 1,2,4,8,16]    (on a machine with CUDA, CuPy and torch)
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ GROUP = 128
 ROTATE_BYTES = 512 * 2**20  # > 10x the 50-60 MB L2 of an H100/H200
 
 
+GEMV_SOURCE = (Path(__file__).resolve().parents[1] / "cuda_kernels" / "w4a16_gemv.cu").read_text()
 GRAPH_LAUNCHES = 20  # launches per captured graph; the time per launch is the replay time / 20
 
 
@@ -117,7 +118,7 @@ def random_packed(k, n, copies, rng):
     return out
 
 
-def check_against_reference(k, n):
+def check_against_reference(k, n, m):
     """The benchmarked kernel is checked on this shape first: fresh random input, poisoned output."""
     import cupy as cp
 
@@ -126,8 +127,8 @@ def check_against_reference(k, n):
 
     rng = np.random.default_rng(k + n)
     qt = quantize_rtn(rng.normal(size=(n, k)).astype(np.float32), QuantSpec(4, "group", GROUP))
-    x = rng.normal(size=(1, k)).astype(np.float16)
-    out = cp.full((1, n), cp.nan, dtype=cp.float16)
+    x = rng.normal(size=(m, k)).astype(np.float16)
+    out = cp.full((m, n), cp.nan, dtype=cp.float16)
     y = cp.asnumpy(w4a16_matmul(cp.asarray(x), W4A16Weight.upload(qt), out=out)).astype(np.float64)
     ref = x.astype(np.float64) @ qt.dequantize().astype(np.float64).T
     return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
@@ -150,31 +151,40 @@ def torch_int4(k, n, m, copies):
 
 
 def main():
+    import argparse
+
     import cupy as cp
     import torch
 
     from minillm.gpu.w4a16 import w4a16_matmul
 
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", default=",".join(map(str, BATCHES)), help="comma-separated batch sizes")
+    batches = [int(b) for b in ap.parse_args().batches.split(",")]
     name = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
     bw = copy_bandwidth()
     print(f"device: {name}; device-to-device copy {bw:.0f} GB/s (bytes read + written)")
     rng = np.random.default_rng(0)
     rows = []
     for k, n in SHAPES:
-        rel = check_against_reference(k, n)
-        assert rel < 1e-3, f"W4A16 kernel wrong on {k}x{n}: relative error {rel}"
+        for m in batches:
+            rel = check_against_reference(k, n, m)
+            assert rel < 1e-3, f"W4A16 kernel wrong on {k}x{n} at batch {m}: relative error {rel}"
         packed_bytes = n * 16 * -(-k // 32) + n * -(-k // GROUP) * 3  # codes + fp16 scales + uint8 zeros
         copies = max(2, ROTATE_BYTES // packed_bytes)
         weights = random_packed(k, n, copies, rng)
         fp16_copies = max(2, ROTATE_BYTES // (2 * n * k))
         wt = [torch.randn((n, k), dtype=torch.float16, device="cuda") for _ in range(min(fp16_copies, 8))]
-        for m in BATCHES:
+        for m in batches:
             x = cp.asarray(rng.normal(size=(m, k)).astype(np.float16))
             y = cp.empty((m, n), dtype=cp.float16)
-            # Rows per warp: try the compiled alternatives, report the best (and each, for NOTES.md).
-            options = {r: time_cupy(lambda w: w4a16_matmul(x, w, out=y, rows=r), [(w,) for w in weights])
-                       for r in ((1, 2, 4, 8) if m == 1 else (2, 4))}
-            print(f"  {k}x{n} m={m}: " + ", ".join(f"{r} rows/warp {t:.1f} us" for r, t in options.items()))
+            # The alternatives (GEMV kernel: rows per warp; tensor-core kernel: 16-row tiles per block),
+            # each timed for NOTES.md; "minillm" below is the launcher's own choice.
+            variants = [("rows", r) for r in (1, 2, 4, 8) if f"W4A16_KERNEL({m}, {r})" in GEMV_SOURCE]
+            variants += [("tiles", 1), ("tiles", 2)]
+            options = {f"{kind} {v}": time_cupy(lambda w: w4a16_matmul(x, w, out=y, **{kind: v}), [(w,) for w in weights])
+                       for kind, v in variants}
+            print(f"  {k}x{n} m={m}: " + ", ".join(f"{o} {t:.1f} us" for o, t in options.items()))
             ours = time_cupy(lambda w: w4a16_matmul(x, w, out=y), [(w,) for w in weights])
             xt = torch.randn((m, k), dtype=torch.float16, device="cuda")
             cublas = time_torch(lambda w: torch.nn.functional.linear(xt, w), [(w,) for w in wt])

@@ -1,4 +1,4 @@
-"""Acceptance (issue 6, point 1, kernels): the W4A16 kernel against the NumPy reference on random
+"""Acceptance (issue 6, point 1, kernels): the W4A16 kernels (GEMV and tensor-core) against the NumPy reference on random
 inputs drawn by hypothesis: odd K (not a multiple of 32, nor of the group), N not a multiple of the
 rows a warp takes, batches 1..20, symmetric and asymmetric, act-order g_idx. Outputs are poisoned
 with NaN before each launch, so an unwritten element fails. Run with `python3 -m pytest -m gpu`."""
@@ -31,8 +31,9 @@ def check(out, ref, x16, qt):
 
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(1, 300), k=st.integers(8, 700), m=st.integers(1, 20),
-       group=st.sampled_from([32, 64, 128]), sym=st.booleans(), act_order=st.booleans(), seed=st.integers(0, 2**31))
-def test_w4a16_matches_numpy(n, k, m, group, sym, act_order, seed):
+       group=st.sampled_from([32, 64, 128]), sym=st.booleans(), act_order=st.booleans(),
+       variant=st.sampled_from([None, "rows1", "rows2", "rows4", "tiles1", "tiles2"]), seed=st.integers(0, 2**31))
+def test_w4a16_matches_numpy(n, k, m, group, sym, act_order, variant, seed):
     import cupy as cp
 
     from minillm.gpu.w4a16 import W4A16Weight, w4a16_matmul
@@ -47,15 +48,19 @@ def test_w4a16_matches_numpy(n, k, m, group, sym, act_order, seed):
     x = rng.normal(size=(m, k)).astype(np.float16)
     w = W4A16Weight.upload(qt)
     out = cp.full((m, n), cp.nan, dtype=cp.float16)
-    rows = [None, 1, 2, 4][seed % 4] if m in (1, 2, 4, 8, 16) else None
-    if rows is not None and f"w4a16_gemv_m{m}_r{rows}" not in open(KERNELS).read():
-        rows = None
-    res = w4a16_matmul(cp.asarray(x), w, out=out if m in (1, 2, 4, 8, 16) else None, rows=rows)
+    # A forced variant: the GEMV kernel with 1/2/4 rows per warp (where compiled) or the tensor-core
+    # kernel with 1/2 tiles per block (any batch); None lets the launcher pick.
+    rows = tiles = None
+    if variant and variant.startswith("rows") and f"w4a16_gemv_m{m}_r{variant[4:]}" in open(KERNELS).read():
+        rows = int(variant[4:])
+    if variant and variant.startswith("tiles"):
+        tiles = int(variant[5:])
+    res = w4a16_matmul(cp.asarray(x), w, out=out if m in (1, 2, 4, 8, 16) else None, rows=rows, tiles=tiles)
     check(cp.asnumpy(res), reference(x, qt), x, qt)
 
 
 @pytest.mark.parametrize("k, n", [(4096, 4096), (11008, 4096), (576, 1536)])
-@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("m", [1, 3, 16])
 def test_w4a16_real_shapes(k, n, m):
     import cupy as cp
 

@@ -32,6 +32,13 @@ def fn(file: str, name: str):
     return module(file).get_function(name)
 
 
+@lru_cache(maxsize=None)
+def sm_count() -> int:
+    """Streaming multiprocessors of the current device (grid sizes aim at a few blocks per SM)."""
+    cp = get_xp("cuda")
+    return int(cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["multiProcessorCount"])
+
+
 def i32(v) -> np.int32:
     return np.int32(v)
 

@@ -3,8 +3,9 @@
     w = W4A16Weight.upload(qt)          # a QuantizedTensor (bits 4) -> packed on the GPU
     y = w4a16_matmul(x, w)              # x fp16 [M, K] -> y fp16 [M, N]
 
-Batches of up to 16 rows run the GEMV kernel (weights streamed once, every row of x reused from
-registers); larger batches dequantize to fp16 once and use cuBLAS.
+Batches of up to 16 rows stream the weights once: one row through the GEMV kernel (fp32 FMAs), 2..16
+through the tensor-core kernel (w4a16_mma.cu, mma.sync on the dequantized weights); larger batches
+dequantize to fp16 once and use cuBLAS.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from ..quant.packing import pack_bits
 # rows per warp each is launched with (bench/gpu_kernels.py measures the alternatives).
 _INSTANCES = {1: 2, 2: 2, 4: 2, 8: 4, 16: 2}  # m16 with 4 rows spills registers (bench/NOTES.md)
 _THREADS = 128  # 4 warps per block
+MMA_MIN_ROWS = 2  # from this batch on the tensor-core kernel is faster (bench/gpu_kernels.py)
+_MMA_WARPS = 8  # WARPS in w4a16_mma.cu
 
 
 def kernel(m: int, rows: int):
@@ -69,9 +72,16 @@ class W4A16Weight:
         return int(self.qweight.nbytes + self.scales.nbytes + z)
 
 
-def _launch(x_pad, w: W4A16Weight, y, m_kernel: int, rows: int | None = None, act: int = -1):
+def _launch(x_pad, w: W4A16Weight, y, m_kernel: int, rows: int | None = None, act: int = -1,
+            tiles: int | None = None):
     """y[:m_kernel] = x_pad W^T (y's rows may be longer than N: its row stride is y.shape[1]); with
-    act >= 0 W's rows are (gate, up) pairs and y gets act(gate) * up (cuda_kernels/common.cuh)."""
+    act >= 0 W's rows are (gate, up) pairs and y gets act(gate) * up (cuda_kernels/common.cuh).
+    rows: rows per warp of the GEMV kernel; tiles: 16-row tiles per block of the tensor-core kernel
+    (0 forces the GEMV kernel); None picks."""
+    if tiles is None and rows is None and m_kernel >= MMA_MIN_ROWS:
+        tiles = _mma_tiles(w.n, m_kernel)
+    if tiles:
+        return _launch_mma(x_pad, w, y, m_kernel, tiles, act)
     if rows is None:
         rows = _INSTANCES[m_kernel]
     warps = -(-w.n // rows)
@@ -82,8 +92,28 @@ def _launch(x_pad, w: W4A16Weight, y, m_kernel: int, rows: int | None = None, ac
         np.int32(w.n), np.int32(w.chunks), np.int32(w.scales.shape[1]), np.int32(w.group_size // 32), np.int32(act)))
 
 
-def w4a16_matmul(x, w: W4A16Weight, out=None, rows: int | None = None):
-    """y = x W^T.  x: fp16 [M, K] (cupy) -> fp16 [M, N]. `rows` overrides the rows per warp."""
+def _mma_tiles(n: int, m: int) -> int:
+    """Two 16-row tiles per block halve the x loads per weight: worth it for two x tiles (m > 8) if
+    that still leaves >= 2 blocks per SM (H100: 8192x28672 at m=16 76 vs 106 us, 4096x11008 20 vs
+    25; 4096x4096 10.6 vs 10.0; at m <= 8 one tile is as fast or faster; bench/NOTES.md)."""
+    from .kernels import sm_count  # noqa: PLC0415
+
+    return 2 if m > 8 and n // 32 >= 2 * sm_count() else 1
+
+
+def _launch_mma(x_pad, w: W4A16Weight, y, m: int, tiles: int, act: int):
+    from .kernels import module  # noqa: PLC0415
+
+    f = module("w4a16_mma").get_function(f"w4a16_mma_n{tiles}_m{1 if m <= 8 else 2}")
+    zeros = w.zeros if w.zeros is not None else 0
+    f((-(-w.n // (16 * tiles)),), (32 * _MMA_WARPS,), (
+        w.qweight, w.scales, zeros, x_pad, y, np.int32(y.shape[1]), np.int32(m),
+        np.int32(w.n), np.int32(w.chunks), np.int32(w.scales.shape[1]), np.int32(w.group_size // 32), np.int32(act)))
+
+
+def w4a16_matmul(x, w: W4A16Weight, out=None, rows: int | None = None, tiles: int | None = None):
+    """y = x W^T.  x: fp16 [M, K] (cupy) -> fp16 [M, N]. `rows` / `tiles` override the kernel's
+    choice (see _launch)."""
     cp = get_xp("cuda")
     m, k = x.shape
     if k != w.k:
@@ -100,7 +130,7 @@ def w4a16_matmul(x, w: W4A16Weight, out=None, rows: int | None = None):
     else:
         x_pad = x
     y = cp.empty((m_kernel, w.n), dtype=cp.float16) if out is None or m_kernel != m else out
-    _launch(x_pad, w, y, m_kernel, rows)
+    _launch(x_pad, w, y, m_kernel, rows, tiles=tiles)
     return y[:m] if m_kernel != m else y
 
 

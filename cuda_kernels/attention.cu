@@ -35,6 +35,7 @@
 //       m = max_s m_s,   l = sum_s l_s 2^(m_s - m),   out = sum_s acc_s 2^(m_s - m) / l
 
 #include "common.cuh"
+#include "attention_merge.cuh"
 
 #define KV_FP16 0
 #define KV_INT8 1
@@ -91,63 +92,6 @@ __device__ __forceinline__ float group_sum(float v) {  // over the GROUP lanes o
 }
 
 #define MAX_PART 4096  // warps x head_dim floats of shared memory for the in-block merge
-#define MAX_MERGE 4352  // G * splits weights for the merge (8 heads x 544 splits; kernels.py keeps below)
-
-// The last block of a (row, key/value head) to finish merges the splits' partial results (an atomic
-// counter per (row, kv head) in device memory, reset by that block for the next step), so no second
-// kernel is launched:  m = max_s m_s,  l = sum_s l_s 2^(m_s - m),  out = sum_s acc_s 2^(m_s - m) / l.
-__device__ __forceinline__ void merge_splits(int r, int H, int KV, int kvh, int G, int nsplit, int len, int chunk,
-                                             int hd, const float* __restrict__ part_acc,
-                                             const float* __restrict__ part_m, const float* __restrict__ part_l,
-                                             int* __restrict__ counter, __half* __restrict__ out, int ld_out) {
-    __shared__ int is_last;
-    __threadfence();  // this block's partials are visible before it counts itself done
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        const int done = atomicAdd(&counter[(size_t)r * KV + kvh], 1);
-        is_last = done == nsplit - 1;
-        if (is_last) counter[(size_t)r * KV + kvh] = 0;
-    }
-    __syncthreads();
-    if (!is_last) return;
-    __threadfence();
-    const int used = min(nsplit, (len + chunk - 1) / chunk);  // splits past the length hold nothing
-    // Each split's weight 2^(m_s - m) / l, per query head, into shared memory first; then every
-    // thread's sum over the splits is a stream of independent loads (no max or exp in the loop).
-    __shared__ float sm_w[MAX_MERGE];
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
-    for (int g = warp; g < G; g += nwarps) {  // warp by warp: the max and the normaliser of head g
-        const size_t base = ((size_t)r * H + kvh * G + g) * nsplit;
-        float mm = NEG_INF;
-        for (int s = lane; s < used; s += 32) mm = fmaxf(mm, __ldcg(part_m + base + s));
-        mm = warp_max(mm);
-        float ll = 0.0f;
-        for (int s = lane; s < used; s += 32) {
-            const float ms = __ldcg(part_m + base + s);
-            const float w = ms == NEG_INF ? 0.0f : exp2f(ms - mm);
-            sm_w[g * used + s] = w;
-            ll += __ldcg(part_l + base + s) * w;
-        }
-        ll = warp_sum(ll);
-        const float inv = ll > 0.0f ? 1.0f / ll : 0.0f;
-        __syncwarp();
-        for (int s = lane; s < used; s += 32) sm_w[g * used + s] *= inv;
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < G * hd; i += blockDim.x) {
-        const int gg = i / hd, e = i % hd;
-        const float* src = part_acc + ((size_t)r * H + kvh * G + gg) * nsplit * hd + e;
-        const float* w = sm_w + gg * used;
-        float o0 = 0.0f, o1 = 0.0f;
-        int s = 0;
-        for (; s + 1 < used; s += 2) {
-            o0 += __ldcg(src + (size_t)s * hd) * w[s];
-            o1 += __ldcg(src + (size_t)(s + 1) * hd) * w[s + 1];
-        }
-        if (s < used) o0 += __ldcg(src + (size_t)s * hd) * w[s];
-        out[(size_t)r * ld_out + (kvh * G + gg) * hd + e] = __float2half(o0 + o1);
-    }
-}
 
 // The end of a split, for the kernels with one warp per query head: merge the block's groups of each
 // head in a fixed order (no float atomics: the sum must not depend on which warp finishes first, or
@@ -333,7 +277,7 @@ __device__ __forceinline__ void attn_decode(const __half* __restrict__ q, const 
 
     write_split<E, ITERS, GROUP>(acc, m, l, hd, G, g, stream, r, H, kvh, split, nsplit, sm_part, sm_m, sm_lw,
                                  part_acc, part_m, part_l);
-    merge_splits(r, H, KV, kvh, G, nsplit, len, chunk, hd, part_acc, part_m, part_l, counter, out, ld_out);
+    merge_splits(r, H, KV, kvh, G, nsplit, nsplit, len, chunk, hd, part_acc, part_m, part_l, counter, out, ld_out);
 }
 
 // Grouped-query heads (G = H / KV in 2, 4, 8; head_dim <= 128): one warp serves all G query heads of
@@ -496,7 +440,7 @@ __device__ __forceinline__ void attn_decode_gqa(const __half* __restrict__ q, co
         part_m[part0 + (size_t)g * nsplit] = M;
         part_l[part0 + (size_t)g * nsplit] = lsum;
     }
-    merge_splits(r, H, KV, kvh, G, nsplit, len, chunk, hd, part_acc, part_m, part_l, counter, out, ld_out);
+    merge_splits(r, H, KV, kvh, G, nsplit, nsplit, len, chunk, hd, part_acc, part_m, part_l, counter, out, ld_out);
 }
 
 #define GQA_INSTANCE(NAME, FMT, G)                                                                       \
@@ -524,135 +468,6 @@ GQA_INSTANCE(attn_gqa_fp8_g8, KV_FP8, 8)
 // per channel with their block's (scale, zero), values per position and group. One warp per query
 // head x W streams, 16 lanes x 8 values per position; a group takes whole key blocks (chunks are
 // multiples of 8 blocks, kernels.py); head_dim <= 128.
-extern "C" __global__ void attn_decode_int4(const __half* __restrict__ q, const uint8_t* __restrict__ kq,
-                                            const uint8_t* __restrict__ vq, const float* __restrict__ ks,
-                                            const float* __restrict__ kz, const float* __restrict__ vs,
-                                            const float* __restrict__ vz, const __half* __restrict__ wk,
-                                            const __half* __restrict__ wv, const int* __restrict__ pos, int T,
-                                            int H, int KV, int hd, int L, int R, int group, int chunk, int window,
-                                            float qscale, float* __restrict__ part_acc, float* __restrict__ part_m,
-                                            float* __restrict__ part_l, int* __restrict__ counter,
-                                            __half* __restrict__ out, int ld_out) {
-    __shared__ float sm_part[MAX_PART];
-    __shared__ float sm_m[64];
-    __shared__ float sm_lw[32];
-    const int kvh = blockIdx.x, split = blockIdx.y, nsplit = gridDim.y, r = blockIdx.z;
-    const int G = H / KV, NW = blockDim.x >> 5, W = NW / G;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int g = warp % G, stream = warp / G, h = kvh * G + g;
-    const int grp = lane >> 4, lig = lane & 15, e = lig * 8;
-    const bool has = e < hd;
-    const int b = r / T, len = pos[b] + r % T + 1;
-    const int lo = window > 0 ? max(0, len - window) : 0;
-    const int c0 = max(split * chunk, lo), c1 = min((split + 1) * chunk, len);
-    const int qlen = (len / R) * R;  // positions quantized by the time this row's token was decoded
-    const size_t bk = (size_t)b * KV + kvh;
-    const int nb = (L + R - 1) / R, ngroups = hd / group;
-
-    float qv[8], acc[8];
-    {
-        float tmp[8];
-        if (has) half8_to_float(*reinterpret_cast<const uint4*>(q + ((size_t)r * H + h) * hd + e), tmp);
-#pragma unroll
-        for (int i = 0; i < 8; i++) {
-            qv[i] = has ? tmp[i] * qscale : 0.0f;
-            acc[i] = 0.0f;
-        }
-    }
-    float m = NEG_INF, l = 0.0f;
-    auto update = [&](float d, const float* v8) {  // online softmax with one more position
-        const float mu = fmaxf(m, d);
-        const float corr = exp2f(m - mu), p = exp2f(d - mu);
-        l = l * corr + p;
-#pragma unroll
-        for (int i = 0; i < 8; i++) acc[i] = acc[i] * corr + p * v8[i];
-        m = mu;
-    };
-
-    // Quantized positions, a whole block per group at a time: the key block's (scale, zero) per
-    // channel fold into the query once, qs_c = q_c s_c and bias = sum_c qs_c z_c, so a position
-    // costs q . k = sum_c qs_c code_c - bias: its codes and its value group's (scale, zero) only.
-    const int qend = min(c1, qlen);
-    const int groups = 2 * W;  // groups per query head in this block
-    for (int bw = c0 / R + stream * 2; bw * R < qend; bw += groups) {  // warp-uniform
-        const int blk = bw + grp;
-        float qs[8], bias = 0.0f;
-        if (has) {
-            const float* ksp = ks + (bk * nb + min(blk, nb - 1)) * hd + e;
-            const float* kzp = kz + (bk * nb + min(blk, nb - 1)) * hd + e;
-#pragma unroll
-            for (int i = 0; i < 8; i++) {
-                qs[i] = qv[i] * ksp[i];
-                bias += qs[i] * kzp[i];
-            }
-        } else {
-#pragma unroll
-            for (int i = 0; i < 8; i++) qs[i] = 0.0f;
-        }
-        for (int jj = 0; jj < R; jj += 4) {
-            uint32_t kw[4], vw[4];
-            float vsc[4], vzr[4];
-#pragma unroll
-            for (int u = 0; u < 4; u++) {
-                const int j = min(blk * R + jj + u, L - 1);
-                const size_t row = bk * L + j;
-                kw[u] = has ? *reinterpret_cast<const uint32_t*>(kq + row * (hd / 2) + e / 2) : 0u;
-                vw[u] = has ? *reinterpret_cast<const uint32_t*>(vq + row * (hd / 2) + e / 2) : 0u;
-                vsc[u] = vs[row * ngroups + (has ? e / group : 0)];
-                vzr[u] = vz[row * ngroups + (has ? e / group : 0)];
-            }
-            // Four scores, then one rescale of the running sums for all four (not one per position).
-            float d[4], mu = m;
-#pragma unroll
-            for (int u = 0; u < 4; u++) {
-                const int j = blk * R + jj + u;
-                float x = 0.0f;
-#pragma unroll
-                for (int i = 0; i < 8; i++) x += qs[i] * (float)((kw[u] >> (4 * i)) & 15u);
-                x = group_sum<16>(x - bias);
-                d[u] = j >= c0 && j < qend ? x : NEG_INF;
-                mu = fmaxf(mu, d[u]);
-            }
-            if (mu != NEG_INF) {
-                const float corr = exp2f(m - mu);
-                l *= corr;
-#pragma unroll
-                for (int i = 0; i < 8; i++) acc[i] *= corr;
-#pragma unroll
-                for (int u = 0; u < 4; u++) {
-                    const float p = exp2f(d[u] - mu);  // 0 for positions outside [c0, qend)
-                    l += p;
-                    const float ps = p * vsc[u], pz = ps * vzr[u];  // p (code - z) s = ps code - pz
-#pragma unroll
-                    for (int i = 0; i < 8; i++) acc[i] += ps * (float)((vw[u] >> (4 * i)) & 15u) - pz;
-                }
-                m = mu;
-            }
-        }
-    }
-    // The float window: positions of the row's own, not yet quantized, block.
-    for (int jw = max(c0, qlen) + stream * 2; jw < c1; jw += groups) {  // warp-uniform
-        const int j = jw + grp;
-        float k8[8], v8[8];
-#pragma unroll
-        for (int i = 0; i < 8; i++) k8[i] = v8[i] = 0.0f;
-        if (j < c1 && has) {
-            const size_t slot = bk * R + j % R;
-            half8_to_float(*reinterpret_cast<const uint4*>(wk + slot * hd + e), k8);
-            half8_to_float(*reinterpret_cast<const uint4*>(wv + slot * hd + e), v8);
-        }
-        float d = 0.0f;
-#pragma unroll
-        for (int i = 0; i < 8; i++) d += qv[i] * k8[i];
-        d = group_sum<16>(d);
-        if (j < c1) update(d, v8);
-    }
-
-    write_split<8, 1, 16>(acc, m, l, hd, G, g, stream, r, H, kvh, split, nsplit, sm_part, sm_m, sm_lw, part_acc,
-                          part_m, part_l);
-    merge_splits(r, H, KV, kvh, G, nsplit, len, chunk, hd, part_acc, part_m, part_l, counter, out, ld_out);
-}
-
 #define ATTN_INSTANCE(NAME, FMT, ITERS, PIPE)                                                            \
     extern "C" __global__ void NAME(const __half* q, const void* kc, const void* vc, const float* k_scale, \
                                     const float* v_scale, const int* pos, int T, int H, int KV, int hd,    \

@@ -170,19 +170,20 @@ def kivi_flush(kivi, pos, batch: int, t: int, cfg):
 
 
 def decode_attention_int4(q, kivi, pos, rows, t, cfg, window, parts, out, plan):
-    """Attention over an INT4 (KIVI) cache: quantized blocks and the fp16 window, per row."""
+    """Attention over an INT4 (KIVI) cache, quantized blocks and the fp16 window, on tensor cores
+    (attention_int4.cu): blocks of (kv head, 8 query heads) x split x row, the plan's splits."""
     kq, vq, ks, kz, vs, vz, wk, wv, max_len, block, group = kivi
-    chunk, splits, warps = plan
+    chunk, splits, _ = plan
     h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    # Each of a head's 2 x streams groups takes whole key blocks: chunks of that many blocks (fewer,
-    # longer splits than the plan's, so they fit its scratch).
-    chunk = round_up(chunk, block * 2 * (warps // (h // kv)))
-    splits = -(-max_len // chunk)
+    qtiles = -(-(h // kv) // 8)
     acc, m, l, counter = parts
-    fn("attention", "attn_decode_int4")((kv, splits, rows), (32 * warps,), (
-        q, kq, vq, ks, kz, vs, vz, wk, wv, pos, i32(t), i32(h), i32(kv), i32(hd), i32(max_len), i32(block),
-        i32(group), i32(chunk), i32(window or 0), np.float32(math.log2(math.e) / math.sqrt(hd)), acc, m, l, counter,
+    fn("attention_int4", f"attn_int4_hd{64 if hd <= 64 else 128}")((kv * qtiles, splits, rows), (32 * INT4_WARPS,), (
+        q, kq, vq, ks, kz, vs, vz, wk, wv, pos, i32(t), i32(h), i32(kv), i32(hd), i32(max_len), i32(group),
+        i32(chunk), i32(window or 0), np.float32(math.log2(math.e) / math.sqrt(hd)), acc, m, l, counter,
         out, i32(out.shape[1])))
+
+
+INT4_WARPS = 4  # NW in attention_int4.cu
 
 
 # -- matrix products (gemv.cu, w4a16_gemv.cu, dequant.cu) ------------------------------------------

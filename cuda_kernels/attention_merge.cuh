@@ -1,0 +1,64 @@
+// Merging the splits of decode attention (included by attention.cu and attention_int4.cu).
+#pragma once
+#include "common.cuh"
+
+#define MAX_MERGE 4352  // G * splits weights for the merge (8 heads x 544 splits; kernels.py keeps below)
+
+// The last block of a (row, key/value head) to finish merges the splits' partial results (an atomic
+// counter per (row, kv head) in device memory, reset by that block for the next step), so no second
+// kernel is launched:  m = max_s m_s,  l = sum_s l_s 2^(m_s - m),  out = sum_s acc_s 2^(m_s - m) / l.
+// `arrivals`: blocks per (row, kv head) (the splits, times the query tiles of attention_int4.cu).
+__device__ __forceinline__ void merge_splits(int r, int H, int KV, int kvh, int G, int nsplit, int arrivals,
+                                             int len, int chunk,
+                                             int hd, const float* __restrict__ part_acc,
+                                             const float* __restrict__ part_m, const float* __restrict__ part_l,
+                                             int* __restrict__ counter, __half* __restrict__ out, int ld_out) {
+    __shared__ int is_last;
+    __threadfence();  // this block's partials are visible before it counts itself done
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const int done = atomicAdd(&counter[(size_t)r * KV + kvh], 1);
+        is_last = done == arrivals - 1;
+        if (is_last) counter[(size_t)r * KV + kvh] = 0;
+    }
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    const int used = min(nsplit, (len + chunk - 1) / chunk);  // splits past the length hold nothing
+    // Each split's weight 2^(m_s - m) / l, per query head, into shared memory first; then every
+    // thread's sum over the splits is a stream of independent loads (no max or exp in the loop).
+    __shared__ float sm_w[MAX_MERGE];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
+    for (int g = warp; g < G; g += nwarps) {  // warp by warp: the max and the normaliser of head g
+        const size_t base = ((size_t)r * H + kvh * G + g) * nsplit;
+        float mm = NEG_INF;
+        for (int s = lane; s < used; s += 32) mm = fmaxf(mm, __ldcg(part_m + base + s));
+        mm = warp_max(mm);
+        float ll = 0.0f;
+        for (int s = lane; s < used; s += 32) {
+            const float ms = __ldcg(part_m + base + s);
+            const float w = ms == NEG_INF ? 0.0f : exp2f(ms - mm);
+            sm_w[g * used + s] = w;
+            ll += __ldcg(part_l + base + s) * w;
+        }
+        ll = warp_sum(ll);
+        const float inv = ll > 0.0f ? 1.0f / ll : 0.0f;
+        __syncwarp();
+        for (int s = lane; s < used; s += 32) sm_w[g * used + s] *= inv;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < G * hd; i += blockDim.x) {
+        const int gg = i / hd, e = i % hd;
+        const float* src = part_acc + ((size_t)r * H + kvh * G + gg) * nsplit * hd + e;
+        const float* w = sm_w + gg * used;
+        float o0 = 0.0f, o1 = 0.0f;
+        int s = 0;
+        for (; s + 1 < used; s += 2) {
+            o0 += __ldcg(src + (size_t)s * hd) * w[s];
+            o1 += __ldcg(src + (size_t)(s + 1) * hd) * w[s + 1];
+        }
+        if (s < used) o0 += __ldcg(src + (size_t)s * hd) * w[s];
+        out[(size_t)r * ld_out + (kvh * G + gg) * hd + e] = __float2half(o0 + o1);
+    }
+}
+

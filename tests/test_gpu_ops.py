@@ -139,8 +139,8 @@ def test_rope_append(b, t, kv, g, hd, partial, qk_norm, fmt, seed):
 @given(b=st.integers(1, 2), t=st.integers(1, 4), kv=st.integers(1, 4), g=st.sampled_from([1, 2, 3, 4, 8]),
        hd=st.sampled_from([16, 64, 128, 256]), fmt=st.sampled_from(["float", "int8", "fp8"]),
        max_len=st.integers(8, 3000), window=st.sampled_from([0, 0, 5, 300]), outliers=st.booleans(),
-       pipe=st.booleans(), gqa=st.booleans(), seed=st.integers(0, 2**31))
-def test_decode_attention(b, t, kv, g, hd, fmt, max_len, window, outliers, pipe, gqa, seed):
+       kernel=st.sampled_from(["plain", "pipe", "gqa", "mma"]), seed=st.integers(0, 2**31))
+def test_decode_attention(b, t, kv, g, hd, fmt, max_len, window, outliers, kernel, seed):
     """Split-K attention equals softmax(q K^T / sqrt(hd)) V over the dequantized cache (causal for
     every row, sliding window where given), for any context length and GQA grouping."""
     import cupy as cp
@@ -173,12 +173,15 @@ def test_decode_attention(b, t, kv, g, hd, fmt, max_len, window, outliers, pipe,
     plan = K.attention_plan(cfg, max_len, b * t)
     parts = K.attention_parts(b * t, cfg, plan)
     out = poisoned(cp, (b * t, K.round_up(h * hd, 32)), cp.float16)
-    # Both loops (attention.cu, PIPE), and the grouped-heads kernel or one warp per query head.
-    os.environ["MINILLM_ATTN_PIPE"], os.environ["MINILLM_ATTN_GQA"] = ("1" if pipe else "0"), ("1" if gqa else "0")
+    # Each kernel where the format has it: attention.cu's plain and pipelined loops and grouped-heads
+    # kernel; attention_mma.cu (8-bit codes, head_dim <= 128).
+    flags = {"MINILLM_ATTN_PIPE": kernel == "pipe", "MINILLM_ATTN_GQA": kernel == "gqa", "MINILLM_ATTN_MMA": kernel == "mma"}
+    os.environ.update({k: "1" if v else "0" for k, v in flags.items()})
     try:
         K.decode_attention(cp.asarray(q), cache.layer(0), cache.pos, b * t, t, cfg, window or None, parts, out, plan)
     finally:
-        del os.environ["MINILLM_ATTN_PIPE"], os.environ["MINILLM_ATTN_GQA"]
+        for k in flags:
+            del os.environ[k]
     got = cp.asnumpy(out[:, : h * hd]).astype(np.float64).reshape(b, t, h, hd)
     for bi in range(b):
         end = pos[bi] + t

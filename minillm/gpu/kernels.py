@@ -132,6 +132,16 @@ def decode_attention(q, layer_cache, pos, rows, t, cfg, window, parts, out, plan
     name = {0: "fp16", 1: "int8", 2: "fp8"}[fmt]
     iters = 1 if hd <= 128 else 2
     g = h // kv
+    # 8-bit codes with grouped query heads and splits of >= 8 key blocks: the tensor-core kernel,
+    # whose warps hold all G heads and dequantize each code once for them (attention_mma.cu). H100,
+    # 8 kv heads at 32k: 1.61x fp16 at batch 1, 2.13x at batch 8, against 1.11x / 0.96x; with short
+    # splits (4k, batch 1: 64 positions) its warps idle (0.70x vs 1.02x), and with one query head
+    # per kv head attention.cu's kernels read faster (1.60x vs 1.97x; bench/NOTES.md).
+    want_mma = os.environ.get("MINILLM_ATTN_MMA")  # "1" / "0" force the choice (tests, benchmarks)
+    use_mma = g > 1 and chunk >= 256 if want_mma is None else want_mma == "1"
+    if fmt != 0 and hd <= 128 and use_mma:
+        _attention_mma(name, q, (kc, vc, ks, 0, vs, 0, 0, 0), pos, rows, t, cfg, max_len, 0, window, parts, out, plan)
+        return
     # Grouped heads with many (kv head, row) pairs: one warp per key/value head serves all G queries
     # (attention.cu, attn_decode_gqa): 1.2-1.3x faster at batch 8 x 8 kv heads from 16k positions,
     # slower with few blocks (batch 1), where one warp per query head is kept (bench/NOTES.md).
@@ -171,19 +181,25 @@ def kivi_flush(kivi, pos, batch: int, t: int, cfg):
 
 def decode_attention_int4(q, kivi, pos, rows, t, cfg, window, parts, out, plan):
     """Attention over an INT4 (KIVI) cache, quantized blocks and the fp16 window, on tensor cores
-    (attention_int4.cu): blocks of (kv head, 8 query heads) x split x row, the plan's splits."""
+    (attention_mma.cu)."""
     kq, vq, ks, kz, vs, vz, wk, wv, max_len, block, group = kivi
+    _attention_mma("int4", q, (kq, vq, ks, kz, vs, vz, wk, wv), pos, rows, t, cfg, max_len, group, window, parts,
+                   out, plan)
+
+
+MMA_WARPS = 4  # NW in attention_mma.cu
+
+
+def _attention_mma(fmt: str, q, arrays, pos, rows, t, cfg, max_len, group, window, parts, out, plan):
+    """attention_mma.cu: blocks of (kv head, 8 query heads) x the plan's splits x rows; arrays are
+    (kq, vq, ks, kz, vs, vz, wk, wv), with 0 for what the format lacks."""
     chunk, splits, _ = plan
     h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     qtiles = -(-(h // kv) // 8)
     acc, m, l, counter = parts
-    fn("attention_int4", f"attn_int4_hd{64 if hd <= 64 else 128}")((kv * qtiles, splits, rows), (32 * INT4_WARPS,), (
-        q, kq, vq, ks, kz, vs, vz, wk, wv, pos, i32(t), i32(h), i32(kv), i32(hd), i32(max_len), i32(group),
-        i32(chunk), i32(window or 0), np.float32(math.log2(math.e) / math.sqrt(hd)), acc, m, l, counter,
-        out, i32(out.shape[1])))
-
-
-INT4_WARPS = 4  # NW in attention_int4.cu
+    fn("attention_mma", f"attn_mma_{fmt}_hd{64 if hd <= 64 else 128}")((kv * qtiles, splits, rows), (32 * MMA_WARPS,), (
+        q, *arrays, pos, i32(t), i32(h), i32(kv), i32(hd), i32(max_len), i32(group), i32(chunk), i32(window or 0),
+        np.float32(math.log2(math.e) / math.sqrt(hd)), acc, m, l, counter, out, i32(out.shape[1])))
 
 
 # -- matrix products (gemv.cu, w4a16_gemv.cu, dequant.cu) ------------------------------------------

@@ -1,5 +1,7 @@
-// Decode attention over the INT4 (KIVI) cache on tensor cores: scores and the weighted sum of values
-// are mma.sync.m16n8k16 products of fp16 fragments built in registers from the 4-bit codes.
+// Decode attention over the quantized caches on tensor cores: scores and the weighted sum of values
+// are mma.sync.m16n8k16 products of fp16 fragments built in registers from the codes. INT4 (KIVI)
+// always; INT8 and FP8 E4M3 when key/value heads are grouped (the grouped query heads then share
+// every dequantized value; attention.cu's per-head kernels stay for one query head per kv head).
 //
 // ================================================================================================
 // Layout (minillm/gpu/cache.py; the reference is kvcache.Int4KVCache)
@@ -10,6 +12,8 @@
 //   vs, vz   float [B, KV, L, hd / group]: values per token in groups of `group` dims
 //   wk, wv   fp16 [B, KV, 32, hd]: the float window, position j in slot j % 32, holding the block
 //            that is not complete yet; positions below (len / 32) * 32 are read quantized
+//   8-bit:   kq, vq int8 / E4M3 codes [B, KV, L, hd], ks, vs float [B, KV, L]: one scale per
+//            (position, head); kz, vz, wk, wv unused
 //   partials and out as attention.cu (merged by attention_merge.cuh)
 //
 // ================================================================================================
@@ -20,6 +24,10 @@
 //   q . k = sum_d q'_d c_d - sum_d q'_d z_d: the MMA's B operand is the codes themselves (exact
 //   small integers in fp16, from the magic-number unpack of w4a16_gemv.cu) and the second sum is
 //   one number per (query, block). Values: dequantized per position in half2, (c - z) s.
+//   8-bit: the codes become fp16 exactly (int8: byte permute under the exponent of 1024 and one
+//   subtraction; E4M3: cvt.rn.f16x2.e4m3x2, sm_89+), the key scale multiplies the score and the
+//   value scale the softmax weight, once per position. The query enters as is (fp16, exact) and
+//   log2(e) / sqrt(hd) multiplies the fp32 score, so only the INT4 fold q s rounds anything there.
 //   The m16n8k16 fragments (PTX ISA, "Matrix Fragments for mma.m16n8k16"), lane = 4g + t:
 //     A rows g, g+8 (queries; rows 8..15 stay zero), k = 2t, 2t+1 and 2t+8, 2t+9
 //     B k = 2t, 2t+1 and 2t+8, 2t+9, col g;   C/D rows g, g+8, cols 2t, 2t+1
@@ -43,6 +51,10 @@
 
 #include "common.cuh"
 #include "attention_merge.cuh"
+
+#define KV_INT8 1
+#define KV_FP8 2
+#define KV_INT4 3
 
 constexpr int RB = 32;  // positions per quantized key block (KIVI_BLOCK)
 constexpr int NW = 4;   // warps per block
@@ -86,8 +98,25 @@ __device__ __forceinline__ uint32_t hmul_u32(uint32_t a, uint32_t b) {
     return *reinterpret_cast<uint32_t*>(&r);
 }
 
-template <int HDP>
-__device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const uint8_t* __restrict__ kq,
+// Bytes k of two words (dims d and d + 4 of an 8-bit row) as half2 of the decoded values.
+template <int FMT>
+__device__ __forceinline__ uint32_t byte_pair(uint32_t lo, uint32_t hi, int k) {
+    if (FMT == KV_INT8) {
+        // byte k of each into the low byte of a half; XOR 0x80 makes c + 128 (unsigned), and under
+        // 0x64 it reads 1024 + c + 128: one subtraction of 1152 leaves c exactly.
+        const uint32_t x = __byte_perm(lo, hi, k | ((4 + k) << 8));
+        const uint32_t h = (x & 0x00FF00FFu) ^ 0x64806480u;
+        return hsub_u32(h, 0x64806480u);  // half2(1152, 1152)
+    } else {
+        const uint32_t two = __byte_perm(lo, hi, k | ((4 + k) << 4));  // low 16 bits: (lo_k, hi_k)
+        uint32_t h2;
+        asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"((unsigned short)two));
+        return h2;
+    }
+}
+
+template <int FMT, int HDP>
+__device__ __forceinline__ void attn_mma(const __half* __restrict__ q, const uint8_t* __restrict__ kq,
                                           const uint8_t* __restrict__ vq, const float* __restrict__ ks,
                                           const float* __restrict__ kz, const float* __restrict__ vs,
                                           const float* __restrict__ vz, const __half* __restrict__ wk,
@@ -97,6 +126,7 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
                                           float* __restrict__ part_l, int* __restrict__ counter,
                                           __half* __restrict__ out, int ld_out) {
     using S = Int4Shape<HDP>;
+    constexpr bool INT4 = FMT == KV_INT4;
     constexpr int KD = S::KD, KSTEPS = S::KSTEPS, KU2 = S::KU2, VD = S::VD;
     __shared__ float sm_acc[NW][8][HDP];
     __shared__ float sm_m[NW][8], sm_l[NW][8];
@@ -110,7 +140,8 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
     const int b = r / T, len = pos[b] + r % T + 1;
     const int lo = window > 0 ? max(0, len - window) : 0;
     const int c0 = max(split * chunk, lo), c1 = min((split + 1) * chunk, len);
-    const int qlen = (len / RB) * RB;  // positions quantized by the time this row's token was decoded
+    // INT4: positions quantized by the time this row's token was decoded (the rest: the window)
+    const int qlen = INT4 ? (len / RB) * RB : len;
     const int qend = min(c1, qlen);
     const size_t bk = (size_t)b * KV + kvh;
     const int nb = (L + RB - 1) / RB, ngroups = hd / group;
@@ -121,8 +152,8 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
     // Step s of the score MMA takes word w = s / 2 of the lane's codes, pairs (2p, 2p + 4) and
     // (2p + 1, 2p + 5), p = s % 2: these are the query dims its A registers hold.
     auto dim_of = [](int s, int k) { return 8 * (s >> 1) + 2 * (s & 1) + k; };  // k in {0, 4, 1, 5}
-    // The query (times log2(e) / sqrt(hd)) at this lane's key dims, as those A fragments (fp16, the
-    // float window's); 0 past hd and for absent heads.
+    // The query at this lane's key dims, as those A fragments (fp16, exact: the scale log2(e) /
+    // sqrt(hd) multiplies the fp32 scores instead); 0 past hd and for absent heads.
     uint32_t qa0[KSTEPS], qa2[KSTEPS];
     {
         float qf[KD];
@@ -132,7 +163,7 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
             const bool in = has_q && kd0 + i < hd;
             if (in) half8_to_float(*reinterpret_cast<const uint4*>(q + ((size_t)r * H + kvh * G + qi) * hd + kd0 + i), tmp);
 #pragma unroll
-            for (int j = 0; j < 8; j++) qf[i + j] = in ? tmp[j] * qscale : 0.0f;
+            for (int j = 0; j < 8; j++) qf[i + j] = in ? tmp[j] : 0.0f;
         }
 #pragma unroll
         for (int s = 0; s < KSTEPS; s++) {
@@ -154,7 +185,8 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
     // One online-softmax step over 32 scores of query g (lane: positions nt * 8 + 2t + e), then the
     // value MMA. P is already laid out as its B operand (k = positions 2t, 2t+1 / 2t+8, 2t+9, col g);
     // va(i, md, a) gives the four A registers of m-tile md for positions 16i .. 16i + 15.
-    auto softmax_and_values = [&](float (&sc)[4][2], auto&& va) {
+    // ps: a factor per position on the softmax weight as the MMA reads it (8-bit value scales).
+    auto softmax_and_values = [&](float (&sc)[4][2], const float (&ps)[4][2], auto&& va) {
         float mb = NEG_INF;
 #pragma unroll
         for (int nt = 0; nt < 4; nt++) mb = fmaxf(mb, fmaxf(sc[nt][0], sc[nt][1]));
@@ -181,8 +213,9 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
         }
 #pragma unroll
         for (int i = 0; i < 2; i++) {
-            const uint32_t b0 = pack_half2(p[2 * i][0], p[2 * i][1]);          // positions 16i + 2t, +1
-            const uint32_t b1 = pack_half2(p[2 * i + 1][0], p[2 * i + 1][1]);  // 16i + 8 + 2t, +1
+            const uint32_t b0 = pack_half2(p[2 * i][0] * ps[2 * i][0], p[2 * i][1] * ps[2 * i][1]);  // 16i + 2t, +1
+            const uint32_t b1 = pack_half2(p[2 * i + 1][0] * ps[2 * i + 1][0],
+                                           p[2 * i + 1][1] * ps[2 * i + 1][1]);  // 16i + 8 + 2t, +1
 #pragma unroll
             for (int md = 0; md < MT; md++) {
                 uint32_t a[4];
@@ -192,11 +225,79 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
         }
     };
 
+    const float ones[4][2] = {{1.0f, 1.0f}, {1.0f, 1.0f}, {1.0f, 1.0f}, {1.0f, 1.0f}};
+
     // ---------------------------------------------------------------------------------------------
-    // Quantized blocks
+    // 8-bit caches: every position quantized, one scale per (position, head)
+    // ---------------------------------------------------------------------------------------------
+    if constexpr (!INT4) {
+        constexpr int KW = KD / 4, VW = VD / 4;  // 32-bit words of codes per lane: key row, value row
+        for (int blk = c0 / RB + warp; blk * RB < c1; blk += NW) {
+            const int j0 = blk * RB;
+            uint32_t kw[4][KW];
+            float kscl[4][2], vscl[4][2];
+#pragma unroll
+            for (int nt = 0; nt < 4; nt++) {
+                const size_t row = bk * L + min(j0 + nt * 8 + g, L - 1);
+#pragma unroll
+                for (int u = 0; u < KW; u += 4) {  // 16 dims a load; hd % 16 == 0
+                    const uint4 x = kd0 + 4 * u < hd ? __ldg(reinterpret_cast<const uint4*>(kq + row * hd + kd0 + 4 * u))
+                                                     : make_uint4(0, 0, 0, 0);
+                    kw[nt][u] = x.x, kw[nt][u + 1] = x.y, kw[nt][u + 2] = x.z, kw[nt][u + 3] = x.w;
+                }
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const size_t srow = bk * L + min(j0 + nt * 8 + 2 * t + e, L - 1);
+                    kscl[nt][e] = __ldg(ks + srow);
+                    vscl[nt][e] = __ldg(vs + srow);
+                }
+            }
+            uint32_t vw[2][4][VW];
+#pragma unroll
+            for (int i = 0; i < 2; i++)
+#pragma unroll
+                for (int k = 0; k < 4; k++) {  // positions 16i + 2t + {0, 1, 8, 9}
+                    const size_t row = bk * L + min(j0 + 16 * i + 2 * t + (k & 1) + 8 * (k >> 1), L - 1);
+#pragma unroll
+                    for (int u = 0; u < VW; u += 2) {
+                        const uint2 x = v_in ? __ldg(reinterpret_cast<const uint2*>(vq + row * hd + vd0 + 4 * u))
+                                             : make_uint2(0u, 0u);
+                        vw[i][k][u] = x.x, vw[i][k][u + 1] = x.y;
+                    }
+                }
+            float sc[4][2];
+#pragma unroll
+            for (int nt = 0; nt < 4; nt++) {
+                float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+                for (int s = 0; s < KSTEPS; s++) {  // dims 8w + 2p + {0, 4} and {1, 5}: bytes of words 2w, 2w + 1
+                    const int w = s >> 1, p = s & 1;
+                    mma_scores(d, qa0[s], qa2[s], byte_pair<FMT>(kw[nt][2 * w], kw[nt][2 * w + 1], 2 * p),
+                               byte_pair<FMT>(kw[nt][2 * w], kw[nt][2 * w + 1], 2 * p + 1));
+                }
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const int j = j0 + nt * 8 + 2 * t + e;
+                    sc[nt][e] = j >= c0 && j < c1 ? d[e] * (kscl[nt][e] * qscale) : NEG_INF;
+                }
+            }
+            softmax_and_values(sc, vscl, [&](int i, int md, uint32_t* a) {
+                // dims vd0 + 8u + j (rows g) and + 4 (rows g + 8): byte j of words 2u and 2u + 1
+                const int u = md >> 2, j = md & 3;
+                const uint32_t d0 = byte_pair<FMT>(vw[i][0][2 * u], vw[i][1][2 * u], j);
+                const uint32_t d4 = byte_pair<FMT>(vw[i][0][2 * u + 1], vw[i][1][2 * u + 1], j);
+                const uint32_t e0 = byte_pair<FMT>(vw[i][2][2 * u], vw[i][3][2 * u], j);
+                const uint32_t e4 = byte_pair<FMT>(vw[i][2][2 * u + 1], vw[i][3][2 * u + 1], j);
+                a[0] = d0, a[1] = d4, a[2] = e0, a[3] = e4;
+            });
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // INT4: quantized blocks
     // ---------------------------------------------------------------------------------------------
     const uint32_t magic2 = 0x64006400u;  // half2(1024, 1024)
-    for (int blk = c0 / RB + warp; blk * RB < qend; blk += NW) {
+    for (int blk = c0 / RB + warp; INT4 && blk * RB < qend; blk += NW) {
         const int j0 = blk * RB;
         // q' = q s for this block's key scales, as A fragments; bias = q' . z over all dims.
         uint32_t a0[KSTEPS], a2[KSTEPS];
@@ -219,8 +320,8 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
                 const float2 q04 = __half22float2(*reinterpret_cast<const __half2*>(&qa0[s]));
                 const float2 q15 = __half22float2(*reinterpret_cast<const __half2*>(&qa2[s]));
                 const int d0 = dim_of(s, 0), d4 = dim_of(s, 4), d1 = dim_of(s, 1), d5 = dim_of(s, 5);
-                a0[s] = pack_half2(q04.x * sc4[d0], q04.y * sc4[d4]);
-                a2[s] = pack_half2(q15.x * sc4[d1], q15.y * sc4[d5]);
+                a0[s] = pack_half2(q04.x * (qscale * sc4[d0]), q04.y * (qscale * sc4[d4]));
+                a2[s] = pack_half2(q15.x * (qscale * sc4[d1]), q15.y * (qscale * sc4[d5]));
                 // bias from the fp16 values the MMA multiplies
                 const float2 v04 = __half22float2(*reinterpret_cast<const __half2*>(&a0[s]));
                 const float2 v15 = __half22float2(*reinterpret_cast<const __half2*>(&a2[s]));
@@ -285,7 +386,7 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
                 sc[nt][e] = j >= c0 && j < qend ? d[e] - bias : NEG_INF;
             }
         }
-        softmax_and_values(sc, [&](int i, int md, uint32_t* a) {
+        softmax_and_values(sc, ones, [&](int i, int md, uint32_t* a) {
             // Positions (2t, 2t+1) and (2t+8, 2t+9) of k-tile i, dims (8u + j) and (8u + j + 4) of
             // the lane's: unpack pair j of word u of each position, interleave two positions by a
             // permute, dequantize with their (scale, zero).
@@ -303,7 +404,7 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
     // The float window: the row's own, incomplete block (fewer than 32 positions), one warp
     // ---------------------------------------------------------------------------------------------
     const int w0 = max(c0, qlen);
-    if (w0 < c1 && warp == NW - 1) {
+    if (INT4 && w0 < c1 && warp == NW - 1) {
         float sc[4][2];
 #pragma unroll
         for (int nt = 0; nt < 4; nt++) {
@@ -322,10 +423,10 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
 #pragma unroll
             for (int e = 0; e < 2; e++) {
                 const int jj = qlen + nt * 8 + 2 * t + e;
-                sc[nt][e] = jj >= c0 && jj < c1 ? d[e] : NEG_INF;
+                sc[nt][e] = jj >= c0 && jj < c1 ? d[e] * qscale : NEG_INF;
             }
         }
-        softmax_and_values(sc, [&](int i, int md, uint32_t* a) {
+        softmax_and_values(sc, ones, [&](int i, int md, uint32_t* a) {
             const int dim = vd0 + 8 * (md >> 2) + (md & 3);  // rows g: dim; rows g + 8: dim + 4
             uint32_t x[4], y[4];
 #pragma unroll
@@ -386,17 +487,21 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
                  ld_out);
 }
 
-// Three blocks per SM: 168 registers and a few spilled, against 230 and two blocks (H100, 32k
+// Three blocks per SM: 168 registers and a few spilled, against 230 and two blocks (H100, INT4 at 32k
 // positions: batch 8 1.66x fp16 vs 1.43x; batch 1 1.32x vs 1.37x; GQA 1.50-1.77x vs 1.11-1.46x).
-#define ATTN_INT4(HDP)                                                                                        \
-    extern "C" __global__ void __launch_bounds__(32 * NW, 3) attn_int4_hd##HDP(                                \
+#define ATTN_MMA(NAME, FMT, HDP)                                                                              \
+    extern "C" __global__ void __launch_bounds__(32 * NW, 3) NAME(                                            \
         const __half* q, const uint8_t* kq, const uint8_t* vq, const float* ks, const float* kz, const float* vs, \
         const float* vz, const __half* wk, const __half* wv, const int* pos, int T, int H, int KV, int hd, int L, \
         int group, int chunk, int window, float qscale, float* part_acc, float* part_m, float* part_l,          \
         int* counter, __half* out, int ld_out) {                                                               \
-        attn_int4<HDP>(q, kq, vq, ks, kz, vs, vz, wk, wv, pos, T, H, KV, hd, L, group, chunk, window, qscale,   \
-                       part_acc, part_m, part_l, counter, out, ld_out);                                        \
+        attn_mma<FMT, HDP>(q, kq, vq, ks, kz, vs, vz, wk, wv, pos, T, H, KV, hd, L, group, chunk, window, qscale, \
+                           part_acc, part_m, part_l, counter, out, ld_out);                                    \
     }
 
-ATTN_INT4(64)
-ATTN_INT4(128)
+ATTN_MMA(attn_mma_int4_hd64, KV_INT4, 64)
+ATTN_MMA(attn_mma_int4_hd128, KV_INT4, 128)
+ATTN_MMA(attn_mma_int8_hd64, KV_INT8, 64)
+ATTN_MMA(attn_mma_int8_hd128, KV_INT8, 128)
+ATTN_MMA(attn_mma_fp8_hd64, KV_FP8, 64)
+ATTN_MMA(attn_mma_fp8_hd128, KV_FP8, 128)

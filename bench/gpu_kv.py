@@ -1,4 +1,5 @@
-"""Decode attention over the KV cache on the GPU: fp16 vs int8 vs fp8 caches (cuda_kernels/attention.cu),
+"""Decode attention over the KV cache on the GPU: fp16 vs int8 vs fp8 vs int4 caches (cuda_kernels/attention.cu
+and attention_mma.cu),
 one Llama-2-7B-shaped layer (32 query heads, head_dim 128; 32 key/value heads, and the GQA variant
 with 8), contexts 4k..64k, batch 1 and 8, one run.
 

@@ -66,16 +66,9 @@ template <int HDP> struct Int4Shape {
     static constexpr int VD = HDP / 8;        // value dims of a lane g = dim tiles of the value MMA
 };
 
-__device__ __forceinline__ void mma16816(float* d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
-                                         uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
 // The score MMA: rows g + 8 of A are zero (at most 8 queries per tile).
 __device__ __forceinline__ void mma_scores(float* d, uint32_t a0, uint32_t a2, uint32_t b0, uint32_t b1) {
-    mma16816(d, a0, 0u, a2, 0u, b0, b1);
+    mma_m16n8k16(d, a0, 0u, a2, 0u, b0, b1);
 }
 
 __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
@@ -220,7 +213,7 @@ __device__ __forceinline__ void attn_mma(const __half* __restrict__ q, const uin
             for (int md = 0; md < MT; md++) {
                 uint32_t a[4];
                 va(i, md, a);
-                mma16816(acc[md], a[0], a[1], a[2], a[3], b0, b1);
+                mma_m16n8k16(acc[md], a[0], a[1], a[2], a[3], b0, b1);
             }
         }
     };

@@ -98,3 +98,13 @@ __device__ __forceinline__ void half8_to_float(uint4 raw, float* x) {
         x[2 * i + 1] = f.y;
     }
 }
+
+// d += A B on the tensor cores: mma.sync.m16n8k16, fp16 A (16 x 16, four b32 registers) and B
+// (16 x 8, two), fp32 accumulators (four). Fragment layouts: PTX ISA, "Matrix Fragments for
+// mma.m16n8k16". Not volatile: the compiler may schedule independent loads around it.
+__device__ __forceinline__ void mma_m16n8k16(float* d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                             uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}

@@ -49,14 +49,6 @@ __device__ __forceinline__ uint32_t dequant_pair(uint32_t word, int j, __half2 b
     return *reinterpret_cast<uint32_t*>(&h);
 }
 
-__device__ __forceinline__ void mma_16816(float* d, const uint32_t* a, uint32_t b0, uint32_t b1) {
-    asm(  // not volatile: the compiler may schedule loads of the next chunk around it
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 __device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
     return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
@@ -135,7 +127,7 @@ __device__ __forceinline__ void mma_body(const uint4* __restrict__ qweight, cons
                     a[2] = dequant_pair(w0, 2 * p + 1, bias[nt][0], scale[nt][0]);
                     a[3] = dequant_pair(w1, 2 * p + 1, bias[nt][1], scale[nt][1]);
 #pragma unroll
-                    for (int mt = 0; mt < MT; ++mt) mma_16816(acc[nt][mt], a, b[mt][0], b[mt][1]);
+                    for (int mt = 0; mt < MT; ++mt) mma_m16n8k16(acc[nt][mt], a[0], a[1], a[2], a[3], b[mt][0], b[mt][1]);
                 }
             }
         }

@@ -195,11 +195,11 @@ def _attention_mma(fmt: str, q, arrays, pos, rows, t, cfg, max_len, group, windo
     (kq, vq, ks, kz, vs, vz, wk, wv), with 0 for what the format lacks."""
     chunk, splits, _ = plan
     h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    if kv * rows <= 16:
-        # Few (kv head, row) pairs: half the plan's splits (about 2 blocks per SM), so each warp takes
-        # more key blocks. H100, 8 kv heads at 32k, batch 1: int8 49 us vs 72 at the plan's 4 waves,
-        # int4 1.74x fp16 vs 1.50x; with more pairs the plan's splits are as good or better
-        # (bench/NOTES.md, waves sweep).
+    if fmt != "int4" or kv * rows <= 16:
+        # Half the plan's splits (about 2 blocks per SM), so each warp takes more key blocks: for the
+        # 8-bit codes always (H100, 8 kv heads: 32k batch 1 49 us vs 72 at the plan's 4 waves, 4k
+        # batch 8 2.30x fp16 vs 1.75x), for INT4 with few (kv head, row) pairs (32k, 8 kv heads,
+        # batch 1: 2.01x vs 1.51x; batch 8: 1.64x vs 1.81x; bench/NOTES.md, waves sweep).
         chunk = 2 * chunk
         splits = -(-max_len // chunk)
     qtiles = -(-(h // kv) // 8)

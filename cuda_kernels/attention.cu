@@ -153,7 +153,7 @@ __device__ __forceinline__ void attn_decode(const __half* __restrict__ q, const 
                                             int H, int KV, int hd, int L, int chunk, int window, float qscale,
                                             float* __restrict__ part_acc, float* __restrict__ part_m,
                                             float* __restrict__ part_l, int* __restrict__ counter,
-                                            __half* __restrict__ out, int ld_out) {
+                                            __half* __restrict__ out, int ld_out, const float* __restrict__ v_off) {
     constexpr int E = Fmt<FMT>::ELEMS, GROUP = Fmt<FMT>::GROUP, U = Fmt<FMT>::UNROLL, PER_WARP = 32 / GROUP;
     constexpr int BYTES = FMT == KV_FP16 ? 2 : 1;
     __shared__ float sm_part[MAX_PART];  // a warp's partial sums (per head and warp: NW x hd)
@@ -277,7 +277,7 @@ __device__ __forceinline__ void attn_decode(const __half* __restrict__ q, const 
 
     write_split<E, ITERS, GROUP>(acc, m, l, hd, G, g, stream, r, H, kvh, split, nsplit, sm_part, sm_m, sm_lw,
                                  part_acc, part_m, part_l);
-    merge_splits(r, H, KV, kvh, G, nsplit, nsplit, len, chunk, hd, part_acc, part_m, part_l, counter, out, ld_out);
+    merge_splits(r, H, KV, kvh, G, nsplit, nsplit, len, chunk, hd, part_acc, part_m, part_l, counter, out, ld_out, v_off);
 }
 
 // Grouped-query heads (G = H / KV in 2, 4, 8; head_dim <= 128): one warp serves all G query heads of
@@ -315,7 +315,8 @@ __device__ __forceinline__ void attn_decode_gqa(const __half* __restrict__ q, co
                                                 int T, int H, int KV, int hd, int L, int chunk, int window,
                                                 float qscale, float* __restrict__ part_acc,
                                                 float* __restrict__ part_m, float* __restrict__ part_l,
-                                                int* __restrict__ counter, __half* __restrict__ out, int ld_out) {
+                                                int* __restrict__ counter, __half* __restrict__ out, int ld_out,
+                                                const float* __restrict__ v_off) {
     typedef typename RawG<FMT>::type RawT;
     constexpr int U = 4, BYTES = FMT == KV_FP16 ? 2 : 1;
     __shared__ float sm_part[4 * G * 128];  // per warp (4) and head
@@ -440,16 +441,17 @@ __device__ __forceinline__ void attn_decode_gqa(const __half* __restrict__ q, co
         part_m[part0 + (size_t)g * nsplit] = M;
         part_l[part0 + (size_t)g * nsplit] = lsum;
     }
-    merge_splits(r, H, KV, kvh, G, nsplit, nsplit, len, chunk, hd, part_acc, part_m, part_l, counter, out, ld_out);
+    merge_splits(r, H, KV, kvh, G, nsplit, nsplit, len, chunk, hd, part_acc, part_m, part_l, counter, out, ld_out, v_off);
 }
 
 #define GQA_INSTANCE(NAME, FMT, G)                                                                       \
     extern "C" __global__ void NAME(const __half* q, const void* kc, const void* vc, const float* k_scale, \
                                     const float* v_scale, const int* pos, int T, int H, int KV, int hd,    \
                                     int L, int chunk, int window, float qscale, float* part_acc,           \
-                                    float* part_m, float* part_l, int* counter, __half* out, int ld_out) { \
+                                    float* part_m, float* part_l, int* counter, __half* out, int ld_out,   \
+                                    const float* v_off) {                                                  \
         attn_decode_gqa<FMT, G>(q, kc, vc, k_scale, v_scale, pos, T, H, KV, hd, L, chunk, window, qscale,  \
-                                part_acc, part_m, part_l, counter, out, ld_out);                           \
+                                part_acc, part_m, part_l, counter, out, ld_out, v_off);                    \
     }
 
 GQA_INSTANCE(attn_gqa_fp16_g2, KV_FP16, 2)
@@ -462,19 +464,14 @@ GQA_INSTANCE(attn_gqa_fp8_g2, KV_FP8, 2)
 GQA_INSTANCE(attn_gqa_fp8_g4, KV_FP8, 4)
 GQA_INSTANCE(attn_gqa_fp8_g8, KV_FP8, 8)
 
-// KIVI INT4 cache (decode_ops.cu kivi_flush writes it): a position j of row r is read quantized when
-// its block was complete by the row's own position (j < floor(len / R) R), else from the fp16
-// window (slot j % R) — exactly what kvcache.Int4KVCache.attend gives each query. Keys dequantize
-// per channel with their block's (scale, zero), values per position and group. One warp per query
-// head x W streams, 16 lanes x 8 values per position; a group takes whole key blocks (chunks are
-// multiples of 8 blocks, kernels.py); head_dim <= 128.
 #define ATTN_INSTANCE(NAME, FMT, ITERS, PIPE)                                                            \
     extern "C" __global__ void NAME(const __half* q, const void* kc, const void* vc, const float* k_scale, \
                                     const float* v_scale, const int* pos, int T, int H, int KV, int hd,    \
                                     int L, int chunk, int window, float qscale, float* part_acc,           \
-                                    float* part_m, float* part_l, int* counter, __half* out, int ld_out) { \
+                                    float* part_m, float* part_l, int* counter, __half* out, int ld_out,   \
+                                    const float* v_off) {                                                  \
         attn_decode<FMT, ITERS, PIPE>(q, kc, vc, k_scale, v_scale, pos, T, H, KV, hd, L, chunk, window,    \
-                                      qscale, part_acc, part_m, part_l, counter, out, ld_out);             \
+                                      qscale, part_acc, part_m, part_l, counter, out, ld_out, v_off);      \
     }
 
 ATTN_INSTANCE(attn_decode_fp16_1, KV_FP16, 1, false)

@@ -7,12 +7,15 @@
 // The last block of a (row, key/value head) to finish merges the splits' partial results (an atomic
 // counter per (row, kv head) in device memory, reset by that block for the next step), so no second
 // kernel is launched:  m = max_s m_s,  l = sum_s l_s 2^(m_s - m),  out = sum_s acc_s 2^(m_s - m) / l.
-// `arrivals`: blocks per (row, kv head) (the splits, times the query tiles of attention_int4.cu).
+// `arrivals`: blocks per (row, kv head) (the splits, times the query tiles of attention_mma.cu).
+// v_off: the values' offsets of a centred cache ([KV, hd], or null), added back: the softmax
+// weights sum to 1, so sum_j p_j (v_j - mu) + mu = sum_j p_j v_j.
 __device__ __forceinline__ void merge_splits(int r, int H, int KV, int kvh, int G, int nsplit, int arrivals,
                                              int len, int chunk,
                                              int hd, const float* __restrict__ part_acc,
                                              const float* __restrict__ part_m, const float* __restrict__ part_l,
-                                             int* __restrict__ counter, __half* __restrict__ out, int ld_out) {
+                                             int* __restrict__ counter, __half* __restrict__ out, int ld_out,
+                                             const float* __restrict__ v_off) {
     __shared__ int is_last;
     __threadfence();  // this block's partials are visible before it counts itself done
     __syncthreads();
@@ -61,7 +64,8 @@ __device__ __forceinline__ void merge_splits(int r, int H, int KV, int kvh, int 
             for (int u = 0; u < 8; u++) o[u] += __ldcg(src + (size_t)(s + u) * hd) * w[s + u];
         }
         for (; s < used; s++) o[0] += __ldcg(src + (size_t)s * hd) * w[s];
-        const float sum = ((o[0] + o[1]) + (o[2] + o[3])) + ((o[4] + o[5]) + (o[6] + o[7]));
+        const float sum = ((o[0] + o[1]) + (o[2] + o[3])) + ((o[4] + o[5]) + (o[6] + o[7])) +
+                          (v_off ? v_off[(size_t)kvh * hd + e] : 0.0f);
         out[(size_t)r * ld_out + (kvh * G + gg) * hd + e] = __float2half(sum);
     }
 }

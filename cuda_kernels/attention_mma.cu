@@ -117,7 +117,7 @@ __device__ __forceinline__ void attn_mma(const __half* __restrict__ q, const uin
                                           int KV, int hd, int L, int group, int chunk, int window, float qscale,
                                           float* __restrict__ part_acc, float* __restrict__ part_m,
                                           float* __restrict__ part_l, int* __restrict__ counter,
-                                          __half* __restrict__ out, int ld_out) {
+                                          __half* __restrict__ out, int ld_out, const float* __restrict__ v_off) {
     using S = Int4Shape<HDP>;
     constexpr bool INT4 = FMT == KV_INT4;
     constexpr int KD = S::KD, KSTEPS = S::KSTEPS, KU2 = S::KU2, VD = S::VD;
@@ -477,7 +477,7 @@ __device__ __forceinline__ void attn_mma(const __half* __restrict__ q, const uin
         }
     }
     merge_splits(r, H, KV, kvh, G, nsplit, nsplit * qtiles, len, chunk, hd, part_acc, part_m, part_l, counter, out,
-                 ld_out);
+                 ld_out, v_off);
 }
 
 // Three blocks per SM: 168 registers and a few spilled, against 230 and two blocks (H100, INT4 at 32k
@@ -487,9 +487,9 @@ __device__ __forceinline__ void attn_mma(const __half* __restrict__ q, const uin
         const __half* q, const uint8_t* kq, const uint8_t* vq, const float* ks, const float* kz, const float* vs, \
         const float* vz, const __half* wk, const __half* wv, const int* pos, int T, int H, int KV, int hd, int L, \
         int group, int chunk, int window, float qscale, float* part_acc, float* part_m, float* part_l,          \
-        int* counter, __half* out, int ld_out) {                                                               \
+        int* counter, __half* out, int ld_out, const float* v_off) {                                           \
         attn_mma<FMT, HDP>(q, kq, vq, ks, kz, vs, vz, wk, wv, pos, T, H, KV, hd, L, group, chunk, window, qscale, \
-                           part_acc, part_m, part_l, counter, out, ld_out);                                    \
+                           part_acc, part_m, part_l, counter, out, ld_out, v_off);                             \
     }
 
 ATTN_MMA(attn_mma_int4_hd64, KV_INT4, 64)

@@ -118,7 +118,8 @@ extern "C" __global__ void rope_append(const __half* __restrict__ qkv, int ld_qk
                                        const float* __restrict__ cos_t, const float* __restrict__ sin_t,
                                        const int* __restrict__ pos, int T, int H, int KV, int hd, int rot, int L,
                                        int fmt, void* __restrict__ kc, void* __restrict__ vc,
-                                       float* __restrict__ k_scale, float* __restrict__ v_scale) {
+                                       float* __restrict__ k_scale, float* __restrict__ v_scale,
+                                       const float* __restrict__ k_off, const float* __restrict__ v_off) {
     __shared__ float v[512];
     __shared__ float red[32];
     const int r = blockIdx.x, j = blockIdx.y, b = r / T, t = r % T;
@@ -155,6 +156,12 @@ extern "C" __global__ void rope_append(const __half* __restrict__ qkv, int ld_qk
     if (fmt == KV_FP16 || fmt == KV_INT4) {
         for (int i = threadIdx.x; i < hd; i += blockDim.x) ((__half*)cache)[row * hd + i] = __float2half(v[i]);
         return;
+    }
+    // The 8-bit formats code x - mu when the cache has offsets ([KV, hd] per layer; kvcache.py FP8KVCache).
+    const float* off = kind == 1 ? k_off : v_off;
+    if (off) {
+        for (int i = threadIdx.x; i < hd; i += blockDim.x) v[i] -= off[(size_t)head * hd + i];
+        __syncthreads();
     }
     float amax = 0.0f;
     for (int i = threadIdx.x; i < hd; i += blockDim.x) amax = fmaxf(amax, fabsf(v[i]));

@@ -103,6 +103,10 @@ def load(path_or_id=None, device: str = "cpu", progress: bool = True, kv_cache: 
 
         enable_activation_quant(model, activations)
     tokenizer = load_tokenizer(ckpt.path, ckpt.gguf_reader, ckpt.config)
+    if tokenizer is not None:  # the FP8 cache's offsets are measured on this text, when first needed
+        from .evaluate import calibration_text  # noqa: PLC0415
+
+        model.kv_calibration = lambda: tokenizer.encode_plain(calibration_text()[:20000])
     loaded = LoadedModel(model, tokenizer, ckpt)
     if name:
         loaded.name = f"{name} (default model)"

@@ -8,7 +8,8 @@ prefill quantizes K and V before attention reads them, exactly as decoding does.
 
     float  the compute dtype (float32 on the CPU)
     int8   symmetric, one scale per (token, head):             k = s * q,  s = max|k| / 127
-    fp8    E4M3 codes, one scale per (token, head):            k = s * e4m3(q), s = max|k| / 448
+    fp8    E4M3 codes, one scale per (token, head):            k = mu + s * e4m3(q), s = max|k - mu| / 448
+           (mu: a fixed mean per layer, head and channel, from calibration text; see FP8KVCache)
     int4   KIVI (Liu et al. 2024, sec. 3): keys per channel over blocks of R tokens, values per token
            in groups along head_dim, both asymmetric; the newest tokens (less than a block) stay in a
            float window, quantized together when the block fills. Keys have outlier *channels*
@@ -84,23 +85,29 @@ class FloatKVCache(KVCache):
 
 
 class _PerTokenCache(KVCache):
-    """Codes with one scale per (token, head), for INT8 and FP8."""
+    """Codes with one scale per (token, head), for INT8 and FP8; optionally of x - mu, for a fixed
+    offset mu per (layer, head, channel) (offsets: keys' and values' [layers, kv_heads, head_dim])."""
 
     code_dtype = np.int8
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, offsets=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.codes = {kind: self._zeros(self.head_dim, self.code_dtype) for kind in "kv"}
         self.scales = {kind: self._zeros(1, np.float32) for kind in "kv"}
+        self.offsets = None if offsets is None else dict(zip("kv", (np.asarray(o, np.float32) for o in offsets)))
+
+    def _offset(self, kind: str, layer: int):
+        return 0.0 if self.offsets is None else self.offsets[kind][layer][None, :, None, :]  # [1, KV, 1, hd]
 
     def update(self, layer: int, k, v):
         start, end = self.length, self.length + k.shape[2]
         out = []
         for kind, x in (("k", k), ("v", v)):
-            codes, scale = self.encode(np.asarray(x, dtype=np.float32))
+            mu = self._offset(kind, layer)
+            codes, scale = self.encode(np.asarray(x, dtype=np.float32) - mu)
             self.codes[kind][layer, :, :, start:end] = codes
             self.scales[kind][layer, :, :, start:end] = scale
-            out.append(self.decode(self.codes[kind][layer, :, :, :end], self.scales[kind][layer, :, :, :end]))
+            out.append(self.decode(self.codes[kind][layer, :, :, :end], self.scales[kind][layer, :, :, :end]) + mu)
         return out[0].astype(self.dtype), out[1].astype(self.dtype)
 
     @property
@@ -121,6 +128,14 @@ class Int8KVCache(_PerTokenCache):
 
 
 class FP8KVCache(_PerTokenCache):
+    """E4M3 has 3 mantissa bits: every code is within 2^-4 of its value *relative to the value*. Keys
+    have channels that are large and nearly constant across tokens (the outliers KIVI quantizes per
+    channel for); coding k - mu, with mu a fixed per-channel mean, spends the bits on the deviations.
+    It changes nothing for attention in exact arithmetic: q . (k - mu) shifts all scores of a query
+    by the same q . mu, which softmax ignores, and sum_j p_j (v_j - mu) + mu = sum_j p_j v_j since the
+    weights sum to 1. SmolLM2, five 2048-token windows: KL to the float cache 0.0083 -> 0.0072
+    (docs/kv-cache.md sec. 4; bench/kv_fp8_offsets.py). The offsets come from `calibrated_offsets`."""
+
     code_dtype = np.uint8
 
     @staticmethod
@@ -244,10 +259,40 @@ class Int4KVCache(KVCache):
         return int(codes + meta + self.window_k.nbytes + self.window_v.nbytes)
 
 
-def new_kv_cache(kind: str, num_layers, batch, num_kv_heads, head_dim, max_len, xp=np, dtype=np.float32):
+def new_kv_cache(kind: str, num_layers, batch, num_kv_heads, head_dim, max_len, xp=np, dtype=np.float32,
+                 offsets=None):
+    """A cache of `kind`; offsets (keys', values' [layers, kv_heads, head_dim]) are used by fp8."""
     classes = {"float": FloatKVCache, "int8": Int8KVCache, "int4": Int4KVCache, "fp8": FP8KVCache}
     if kind not in classes:
         raise MinillmError(f"unknown KV cache type {kind!r}: choose from {', '.join(KV_CACHE_TYPES)}")
     if kind != "float" and xp is not np:
         raise MinillmError(f"the {kind} KV cache has no GPU kernels yet: use --kv-cache float with --device cuda")
-    return classes[kind](num_layers, batch, num_kv_heads, head_dim, max_len, xp=xp, dtype=dtype)
+    extra = {"offsets": offsets} if kind == "fp8" else {}
+    return classes[kind](num_layers, batch, num_kv_heads, head_dim, max_len, xp=xp, dtype=dtype, **extra)
+
+
+CALIBRATION_TOKENS = 512  # tokens whose mean keys and values centre the FP8 cache
+
+
+def mean_offsets(model, ids):
+    """Per (layer, kv head, channel) means of the keys and values of `ids` as a float cache holds
+    them (after rotary), over positions and batch. Works for any engine whose float cache keeps
+    per-layer [batch, kv_heads, positions, head_dim] arrays.  -> (k_mu, v_mu) [layers, kv, hd] float32"""
+    ids = np.asarray(ids)
+    cache = model.new_cache(max_len=len(ids), kind="float")
+    model(ids[None], cache)
+
+    def mean(a):
+        m = a[:, :, : len(ids)].astype(np.float32).mean(axis=(0, 2))
+        return np.asarray(m.get() if hasattr(m, "get") else m, np.float32)  # cupy -> numpy
+
+    return np.stack([mean(a) for a in cache.keys]), np.stack([mean(a) for a in cache.values])
+
+
+def calibrated_offsets(model):
+    """The model's FP8 offsets, computed once from its calibration tokens (`model.kv_calibration`, a
+    callable the loader sets when the model has a tokenizer); None without them."""
+    if getattr(model, "_fp8_offsets", None) is None and getattr(model, "kv_calibration", None) is not None:
+        ids = model.kv_calibration()[: min(CALIBRATION_TOKENS, model.context_length)]
+        model._fp8_offsets = mean_offsets(model, ids) if len(ids) else None
+    return getattr(model, "_fp8_offsets", None)

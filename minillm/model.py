@@ -23,7 +23,7 @@ import numpy as np
 
 from .config import ModelConfig, RopeConfig
 from .errors import MinillmError
-from .kvcache import new_kv_cache
+from .kvcache import calibrated_offsets, new_kv_cache
 from .loading.names import expected_shapes
 from .quant.qlinear import QuantLinear
 
@@ -141,6 +141,7 @@ class Model:
     def __init__(self, config: ModelConfig, weights: dict, xp=np, dtype=np.float32, kv_cache: str = "float"):
         self.config, self.xp, self.dtype = config, xp, dtype
         self.kv_cache = kv_cache  # the cache type a forward without an explicit cache uses
+        self.kv_calibration = None  # tokens -> FP8 cache offsets (kvcache.calibrated_offsets); set by load()
         _check_shapes(config, weights)
 
         def arr(name):
@@ -192,8 +193,9 @@ class Model:
         """A cache for `max_len` positions (default: the model's context), of type `kind` (default:
         the model's kv_cache: float, int8, int4 or fp8; kvcache.py)."""
         c = self.config
-        return new_kv_cache(kind or self.kv_cache, c.num_layers, batch, c.num_kv_heads, c.head_dim,
-                            max_len or self.context_length, xp=self.xp, dtype=self.dtype)
+        kind = kind or self.kv_cache
+        return new_kv_cache(kind, c.num_layers, batch, c.num_kv_heads, c.head_dim, max_len or self.context_length,
+                            xp=self.xp, dtype=self.dtype, offsets=calibrated_offsets(self) if kind == "fp8" else None)
 
     def _cos_sin(self, start: int, t: int):
         """cos, sin of position * theta_i for positions start..start+t-1.  -> [T, rotary_dim/2] each"""

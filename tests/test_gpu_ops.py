@@ -81,10 +81,10 @@ def rope_tables(length, rot, base=10000.0):
 @settings(max_examples=EXAMPLES or 30, deadline=None)
 @given(b=st.integers(1, 3), t=st.integers(1, 5), kv=st.integers(1, 3), g=st.integers(1, 3),
        hd=st.sampled_from([16, 24, 64, 128, 256]), partial=st.booleans(), qk_norm=st.booleans(),
-       fmt=st.sampled_from(["float", "int8", "fp8"]), seed=st.integers(0, 2**31))
+       fmt=st.sampled_from(["float", "int8", "fp8", "fp8-offsets"]), seed=st.integers(0, 2**31))
 def test_rope_append(b, t, kv, g, hd, partial, qk_norm, fmt, seed):
     """q rotated into q_out; k (rotated) and v written at positions pos[b] + t in the cache's format
-    (int8/fp8 codes and scales as kvcache.py's reference encodes them)."""
+    (int8/fp8 codes and scales as kvcache.py's reference encodes them; fp8 also centred by offsets)."""
     import cupy as cp
 
     from minillm.gpu import kernels as K
@@ -97,7 +97,10 @@ def test_rope_append(b, t, kv, g, hd, partial, qk_norm, fmt, seed):
     rot = hd // 2 if partial and hd % 4 == 0 else hd
     cfg = Cfg(h, kv, hd, rot)
     cfg.num_layers = 1
-    cache = GpuKVCache(cfg, fmt, b, length)
+    offsets = None
+    if fmt == "fp8-offsets":
+        fmt, offsets = "fp8", (rng.normal(size=(2, 1, kv, hd)) * 3).astype(np.float32)
+    cache = GpuKVCache(cfg, fmt, b, length, offsets=offsets)
     pos = rng.integers(0, length - t, size=b).astype(np.int32)
     cache.pos.set(pos)
     qkv = (rng.normal(size=(b * t, (h + 2 * kv) * hd)) * 2).astype(np.float16)
@@ -129,15 +132,16 @@ def test_rope_append(b, t, kv, g, hd, partial, qk_norm, fmt, seed):
                 bound = fp16_bound(want) + 1e-3
             else:  # the reference format applied to the same fp32 values: the codes' own step
                 cls = Int8KVCache if fmt == "int8" else FP8KVCache
-                codes, scale = cls.encode(want)
-                want = cls.decode(codes, scale)
+                mu = 0.0 if offsets is None else offsets["kv".index(name)][0][:, None, :]  # [kv, 1, hd]
+                codes, scale = cls.encode(want - mu)
+                want = cls.decode(codes, scale) + mu
                 bound = 0.02 * np.abs(want).max(-1, keepdims=True) + 1e-3  # fp16 input vs fp32: rare flips
             assert np.all(np.abs(have - want) <= bound), name
 
 
 @settings(max_examples=EXAMPLES or 40, deadline=None)
 @given(b=st.integers(1, 2), t=st.integers(1, 4), kv=st.integers(1, 4), g=st.sampled_from([1, 2, 3, 4, 8]),
-       hd=st.sampled_from([16, 64, 128, 256]), fmt=st.sampled_from(["float", "int8", "fp8"]),
+       hd=st.sampled_from([16, 64, 128, 256]), fmt=st.sampled_from(["float", "int8", "fp8", "fp8-offsets"]),
        max_len=st.integers(8, 3000), window=st.sampled_from([0, 0, 5, 300]), outliers=st.booleans(),
        kernel=st.sampled_from(["plain", "pipe", "gqa", "mma"]), seed=st.integers(0, 2**31))
 def test_decode_attention(b, t, kv, g, hd, fmt, max_len, window, outliers, kernel, seed):
@@ -152,7 +156,10 @@ def test_decode_attention(b, t, kv, g, hd, fmt, max_len, window, outliers, kerne
     h = kv * g
     cfg = Cfg(h, kv, hd)
     cfg.num_layers = 1
-    cache = GpuKVCache(cfg, fmt, b, max_len)
+    offsets = None
+    if fmt == "fp8-offsets":  # values' offsets come back at the merge; keys' change no softmax
+        fmt, offsets = "fp8", (rng.normal(size=(2, 1, kv, hd)) * 3).astype(np.float32)
+    cache = GpuKVCache(cfg, fmt, b, max_len, offsets=offsets)
     pos = rng.integers(0, max_len - t + 1, size=b).astype(np.int32)
     cache.pos.set(pos)
     kvals = rng.normal(size=(b, kv, max_len, hd)).astype(np.float32)

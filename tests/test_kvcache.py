@@ -57,16 +57,22 @@ def qkv(draw):
 
 
 @settings(max_examples=60, deadline=None)
-@given(data=qkv(), kind=st.sampled_from(["int8", "fp8", "int4"]))
-def test_attention_error_within_format_bound(data, kind):
+@given(data=qkv(), kind=st.sampled_from(["int8", "fp8", "fp8-offsets", "int4"]), seed=st.integers(0, 2**31))
+def test_attention_error_within_format_bound(data, kind, seed):
     q, k, v = data
     b, h, s, d = k.shape
-    cache = new_kv_cache(kind, 1, b, h, d, max_len=s)
+    mu_k = mu_v = 0.0
+    offsets = None
+    if kind == "fp8-offsets":  # any fixed offsets: the bound is that of the centred values
+        rng = np.random.default_rng(seed)
+        offsets = (rng.normal(size=(1, h, d)) * np.abs(k).mean(axis=(0, 2)), rng.normal(size=(1, h, d)))
+        mu_k, mu_v = (o[0][None, :, None, :].astype(np.float32) for o in offsets)
+    cache = new_kv_cache(kind.split("-")[0], 1, b, h, d, max_len=s, offsets=offsets)
     kq, vq = cache.update(0, k, v)
     if kind == "int4":
         ek, ev = int4_bounds(cache, 0, s)
     else:
-        ek, ev = element_error_bound(kind, k), element_error_bound(kind, v)
+        ek, ev = element_error_bound(kind.split("-")[0], k - mu_k), element_error_bound(kind.split("-")[0], v - mu_v)
     assert np.all(np.abs(kq - k) <= ek * (1 + 1e-5) + 1e-6) and np.all(np.abs(vq - v) <= ev * (1 + 1e-5) + 1e-6)
     ref = attention(np, q, k, v, start=s - 1, window=None)
     out = attention(np, q, kq, vq, start=s - 1, window=None)
@@ -81,19 +87,57 @@ def test_attention_error_within_format_bound(data, kind):
 
 
 @settings(max_examples=40, deadline=None)
-@given(kind=st.sampled_from(["int8", "fp8", "int4"]), s=st.integers(1, 100), chunk=st.integers(1, 40),
+@given(kind=st.sampled_from(["int8", "fp8", "fp8-offsets", "int4"]), s=st.integers(1, 100), chunk=st.integers(1, 40),
        seed=st.integers(0, 2**31))
 def test_appending_in_pieces_equals_quantizing_at_once(kind, s, chunk, seed):
     rng = np.random.default_rng(seed)
     k, v = rng.normal(size=(2, 1, 2, s, 32)).astype(np.float32)
-    whole = new_kv_cache(kind, 1, 1, 2, 32, max_len=s)
+    offsets = tuple(rng.normal(size=(2, 1, 2, 32))) if kind == "fp8-offsets" else None
+    whole = new_kv_cache(kind.split("-")[0], 1, 1, 2, 32, max_len=s, offsets=offsets)
     k_all, v_all = whole.update(0, k, v)
-    pieces = new_kv_cache(kind, 1, 1, 2, 32, max_len=s)
+    pieces = new_kv_cache(kind.split("-")[0], 1, 1, 2, 32, max_len=s, offsets=offsets)
     for t0 in range(0, s, chunk):
         k_p, v_p = pieces.update(0, k[:, :, t0 : t0 + chunk], v[:, :, t0 : t0 + chunk])
         pieces.advance(k[:, :, t0 : t0 + chunk].shape[2])
     np.testing.assert_array_equal(k_p, k_all)
     np.testing.assert_array_equal(v_p, v_all)
+
+
+@settings(max_examples=30, deadline=None)
+@given(s=st.integers(8, 80), level=st.floats(5, 50), seed=st.integers(0, 2**31))
+def test_fp8_offsets_shrink_the_error_of_constant_channels(s, level, seed):
+    """Keys whose channels sit at large, nearly constant values (the outlier pattern): centred by
+    their mean, FP8's relative rounding applies to the small deviations, and attention's error
+    drops — though the offset is invisible to attention in exact arithmetic."""
+    rng = np.random.default_rng(seed)
+    k = (rng.normal(size=(1, 2, 1, 32)) * level + rng.normal(size=(1, 2, s, 32))).astype(np.float32)
+    v = rng.normal(size=(1, 2, s, 32)).astype(np.float32)
+    q = rng.normal(size=(1, 2, 1, 32)).astype(np.float32)
+    ref = attention(np, q, k, v, start=s - 1, window=None)
+    errs = []
+    for offsets in (None, (k.mean(axis=2), v.mean(axis=2))):  # [1, KV, hd]: one layer
+        kq, vq = new_kv_cache("fp8", 1, 1, 2, 32, max_len=s, offsets=offsets).update(0, k, v)
+        errs.append(np.abs(attention(np, q, kq, vq, start=s - 1, window=None) - ref).max())
+        assert np.abs(kq - k).max() <= (np.abs(k - (0 if offsets is None else offsets[0][:, :, None])).max()
+                                        * 2.0**-4 * (1 + 1e-5) + 1e-6)
+    assert errs[1] < errs[0]
+
+
+def test_fp8_cache_is_centred_on_the_calibration_tokens():
+    """With calibration tokens (minillm.load sets them from the calibration text when the model has
+    a tokenizer), the FP8 cache's offsets are the mean keys and values of those tokens as a float
+    cache holds them; without, and for the other formats, there are none."""
+    model = tiny_model("fp8")
+    assert model.new_cache(max_len=8).offsets is None
+    ids = np.random.default_rng(3).integers(0, 64, size=30)
+    model.kv_calibration = lambda: ids
+    float_cache = model.new_cache(max_len=len(ids), kind="float")
+    model(ids[None], float_cache)
+    cache = model.new_cache(max_len=8)
+    for kind, arrays in (("k", float_cache.keys), ("v", float_cache.values)):
+        want = np.stack([a[0, :, : len(ids)].mean(axis=1) for a in arrays])  # [layers, kv, hd]
+        np.testing.assert_allclose(cache.offsets[kind], want, rtol=1e-5, atol=1e-6)
+    assert model.new_cache(max_len=8, kind="int8").offsets is None
 
 
 def test_int4_window_flushes_exactly_when_a_block_fills():

@@ -47,7 +47,9 @@ def check_fits(what: str, need: int) -> None:
 
 
 class GpuKVCache:
-    def __init__(self, cfg, kind: str, batch: int, max_len: int):
+    def __init__(self, cfg, kind: str, batch: int, max_len: int, offsets=None):
+        """offsets (fp8 only): keys' and values' [layers, kv_heads, head_dim] means, subtracted before
+        coding and added back on reading, as kvcache.FP8KVCache (None: plain codes)."""
         cp = get_xp("cuda")
         if kind not in KV_CACHE_TYPES:
             raise MinillmError(f"unknown KV cache type {kind!r}: choose from {', '.join(KV_CACHE_TYPES)}")
@@ -75,6 +77,10 @@ class GpuKVCache:
             else:
                 self.k_scale = [cp.zeros(shape[:3], cp.float32) for _ in range(layers)]
                 self.v_scale = [cp.zeros(shape[:3], cp.float32) for _ in range(layers)]
+        self.k_off = self.v_off = [None] * layers
+        if offsets is not None and kind == "fp8":
+            self.k_off, self.v_off = ([cp.asarray(np.ascontiguousarray(o[i], np.float32)) for i in range(layers)]
+                                      for o in offsets)
         self.pos = cp.zeros(batch, cp.int32)  # device copy of `length`, one per batch row
         self.graph = None  # (sampling key, the captured decode step for this cache): engine.py
         self.warm = False  # a decode step has run eagerly (kernels compiled, scratch allocated)
@@ -96,11 +102,13 @@ class GpuKVCache:
         self.group = kivi_group(hd)
 
     def layer(self, i: int):
-        """(keys, values, key scales, value scales, format code, rows): what the append and attention
-        kernels take. For INT4 the append writes the fp16 window (rows = its slots)."""
+        """(keys, values, key scales, value scales, format code, rows, key offsets, value offsets): what
+        the append and attention kernels take. For INT4 the append writes the fp16 window (rows = its
+        slots)."""
         if self.kind == "int4":
-            return self.wk[i], self.wv[i], None, None, self.fmt, KIVI_BLOCK
-        return self.keys[i], self.values[i], self.k_scale[i], self.v_scale[i], self.fmt, self.max_len
+            return self.wk[i], self.wv[i], None, None, self.fmt, KIVI_BLOCK, None, None
+        return (self.keys[i], self.values[i], self.k_scale[i], self.v_scale[i], self.fmt, self.max_len,
+                self.k_off[i], self.v_off[i])
 
     def kivi(self, i: int):
         """INT4 layer i: (kq, vq, ks, kz, vs, vz, wk, wv, max_len, block, group)."""
@@ -153,14 +161,15 @@ class GpuKVCache:
         """K, V of positions [0, end) as float32 [B, KV, end, hd] (for tests and the prefill path)."""
         cp = get_xp("cuda")
         out = []
-        for codes, scale in ((self.keys[layer], self.k_scale[layer]), (self.values[layer], self.v_scale[layer])):
+        for codes, scale, off in ((self.keys[layer], self.k_scale[layer], self.k_off[layer]),
+                                  (self.values[layer], self.v_scale[layer], self.v_off[layer])):
             c = codes[:, :, :end]
             if self.kind == "float":
                 out.append(c.astype(cp.float32))
             elif self.kind == "int8":
                 out.append(c.astype(cp.float32) * scale[:, :, :end, None])
             else:
-                out.append(_e4m3_table()[c] * scale[:, :, :end, None])
+                out.append(_e4m3_table()[c] * scale[:, :, :end, None] + (0 if off is None else off[None, :, None, :]))
         return out
 
     @property

@@ -31,6 +31,7 @@ import numpy as np
 from ..backend import get_xp
 from ..config import ModelConfig
 from ..errors import MinillmError
+from ..kvcache import calibrated_offsets
 from ..model import rope_inv_freq, token_batch
 from . import kernels as K
 from .cache import KIVI_BLOCK, GpuKVCache, check_fits
@@ -86,6 +87,7 @@ class GpuModel:
                                "with --device cuda")
         self.config, self.embed, self.layers = config, embed, layers
         self.final_norm, self.lm_head, self.kv_cache = final_norm, lm_head, kv_cache
+        self.kv_calibration = None  # as Model's: the FP8 cache's offsets (kvcache.calibrated_offsets)
         self.xp = get_xp("cuda")
         self.dtype = np.float16
         if cuda_graph is None:
@@ -157,7 +159,9 @@ class GpuModel:
         return int(total)
 
     def new_cache(self, batch: int = 1, max_len: int | None = None, kind: str | None = None) -> GpuKVCache:
-        return GpuKVCache(self.config, kind or self.kv_cache, batch, max_len or self.context_length)
+        kind = kind or self.kv_cache
+        return GpuKVCache(self.config, kind, batch, max_len or self.context_length,
+                          offsets=calibrated_offsets(self) if kind == "fp8" else None)
 
     # -- scratch ----------------------------------------------------------------------------------
 

@@ -88,11 +88,16 @@ def rope_append(qkv, q_out, q_norm, k_norm, eps, cos, sin, pos, rows, t, cfg, la
     """Rotate q and k of `rows` rows (t new tokens per batch row), write q to q_out and k, v into the
     cache at positions pos[b] + t (encoded in the cache's format)."""
     h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    kc, vc, ks, vs, fmt, max_len = layer_cache
+    kc, vc, ks, vs, fmt, max_len, k_off, v_off = layer_cache
     fn("decode_ops", "rope_append")((rows, h + 2 * kv), (128,), (
         qkv, i32(qkv.shape[1]), q_out, q_norm if q_norm is not None else 0, k_norm if k_norm is not None else 0,
         np.float32(eps), cos, sin, pos, i32(t), i32(h), i32(kv), i32(hd), i32(cfg.rotary_dim), i32(max_len),
-        i32(fmt), kc, vc, ks if ks is not None else 0, vs if vs is not None else 0))
+        i32(fmt), kc, vc, _ptr(ks), _ptr(vs), _ptr(k_off), _ptr(v_off)))
+
+
+def _ptr(a):
+    """An optional array argument: None becomes the null pointer."""
+    return 0 if a is None else a
 
 
 def next_token(logits, rows: int, vocab: int, tok, pos, temperature: float = 0.0, seed: int = 0,
@@ -125,7 +130,7 @@ def decode_attention(q, layer_cache, pos, rows, t, cfg, window, parts, out, plan
     """Attention of `rows` query rows over the cache (row r sees positions up to pos[b] + r % t),
     split along the sequence and merged into out [rows, ld] (fp16). parts: (acc, m, l, counter)
     scratch, the counter zeroed once (the kernel leaves it zero)."""
-    kc, vc, ks, vs, fmt, max_len = layer_cache
+    kc, vc, ks, vs, fmt, max_len, _, v_off = layer_cache  # key offsets: no effect on softmax
     chunk, splits, warps = plan
     h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     acc, m, l, counter = parts
@@ -140,7 +145,8 @@ def decode_attention(q, layer_cache, pos, rows, t, cfg, window, parts, out, plan
     want_mma = os.environ.get("MINILLM_ATTN_MMA")  # "1" / "0" force the choice (tests, benchmarks)
     use_mma = g > 1 and chunk >= 256 if want_mma is None else want_mma == "1"
     if fmt != 0 and hd <= 128 and use_mma:
-        _attention_mma(name, q, (kc, vc, ks, 0, vs, 0, 0, 0), pos, rows, t, cfg, max_len, 0, window, parts, out, plan)
+        _attention_mma(name, q, (kc, vc, ks, 0, vs, 0, 0, 0), pos, rows, t, cfg, max_len, 0, window, parts, out, plan,
+                       v_off)
         return
     # Grouped heads with many (kv head, row) pairs: one warp per key/value head serves all G queries
     # (attention.cu, attn_decode_gqa): 1.2-1.3x faster at batch 8 x 8 kv heads from 16k positions,
@@ -151,7 +157,7 @@ def decode_attention(q, layer_cache, pos, rows, t, cfg, window, parts, out, plan
         fn("attention", f"attn_gqa_{name}_g{g}")((kv, splits, rows), (128,), (
             q, kc, vc, ks if ks is not None else 0, vs if vs is not None else 0, pos, i32(t), i32(h), i32(kv),
             i32(hd), i32(max_len), i32(chunk), i32(window or 0), np.float32(math.log2(math.e) / math.sqrt(hd)),
-            acc, m, l, counter, out, i32(out.shape[1])))
+            acc, m, l, counter, out, i32(out.shape[1]), _ptr(v_off)))
         return
     # 8-bit caches with many (kv head, row) pairs: the software-pipelined loop (attention.cu, PIPE).
     want = os.environ.get("MINILLM_ATTN_PIPE")  # "1" / "0" force the choice (tests, benchmarks)
@@ -160,7 +166,7 @@ def decode_attention(q, layer_cache, pos, rows, t, cfg, window, parts, out, plan
     fn("attention", f"attn_decode_{name}_{iters}{pipe}")((kv, splits, rows), (32 * warps,), (
         q, kc, vc, ks if ks is not None else 0, vs if vs is not None else 0, pos, i32(t), i32(h), i32(kv), i32(hd),
         i32(max_len), i32(chunk), i32(window or 0), np.float32(math.log2(math.e) / math.sqrt(hd)), acc, m, l,
-        counter, out, i32(out.shape[1])))
+        counter, out, i32(out.shape[1]), _ptr(v_off)))
 
 
 def attention_parts(rows: int, cfg, plan):
@@ -190,7 +196,7 @@ def decode_attention_int4(q, kivi, pos, rows, t, cfg, window, parts, out, plan):
 MMA_WARPS = 4  # NW in attention_mma.cu
 
 
-def _attention_mma(fmt: str, q, arrays, pos, rows, t, cfg, max_len, group, window, parts, out, plan):
+def _attention_mma(fmt: str, q, arrays, pos, rows, t, cfg, max_len, group, window, parts, out, plan, v_off=None):
     """attention_mma.cu: blocks of (kv head, 8 query heads) x the plan's splits x rows; arrays are
     (kq, vq, ks, kz, vs, vz, wk, wv), with 0 for what the format lacks."""
     chunk, splits, _ = plan
@@ -206,7 +212,7 @@ def _attention_mma(fmt: str, q, arrays, pos, rows, t, cfg, max_len, group, windo
     acc, m, l, counter = parts
     fn("attention_mma", f"attn_mma_{fmt}_hd{64 if hd <= 64 else 128}")((kv * qtiles, splits, rows), (32 * MMA_WARPS,), (
         q, *arrays, pos, i32(t), i32(h), i32(kv), i32(hd), i32(max_len), i32(group), i32(chunk), i32(window or 0),
-        np.float32(math.log2(math.e) / math.sqrt(hd)), acc, m, l, counter, out, i32(out.shape[1])))
+        np.float32(math.log2(math.e) / math.sqrt(hd)), acc, m, l, counter, out, i32(out.shape[1]), _ptr(v_off)))
 
 
 # -- matrix products (gemv.cu, w4a16_gemv.cu, dequant.cu) ------------------------------------------

@@ -95,7 +95,8 @@ def test_quantized_kv_cache_matches_reference(kind, tiny_dirs):
         check(*(m(tokens[i : i + 1], c) for m, c in zip((gpu, cpu, ref), caches)))
     assert caches[0].nbytes < gpu.new_cache(max_len=96, kind="float").nbytes
     if kind == "fp8":  # both engines measured the same means (GPU: from its fp16 float cache)
-        np.testing.assert_allclose(cp_asnumpy(caches[0].v_off[1]), caches[1].offsets["v"][1], atol=2e-3, rtol=2e-3)
+        want = caches[1].offsets["v"][1]  # layer 1: after a layer of fp16 arithmetic, REL of its range
+        np.testing.assert_allclose(cp_asnumpy(caches[0].v_off[1]), want, atol=REL * np.abs(want).max(), rtol=0)
 
 
 def test_graph_replay_equals_eager(tiny_dirs):

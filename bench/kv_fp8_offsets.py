@@ -1,5 +1,5 @@
-"""Experiment (not in the engine): an FP8 E4M3 KV cache that stores keys and values minus a
-per-(layer, head, channel) mean mu and adds it back on reading. Exact for attention in real
+"""Ways to choose the FP8 KV cache's offsets: E4M3 codes of keys and values minus a per-(layer,
+head, channel) mean mu, added back on reading. The engine uses calibration:512 (kvcache.py). Exact for attention in real
 arithmetic: q . (k - mu) shifts every score of a query by the same amount (softmax ignores it), and
 sum_j p_j (v_j - mu) + mu = sum_j p_j v_j. What changes is what the 3 mantissa bits are spent on.
 
@@ -56,6 +56,7 @@ def main():
     ap.add_argument("--mu", default="window")
     args = ap.parse_args()
     m = minillm.load(progress=False)
+    m.model.kv_calibration = None  # "fp8" below is plain E4M3; the variants bring their own mu
     tok = m.require_tokenizer()
     ids = tok.encode_plain(evaluation_text())
     how, _, n = args.mu.partition(":")

@@ -4,7 +4,9 @@ Every window is run once per cache type through the same model; attention reads 
 value through the cache, as decoding does (minillm.kvcache). Windows of 512 (the design.md
 evaluation, 40 windows) and of 2048 tokens.
 
-    python3 bench/kv_quality.py [--windows-512 40] [--windows-2048 5]
+    python3 bench/kv_quality.py [--windows-512 40] [--windows-2048 5] [--kinds int8,fp8,int4]
+
+The FP8 cache is centred on the calibration text's mean keys and values (kvcache.FP8KVCache).
 """
 
 from __future__ import annotations
@@ -21,13 +23,13 @@ from minillm.evaluate import compare_many, evaluation_text  # noqa: E402
 KINDS = ["int8", "fp8", "int4"]
 
 
-def run(m, ids, size, count):
+def run(m, ids, size, count, kinds=KINDS):
     """Each cache type against the float cache, on the same model (only its cache type changes)."""
 
     def use(kind):
         m.model.kv_cache = "float" if kind == "reference" else kind
 
-    scores = compare_many(m, {kind: m for kind in KINDS}, ids, size, count, before_each=use)
+    scores = compare_many(m, {kind: m for kind in kinds}, ids, size, count, before_each=use)
     use("reference")
     return scores
 
@@ -36,18 +38,20 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--windows-512", type=int, default=40)
     ap.add_argument("--windows-2048", type=int, default=5)
+    ap.add_argument("--kinds", default=",".join(KINDS), help="cache types to score (comma-separated)")
     args = ap.parse_args()
+    kinds = args.kinds.split(",")
     m = minillm.load(progress=False)
     ids = m.require_tokenizer().encode_plain(evaluation_text())
-    cache_bytes = {k: m.new_cache(max_len=8192, kind=k).nbytes for k in ["float", *KINDS]}
+    cache_bytes = {k: m.new_cache(max_len=8192, kind=k).nbytes for k in ["float", *kinds]}
     print("\nSmolLM2-135M-Instruct, float32 weights; KV cache formats (attention reads through the cache)\n")
     print("| cache | windows | perplexity | vs float | KL to float cache | top-1 agreement | bytes for 8192 tokens |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for size, count in [(sz, n) for sz, n in ((512, args.windows_512), (2048, args.windows_2048)) if n > 0]:
-        scores = run(m, ids, size, count)
+        scores = run(m, ids, size, count, kinds)
         base = scores["reference"]["perplexity"]
         print(f"| float32 | {count} x {size} | {base:.3f} | | 0 | 100% | {cache_bytes['float'] / 2**20:.1f} MiB |")
-        for kind in KINDS:
+        for kind in kinds:
             r = scores[kind]
             print(f"| {kind} | {count} x {size} | {r['perplexity']:.3f} | {100 * (r['perplexity'] / base - 1):+.2f}% | "
                   f"{r['kl_divergence']:.5f} | {100 * r['top1_agreement']:.2f}% | {cache_bytes[kind] / 2**20:.1f} MiB |",

@@ -19,7 +19,7 @@
 // ================================================================================================
 // The two products (FlashAttention-2's arrangement, Dao 2023, sec. 3.1, for one query row)
 // ================================================================================================
-//   A block of 32 positions: S = Q' C^T (8 query heads x 32 positions), then O += P V (8 x hd).
+//   A block of 32 positions: S = Q' C^T (8 query heads x 32 positions), then O^T += V^T P^T (hd x 8).
 //   Keys: the block's per-channel scale and zero fold into the query, q'_d = q_d s_d, so that
 //   q . k = sum_d q'_d c_d - sum_d q'_d z_d: the MMA's B operand is the codes themselves (exact
 //   small integers in fp16, from the magic-number unpack of w4a16_gemv.cu) and the second sum is
@@ -34,11 +34,13 @@
 //   A dot product may sum its k in any order if A and B agree, so the "k" of the score MMA (the
 //   head dims) is mapped onto what a lane loads: lane t reads HDP/4 consecutive dims of position g
 //   (8 bytes of codes per 16 dims), and the unpack's natural pairs (codes j, j + 4 of a word) sit at
-//   (2t, 2t+1). In the value MMA k is the position: the score accumulator of lane (g, t) holds the
-//   positions 2t, 2t+1 of its n-tile for query g, which is exactly the A fragment P needs (no
-//   shuffle). Its B wants two positions of one dim per register, so lane g takes dims
-//   (HDP/8) g .. (HDP/8) g + HDP/8 - 1 of four positions and a byte permute pairs them up; the
-//   output column n of dim tile nd is then dim (HDP/8) n + nd.
+//   (2t, 2t+1). In the value MMA k is the position and the query heads are B's columns: the score
+//   accumulator of lane (g, t) holds positions 2t, 2t+1 of its n-tile for query g, which is exactly
+//   the B fragment P^T needs (no shuffle). A = V^T wants two positions of one dim per register, so
+//   lane g takes dims (HDP/8) g .. (HDP/8) g + HDP/8 - 1 of four positions; the unpack's pair j of
+//   word u gives rows g and g + 8 of m-tile 4u + j, and a byte permute pairs two positions up. The
+//   accumulator then holds, per lane, dims of its own row g for the queries 2t, 2t + 1.
+//   v_off (a centred FP8 cache's value offsets, or null) is added at the merge (attention_merge.cuh).
 //
 // ================================================================================================
 // Work decomposition
@@ -59,7 +61,7 @@
 constexpr int RB = 32;  // positions per quantized key block (KIVI_BLOCK)
 constexpr int NW = 4;   // warps per block
 
-template <int HDP> struct Int4Shape {
+template <int HDP> struct TileShape {
     static constexpr int KD = HDP / 4;        // key dims a lane t reads per position
     static constexpr int KSTEPS = HDP / 16;   // k16 steps of the score MMA
     static constexpr int KU2 = KD / 16;       // 8-byte loads of key codes per lane and position
@@ -118,7 +120,7 @@ __device__ __forceinline__ void attn_mma(const __half* __restrict__ q, const uin
                                           float* __restrict__ part_acc, float* __restrict__ part_m,
                                           float* __restrict__ part_l, int* __restrict__ counter,
                                           __half* __restrict__ out, int ld_out, const float* __restrict__ v_off) {
-    using S = Int4Shape<HDP>;
+    using S = TileShape<HDP>;
     constexpr bool INT4 = FMT == KV_INT4;
     constexpr int KD = S::KD, KSTEPS = S::KSTEPS, KU2 = S::KU2, VD = S::VD;
     __shared__ float sm_acc[NW][8][HDP];

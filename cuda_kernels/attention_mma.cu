@@ -29,7 +29,7 @@
 //   value scale the softmax weight, once per position. The query enters as is (fp16, exact) and
 //   log2(e) / sqrt(hd) multiplies the fp32 score, so only the INT4 fold q s rounds anything there.
 //   The m16n8k16 fragments (PTX ISA, "Matrix Fragments for mma.m16n8k16"), lane = 4g + t:
-//     A rows g, g+8 (queries; rows 8..15 stay zero), k = 2t, 2t+1 and 2t+8, 2t+9
+//     A rows g, g+8 (score MMA: the queries, rows 8..15 zero), k = 2t, 2t+1 and 2t+8, 2t+9
 //     B k = 2t, 2t+1 and 2t+8, 2t+9, col g;   C/D rows g, g+8, cols 2t, 2t+1
 //   A dot product may sum its k in any order if A and B agree, so the "k" of the score MMA (the
 //   head dims) is mapped onto what a lane loads: lane t reads HDP/4 consecutive dims of position g

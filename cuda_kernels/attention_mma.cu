@@ -8,8 +8,8 @@
 // ================================================================================================
 //   q        fp16 [R, H, hd], rotated; row r = (b, t) = (r / T, r % T) attends to [lo, pos[b] + t]
 //   kq, vq   uint8 [B, KV, L, hd / 2]: codes, dim d in the low (d even) or high nibble of byte d / 2
-//   ks, kz   float [B, KV, L / 32, hd]: keys per channel over blocks of 32 positions, k = s (c - z)
-//   vs, vz   float [B, KV, L, hd / group]: values per token in groups of `group` dims
+//   ks, kz   fp16 [B, KV, L / 32, hd]: keys per channel over blocks of 32 positions, k = s (c - z)
+//   vs, vz   fp16 [B, KV, L, hd / group]: values per token in groups of `group` dims
 //   wk, wv   fp16 [B, KV, 32, hd]: the float window, position j in slot j % 32, holding the block
 //            that is not complete yet; positions below (len / 32) * 32 are read quantized
 //   8-bit:   kq, vq int8 / E4M3 codes [B, KV, L, hd], ks, vs float [B, KV, L]: one scale per
@@ -112,9 +112,9 @@ __device__ __forceinline__ uint32_t byte_pair(uint32_t lo, uint32_t hi, int k) {
 
 template <int FMT, int HDP>
 __device__ __forceinline__ void attn_mma(const __half* __restrict__ q, const uint8_t* __restrict__ kq,
-                                          const uint8_t* __restrict__ vq, const float* __restrict__ ks,
-                                          const float* __restrict__ kz, const float* __restrict__ vs,
-                                          const float* __restrict__ vz, const __half* __restrict__ wk,
+                                          const uint8_t* __restrict__ vq, const void* __restrict__ ks_,
+                                          const void* __restrict__ kz_, const void* __restrict__ vs_,
+                                          const void* __restrict__ vz_, const __half* __restrict__ wk,
                                           const __half* __restrict__ wv, const int* __restrict__ pos, int T, int H,
                                           int KV, int hd, int L, int group, int chunk, int window, float qscale,
                                           float* __restrict__ part_acc, float* __restrict__ part_m,
@@ -122,6 +122,11 @@ __device__ __forceinline__ void attn_mma(const __half* __restrict__ q, const uin
                                           __half* __restrict__ out, int ld_out, const float* __restrict__ v_off) {
     using S = TileShape<HDP>;
     constexpr bool INT4 = FMT == KV_INT4;
+    // Scales: fp16 (scale, zero) per key channel and block / value group and position for INT4, a
+    // float per (position, head) for the 8-bit codes.
+    const __half *ks4 = (const __half*)ks_, *kz4 = (const __half*)kz_, *vs4 = (const __half*)vs_,
+                 *vz4 = (const __half*)vz_;
+    const float *ks8 = (const float*)ks_, *vs8 = (const float*)vs_;
     constexpr int KD = S::KD, KSTEPS = S::KSTEPS, KU2 = S::KU2, VD = S::VD;
     __shared__ float sm_acc[NW][8][HDP];
     __shared__ float sm_m[NW][8], sm_l[NW][8];
@@ -243,8 +248,8 @@ __device__ __forceinline__ void attn_mma(const __half* __restrict__ q, const uin
 #pragma unroll
                 for (int e = 0; e < 2; e++) {
                     const size_t srow = bk * L + min(j0 + nt * 8 + 2 * t + e, L - 1);
-                    kscl[nt][e] = __ldg(ks + srow);
-                    vscl[nt][e] = __ldg(vs + srow);
+                    kscl[nt][e] = __ldg(ks8 + srow);
+                    vscl[nt][e] = __ldg(vs8 + srow);
                 }
             }
             uint32_t vw[2][4][VW];
@@ -298,17 +303,17 @@ __device__ __forceinline__ void attn_mma(const __half* __restrict__ q, const uin
         uint32_t a0[KSTEPS], a2[KSTEPS];
         float bias = 0.0f;
         {
-            // The lane's KD scales and zeros: consecutive, so 16-byte loads (hd % 16 == 0: a float4
-            // is all inside hd or all outside).
+            // The lane's KD scales and zeros (fp16): consecutive, so 16-byte loads of 8 (hd % 16 == 0:
+            // a load is all inside hd or all outside).
             const size_t sb = (bk * nb + blk) * hd + kd0;
             float sc4[KD], zr4[KD];
 #pragma unroll
-            for (int i = 0; i < KD; i += 4) {
+            for (int i = 0; i < KD; i += 8) {
                 const bool in = kd0 + i < hd;
-                const float4 a = in ? __ldg(reinterpret_cast<const float4*>(ks + sb + i)) : make_float4(0, 0, 0, 0);
-                const float4 c = in ? __ldg(reinterpret_cast<const float4*>(kz + sb + i)) : make_float4(0, 0, 0, 0);
-                sc4[i] = a.x, sc4[i + 1] = a.y, sc4[i + 2] = a.z, sc4[i + 3] = a.w;
-                zr4[i] = c.x, zr4[i + 1] = c.y, zr4[i + 2] = c.z, zr4[i + 3] = c.w;
+                const uint4 a = in ? __ldg(reinterpret_cast<const uint4*>(ks4 + sb + i)) : make_uint4(0, 0, 0, 0);
+                const uint4 c = in ? __ldg(reinterpret_cast<const uint4*>(kz4 + sb + i)) : make_uint4(0, 0, 0, 0);
+                half8_to_float(a, sc4 + i);
+                half8_to_float(c, zr4 + i);
             }
 #pragma unroll
             for (int s = 0; s < KSTEPS; s++) {
@@ -357,8 +362,8 @@ __device__ __forceinline__ void attn_mma(const __half* __restrict__ q, const uin
                 for (int e = 0; e < 2; e++) {
                     const size_t row = bk * L + j0 + 16 * i + 2 * t + e + 8 * reg;
                     const int gi = v_in ? vd0 / group : 0;
-                    s2[e] = __ldg(vs + row * ngroups + gi);
-                    z2[e] = __ldg(vz + row * ngroups + gi);
+                    s2[e] = __half2float(vs4[row * ngroups + gi]);
+                    z2[e] = __half2float(vz4[row * ngroups + gi]);
                 }
                 vbias[i][reg] = pack_half2(1024.0f + z2[0], 1024.0f + z2[1]);
                 vscale[i][reg] = pack_half2(s2[0], s2[1]);
@@ -486,8 +491,8 @@ __device__ __forceinline__ void attn_mma(const __half* __restrict__ q, const uin
 // positions: batch 8 1.66x fp16 vs 1.43x; batch 1 1.32x vs 1.37x; GQA 1.50-1.77x vs 1.11-1.46x).
 #define ATTN_MMA(NAME, FMT, HDP)                                                                              \
     extern "C" __global__ void __launch_bounds__(32 * NW, 3) NAME(                                            \
-        const __half* q, const uint8_t* kq, const uint8_t* vq, const float* ks, const float* kz, const float* vs, \
-        const float* vz, const __half* wk, const __half* wv, const int* pos, int T, int H, int KV, int hd, int L, \
+        const __half* q, const uint8_t* kq, const uint8_t* vq, const void* ks, const void* kz, const void* vs,    \
+        const void* vz, const __half* wk, const __half* wv, const int* pos, int T, int H, int KV, int hd, int L,  \
         int group, int chunk, int window, float qscale, float* part_acc, float* part_m, float* part_l,          \
         int* counter, __half* out, int ld_out, const float* v_off) {                                           \
         attn_mma<FMT, HDP>(q, kq, vq, ks, kz, vs, vz, wk, wv, pos, T, H, KV, hd, L, group, chunk, window, qscale, \

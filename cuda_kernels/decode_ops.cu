@@ -234,10 +234,12 @@ extern "C" __global__ void next_token(const __half* __restrict__ logits, int ld,
 // first). The window keeps its values: positions of the block still read them until they are past.
 // grid (B * KV), 128 threads. (The engine splits a prompt at block boundaries, so at most one block
 // completes per step.)
+// The scale is rounded to fp16 (how it is stored) before the codes are chosen, as kvcache._asym4.
 __device__ __forceinline__ void asym4_params(float lo, float hi, float& scale, float& zero) {
     lo = fminf(lo, 0.0f);
     hi = fmaxf(hi, 0.0f);
-    scale = hi > lo ? (hi - lo) / 15.0f : 1.0f;
+    scale = __half2float(__float2half_rn(hi > lo ? (hi - lo) / 15.0f : 1.0f));
+    if (!(scale > 0.0f)) scale = 1.0f;  // a range below fp16's smallest step
     zero = fminf(fmaxf(rintf(-lo / scale), 0.0f), 15.0f);
 }
 
@@ -247,8 +249,8 @@ __device__ __forceinline__ uint32_t asym4_code(float x, float scale, float zero)
 
 extern "C" __global__ void kivi_flush(const __half* __restrict__ wk, const __half* __restrict__ wv,
                                       uint8_t* __restrict__ kq, uint8_t* __restrict__ vq,
-                                      float* __restrict__ ks, float* __restrict__ kz, float* __restrict__ vs,
-                                      float* __restrict__ vz, const int* __restrict__ pos, int T, int KV, int hd,
+                                      __half* __restrict__ ks, __half* __restrict__ kz, __half* __restrict__ vs,
+                                      __half* __restrict__ vz, const int* __restrict__ pos, int T, int KV, int hd,
                                       int L, int R, int group) {
     const int bk = blockIdx.x, b = bk / KV;
     const int last = pos[b] + T - 1;
@@ -268,8 +270,8 @@ extern "C" __global__ void kivi_flush(const __half* __restrict__ wk, const __hal
                 hi = fmaxf(hi, x);
             }
             asym4_params(lo, hi, sc[h], zr[h]);
-            ks[((size_t)bk * nb + blk) * hd + 2 * c2 + h] = sc[h];
-            kz[((size_t)bk * nb + blk) * hd + 2 * c2 + h] = zr[h];
+            ks[((size_t)bk * nb + blk) * hd + 2 * c2 + h] = __float2half_rn(sc[h]);  // exact: rounded already
+            kz[((size_t)bk * nb + blk) * hd + 2 * c2 + h] = __float2half_rn(zr[h]);
         }
         for (int j = 0; j < R; j++) {
             const uint32_t q0 = asym4_code(__half2float(wkb[(size_t)j * hd + 2 * c2]), sc[0], zr[0]);
@@ -288,8 +290,8 @@ extern "C" __global__ void kivi_flush(const __half* __restrict__ wk, const __hal
         }
         float sc, zr;
         asym4_params(lo, hi, sc, zr);
-        vs[((size_t)bk * L + p0 + j) * ngroups + g] = sc;
-        vz[((size_t)bk * L + p0 + j) * ngroups + g] = zr;
+        vs[((size_t)bk * L + p0 + j) * ngroups + g] = __float2half_rn(sc);
+        vz[((size_t)bk * L + p0 + j) * ngroups + g] = __float2half_rn(zr);
         for (int i = 0; i < group; i += 2)
             vq[((size_t)bk * L + p0 + j) * (hd / 2) + (g * group + i) / 2] =
                 (uint8_t)(asym4_code(__half2float(x[i]), sc, zr) | (asym4_code(__half2float(x[i + 1]), sc, zr) << 4));

@@ -150,10 +150,13 @@ class FP8KVCache(_PerTokenCache):
 
 
 def _asym4(x, axis):
-    """4-bit asymmetric quantization along `axis`: (codes uint8, scale, zero), x = scale * (q - zero)."""
+    """4-bit asymmetric quantization along `axis`: (codes uint8, scale, zero), x = scale * (q - zero).
+    The scale is rounded to fp16 before the codes are chosen (KIVI keeps scales and zero points in
+    fp16; zero points are small integers, exact in fp16), so fp16 storage loses nothing further."""
     lo = np.minimum(x.min(axis=axis, keepdims=True), 0.0)
     hi = np.maximum(x.max(axis=axis, keepdims=True), 0.0)
-    scale = np.where(hi > lo, (hi - lo) / 15.0, 1.0).astype(np.float32)
+    scale = np.where(hi > lo, (hi - lo) / 15.0, 1.0).astype(np.float16).astype(np.float32)
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)  # a range below fp16's smallest step
     zero = np.clip(np.round(-lo / scale), 0, 15)
     q = np.clip(np.round(x / scale) + zero, 0, 15).astype(np.uint8)
     return q, scale, zero.astype(np.float32)
@@ -171,10 +174,10 @@ class Int4KVCache(KVCache):
         nblocks, ngroups = -(-self.max_len // block), self.head_dim // self.group
         L, B, H, D = self.num_layers, self.batch, self.heads, self.head_dim
         self.k_codes, self.v_codes = self._zeros(D, np.uint8), self._zeros(D, np.uint8)
-        self.k_scale = np.zeros((L, B, H, nblocks, D), np.float32)  # per (block, channel)
-        self.k_zero = np.zeros((L, B, H, nblocks, D), np.float32)
-        self.v_scale = self._zeros(ngroups, np.float32)  # per (token, group)
-        self.v_zero = self._zeros(ngroups, np.float32)
+        self.k_scale = np.zeros((L, B, H, nblocks, D), np.float16)  # per (block, channel)
+        self.k_zero = np.zeros((L, B, H, nblocks, D), np.float16)
+        self.v_scale = self._zeros(ngroups, np.float16)  # per (token, group)
+        self.v_zero = self._zeros(ngroups, np.float16)
         self.window_k = np.zeros((L, B, H, block, D), np.float32)  # the newest tokens, in float
         self.window_v = np.zeros((L, B, H, block, D), np.float32)
 

@@ -218,9 +218,9 @@ def test_bench_capacity_arithmetic():
     cfg = llama_config()
     assert cache_bytes_per_token(cfg, "float") == 2 * 32 * 32 * 128 * 2
     assert cache_bytes_per_token(cfg, "int8") == 2 * 32 * 32 * (128 + 4)
-    # INT4 (KIVI): half a byte a value, fp32 (scale, zero) per position and 32-value group of V, and
+    # INT4 (KIVI): half a byte a value, fp16 (scale, zero) per position and 32-value group of V, and
     # per channel of K amortised over a 32-position block; plus a fixed fp16 window of 32 positions.
-    per_head = 2 * 128 // 2 + 2 * 4 * (128 // 32) + 2 * 4 * 128 // 32
+    per_head = 2 * 128 // 2 + 2 * 2 * (128 // 32) + 2 * 2 * 128 // 32
     assert cache_bytes_per_token(cfg, "int4") == 32 * 32 * per_head
     window = 32 * 32 * 2 * 32 * 128 * 2
     budget = 16 * 2**30

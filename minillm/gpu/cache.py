@@ -24,13 +24,13 @@ def kivi_group(head_dim: int) -> int:
 
 def cache_bytes(kind: str, num_layers, batch, kv_heads, head_dim, max_len) -> int:
     """Bytes of a cache: codes, plus a float32 scale per (token, head) for the 8-bit formats; for INT4,
-    packed codes, fp32 (scale, zero) per key channel and block and per value group and position, and
+    packed codes, fp16 (scale, zero) per key channel and block and per value group and position, and
     the fp16 window."""
     heads = num_layers * batch * kv_heads
     if kind == "int4":
         blocks = -(-max_len // KIVI_BLOCK)
-        per_head = (2 * max_len * head_dim // 2 + blocks * head_dim * 8
-                    + max_len * (head_dim // kivi_group(head_dim)) * 8 + 2 * KIVI_BLOCK * head_dim * 2)
+        per_head = (2 * max_len * head_dim // 2 + blocks * head_dim * 4
+                    + max_len * (head_dim // kivi_group(head_dim)) * 4 + 2 * KIVI_BLOCK * head_dim * 2)
         return heads * per_head
     per_pos = head_dim * CODE_BYTES[kind] + (4 if kind != "float" else 0)
     return 2 * heads * max_len * per_pos
@@ -96,8 +96,9 @@ class GpuKVCache:
             return [cp.zeros(shape, dtype) for _ in range(layers)]
 
         self.kq, self.vq = z(batch, kv, max_len, hd // 2, dtype=cp.uint8), z(batch, kv, max_len, hd // 2, dtype=cp.uint8)
-        self.ks, self.kz = z(batch, kv, blocks, hd), z(batch, kv, blocks, hd)
-        self.vs, self.vz = z(batch, kv, max_len, groups), z(batch, kv, max_len, groups)
+        half = cp.float16  # scales and zero points in fp16, as kvcache.Int4KVCache
+        self.ks, self.kz = z(batch, kv, blocks, hd, dtype=half), z(batch, kv, blocks, hd, dtype=half)
+        self.vs, self.vz = z(batch, kv, max_len, groups, dtype=half), z(batch, kv, max_len, groups, dtype=half)
         self.wk, self.wv = z(batch, kv, r, hd, dtype=cp.float16), z(batch, kv, r, hd, dtype=cp.float16)
         self.group = kivi_group(hd)
 
@@ -148,7 +149,7 @@ class GpuKVCache:
         for i in range(len(self.kq)):
             for codes, dest in ((self.kq[i], self.wk[i]), (self.vq[i], self.wv[i])):
                 q = ((codes[:, :, start:end, :, None] >> shifts) & 15).reshape(*codes.shape[:2], end - start, -1)
-                q = q.astype(cp.float32)
+                q = q.astype(cp.float32)  # (scales and zero points promote from fp16)
                 if dest is self.wk[i]:
                     x = (q - self.kz[i][:, :, blk, None, :]) * self.ks[i][:, :, blk, None, :]
                 else:

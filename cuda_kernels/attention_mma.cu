@@ -362,8 +362,8 @@ __device__ __forceinline__ void attn_mma(const __half* __restrict__ q, const uin
                 for (int e = 0; e < 2; e++) {
                     const size_t row = bk * L + j0 + 16 * i + 2 * t + e + 8 * reg;
                     const int gi = v_in ? vd0 / group : 0;
-                    s2[e] = __half2float(vs4[row * ngroups + gi]);
-                    z2[e] = __half2float(vz4[row * ngroups + gi]);
+                    s2[e] = __half2float(__ldg(vs4 + row * ngroups + gi));
+                    z2[e] = __half2float(__ldg(vz4 + row * ngroups + gi));
                 }
                 vbias[i][reg] = pack_half2(1024.0f + z2[0], 1024.0f + z2[1]);
                 vscale[i][reg] = pack_half2(s2[0], s2[1]);

@@ -234,11 +234,12 @@ extern "C" __global__ void next_token(const __half* __restrict__ logits, int ld,
 // first). The window keeps its values: positions of the block still read them until they are past.
 // grid (B * KV), 128 threads. (The engine splits a prompt at block boundaries, so at most one block
 // completes per step.)
-// The scale is rounded to fp16 (how it is stored) before the codes are chosen, as kvcache._asym4.
+// The scale is rounded up to fp16 (how it is stored) before the codes are chosen, as kvcache._asym4:
+// 15 steps still span [lo, hi].
 __device__ __forceinline__ void asym4_params(float lo, float hi, float& scale, float& zero) {
     lo = fminf(lo, 0.0f);
     hi = fmaxf(hi, 0.0f);
-    scale = __half2float(__float2half_rn(hi > lo ? (hi - lo) / 15.0f : 1.0f));
+    scale = __half2float(__float2half_ru(hi > lo ? (hi - lo) / 15.0f : 1.0f));
     if (!(scale > 0.0f)) scale = 1.0f;  // a range below fp16's smallest step
     zero = fminf(fmaxf(rintf(-lo / scale), 0.0f), 15.0f);
 }

@@ -151,12 +151,15 @@ class FP8KVCache(_PerTokenCache):
 
 def _asym4(x, axis):
     """4-bit asymmetric quantization along `axis`: (codes uint8, scale, zero), x = scale * (q - zero).
-    The scale is rounded to fp16 before the codes are chosen (KIVI keeps scales and zero points in
-    fp16; zero points are small integers, exact in fp16), so fp16 storage loses nothing further."""
+    The scale is rounded *up* to fp16 before the codes are chosen (KIVI keeps scales and zero points
+    in fp16; zero points are small integers, exact in fp16): 15 steps still span [lo, hi], so every
+    element stays within half a step, and fp16 storage loses nothing further."""
     lo = np.minimum(x.min(axis=axis, keepdims=True), 0.0)
     hi = np.maximum(x.max(axis=axis, keepdims=True), 0.0)
-    scale = np.where(hi > lo, (hi - lo) / 15.0, 1.0).astype(np.float16).astype(np.float32)
-    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)  # a range below fp16's smallest step
+    scale = np.where(hi > lo, (hi - lo) / 15.0, 1.0).astype(np.float32)
+    near = scale.astype(np.float16)
+    up = np.where(near.astype(np.float32) < scale, np.nextafter(near, np.float16(np.inf)), near)
+    scale = np.where(up > 0, up.astype(np.float32), 1.0).astype(np.float32)  # > 0: a range below fp16's step
     zero = np.clip(np.round(-lo / scale), 0, 15)
     q = np.clip(np.round(x / scale) + zero, 0, 15).astype(np.uint8)
     return q, scale, zero.astype(np.float32)

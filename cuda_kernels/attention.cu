@@ -57,6 +57,25 @@ __device__ __forceinline__ float2 e4m3x2_to_float2(uint32_t two) {
     return __half22float2(*reinterpret_cast<__half2*>(&h2));
 }
 
+// Four 8-bit codes of a word (low byte first) to floats.
+template <int FMT>
+__device__ __forceinline__ void word_to_float(uint32_t w, float* x) {
+    if (FMT == KV_INT8) {
+        // int8 -> float without the slow integer conversion: flipping the sign bit gives q + 128 as
+        // an unsigned byte; placed under the exponent of 2^23 (0x4B000000) it reads as the float
+        // 2^23 + q + 128, and one subtraction leaves q.
+        const uint32_t u = w ^ 0x80808080u;
+#pragma unroll
+        for (int b = 0; b < 4; b++) x[b] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7440 + b)) - 8388736.0f;
+    } else {
+        const float2 lo = e4m3x2_to_float2(w & 0xffffu), hi = e4m3x2_to_float2(w >> 16);
+        x[0] = lo.x;
+        x[1] = lo.y;
+        x[2] = hi.x;
+        x[3] = hi.y;
+    }
+}
+
 template <int FMT>
 __device__ __forceinline__ void to_float(uint4 raw, float* x) {
     if (FMT == KV_FP16) {
@@ -64,23 +83,7 @@ __device__ __forceinline__ void to_float(uint4 raw, float* x) {
     } else {
         const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
-            if (FMT == KV_INT8) {
-                // int8 -> float without the slow integer conversion: flipping the sign bit gives
-                // q + 128 as an unsigned byte; placed under the exponent of 2^23 (0x4B000000) it
-                // reads as the float 2^23 + q + 128, and one subtraction leaves q.
-                const uint32_t u = w[i] ^ 0x80808080u;
-#pragma unroll
-                for (int b = 0; b < 4; b++)
-                    x[4 * i + b] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7440 + b)) - 8388736.0f;
-            } else {
-                const float2 lo = e4m3x2_to_float2(w[i] & 0xffffu), hi = e4m3x2_to_float2(w[i] >> 16);
-                x[4 * i] = lo.x;
-                x[4 * i + 1] = lo.y;
-                x[4 * i + 2] = hi.x;
-                x[4 * i + 3] = hi.y;
-            }
-        }
+        for (int i = 0; i < 4; i++) word_to_float<FMT>(w[i], x + 4 * i);
     }
 }
 
@@ -164,9 +167,8 @@ __device__ __forceinline__ void attn_decode(const __half* __restrict__ q, const 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = warp % G, stream = warp / G, h = kvh * G + g;
     const int grp = lane / GROUP, lig = lane % GROUP;
-    const int b = r / T, len = pos[b] + r % T + 1;
-    const int lo = window > 0 ? max(0, len - window) : 0;
-    const int c0 = max(split * chunk, lo), c1 = min((split + 1) * chunk, len);
+    const RowSpan span = row_span(pos, r, T, window, split, chunk);
+    const int b = span.b, len = span.len, c0 = span.c0, c1 = span.c1;
     const size_t bk = (size_t)b * KV + kvh;
     const char* kbase = reinterpret_cast<const char*>(kc);
     const char* vbase = reinterpret_cast<const char*>(vc);
@@ -292,20 +294,12 @@ template <int FMT>
 __device__ __forceinline__ void widen8(typename RawG<FMT>::type raw, float* x);
 template <> __device__ __forceinline__ void widen8<KV_FP16>(uint4 raw, float* x) { half8_to_float(raw, x); }
 template <> __device__ __forceinline__ void widen8<KV_INT8>(uint2 raw, float* x) {
-    const uint32_t w[2] = {raw.x ^ 0x80808080u, raw.y ^ 0x80808080u};
-#pragma unroll
-    for (int i = 0; i < 8; i++) x[i] = __uint_as_float(__byte_perm(w[i / 4], 0x4B000000u, 0x7440 + i % 4)) - 8388736.0f;
+    word_to_float<KV_INT8>(raw.x, x);
+    word_to_float<KV_INT8>(raw.y, x + 4);
 }
 template <> __device__ __forceinline__ void widen8<KV_FP8>(uint2 raw, float* x) {
-    const uint32_t w[2] = {raw.x, raw.y};
-#pragma unroll
-    for (int i = 0; i < 2; i++) {
-        const float2 lo = e4m3x2_to_float2(w[i] & 0xffffu), hi = e4m3x2_to_float2(w[i] >> 16);
-        x[4 * i] = lo.x;
-        x[4 * i + 1] = lo.y;
-        x[4 * i + 2] = hi.x;
-        x[4 * i + 3] = hi.y;
-    }
+    word_to_float<KV_FP8>(raw.x, x);
+    word_to_float<KV_FP8>(raw.y, x + 4);
 }
 
 template <int FMT, int G>
@@ -326,9 +320,8 @@ __device__ __forceinline__ void attn_decode_gqa(const __half* __restrict__ q, co
     const int NW = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int grp = lane >> 4, lig = lane & 15, e = lig * 8;
     const bool has = e < hd;
-    const int b = r / T, len = pos[b] + r % T + 1;
-    const int lo = window > 0 ? max(0, len - window) : 0;
-    const int c0 = max(split * chunk, lo), c1 = min((split + 1) * chunk, len);
+    const RowSpan span = row_span(pos, r, T, window, split, chunk);
+    const int b = span.b, len = span.len, c0 = span.c0, c1 = span.c1;
     const size_t bk = (size_t)b * KV + kvh;
     const char* kbase = reinterpret_cast<const char*>(kc);
     const char* vbase = reinterpret_cast<const char*>(vc);

@@ -1,6 +1,20 @@
-// Merging the splits of decode attention (included by attention.cu and attention_int4.cu).
+// Shared by the decode attention kernels (attention.cu, attention_mma.cu): which positions a row
+// and split cover, and the merge of the splits.
 #pragma once
 #include "common.cuh"
+
+// Row r = (batch b, new token t) sees positions [lo, len), len = pos[b] + t + 1 (causal for any T),
+// lo > 0 only for a sliding window; split s covers [c0, c1) of that, chunk positions at a time.
+struct RowSpan {
+    int b, len, c0, c1;
+};
+
+__device__ __forceinline__ RowSpan row_span(const int* __restrict__ pos, int r, int T, int window, int split,
+                                            int chunk) {
+    const int b = r / T, len = pos[b] + r % T + 1;
+    const int lo = window > 0 ? max(0, len - window) : 0;
+    return {b, len, max(split * chunk, lo), min((split + 1) * chunk, len)};
+}
 
 #define MAX_MERGE 4352  // G * splits weights for the merge (8 heads x 544 splits; kernels.py keeps below)
 

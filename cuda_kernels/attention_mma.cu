@@ -137,9 +137,8 @@ __device__ __forceinline__ void attn_mma(const __half* __restrict__ q, const uin
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int qi = qt * 8 + g;  // this lane's query head (A row g) among the G of kvh
     const bool has_q = qi < G;
-    const int b = r / T, len = pos[b] + r % T + 1;
-    const int lo = window > 0 ? max(0, len - window) : 0;
-    const int c0 = max(split * chunk, lo), c1 = min((split + 1) * chunk, len);
+    const RowSpan span = row_span(pos, r, T, window, split, chunk);
+    const int b = span.b, len = span.len, c0 = span.c0, c1 = span.c1;
     // INT4: positions quantized by the time this row's token was decoded (the rest: the window)
     const int qlen = INT4 ? (len / RB) * RB : len;
     const int qend = min(c1, qlen);

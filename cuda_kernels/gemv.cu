@@ -26,9 +26,67 @@
 
 #define UNROLL 4
 
-template <int M, int ROWS>
-__device__ __forceinline__ void gemv_f16_body(const uint4* __restrict__ w, const __half* __restrict__ x, int ldx,
-                                              __half* __restrict__ y, int ldy, int N, int C, int act) {
+// What differs between the formats: how one 16-byte chunk of each of the ROWS weight rows is
+// multiplied into the accumulators for the M rows of x (chunk c: x values VALS * c ..).
+struct F16Chunk {  // 8 fp16 weights
+    static constexpr int VALS = 8;
+    template <int M, int ROWS>
+    __device__ __forceinline__ void add(float (&acc)[M][ROWS], const uint4 (&wr)[ROWS], int c, int, int,
+                                        const __half* __restrict__ x, int ldx) const {
+        float wf[ROWS][8];
+#pragma unroll
+        for (int rr = 0; rr < ROWS; rr++) half8_to_float(wr[rr], wf[rr]);
+#pragma unroll
+        for (int m = 0; m < M; m++) {
+            float xf[8];
+            half8_to_float(*reinterpret_cast<const uint4*>(x + (size_t)m * ldx + 8 * c), xf);
+#pragma unroll
+            for (int rr = 0; rr < ROWS; rr++)
+#pragma unroll
+                for (int i = 0; i < 8; i++) acc[m][rr] += wf[rr][i] * xf[i];
+        }
+    }
+};
+
+struct I8Chunk {  // 16 int8 codes, with the group's scale and zero point (128 when symmetric)
+    static constexpr int VALS = 16;
+    const __half* __restrict__ scales;
+    const uint8_t* __restrict__ zeros;
+    int ngroups, chunks_per_group;
+    template <int M, int ROWS>
+    __device__ __forceinline__ void add(float (&acc)[M][ROWS], const uint4 (&wr)[ROWS], int c, int n0, int N,
+                                        const __half* __restrict__ x, int ldx) const {
+        const int grp = c / chunks_per_group;
+        float scale[ROWS], zero[ROWS];
+#pragma unroll
+        for (int rr = 0; rr < ROWS; rr++) {
+            const int n = min(n0 + rr, N - 1);
+            scale[rr] = __half2float(scales[(size_t)n * ngroups + grp]);
+            zero[rr] = zeros ? (float)zeros[(size_t)n * ngroups + grp] : 128.0f;
+        }
+#pragma unroll
+        for (int m = 0; m < M; m++) {
+            float xf[16];
+            half8_to_float(*reinterpret_cast<const uint4*>(x + (size_t)m * ldx + 16 * c), xf);
+            half8_to_float(*reinterpret_cast<const uint4*>(x + (size_t)m * ldx + 16 * c + 8), xf + 8);
+#pragma unroll
+            for (int rr = 0; rr < ROWS; rr++) {
+                const uint32_t words[4] = {wr[rr].x, wr[rr].y, wr[rr].z, wr[rr].w};
+                float d = 0.0f, xs = 0.0f;
+#pragma unroll
+                for (int i = 0; i < 16; i++) {
+                    d += xf[i] * (float)((words[i / 4] >> (8 * (i % 4))) & 0xffu);
+                    xs += xf[i];
+                }
+                acc[m][rr] += scale[rr] * (d - zero[rr] * xs);  // s * sum x (q - z)
+            }
+        }
+    }
+};
+
+template <int M, int ROWS, class Chunk>
+__device__ __forceinline__ void gemv_body(const uint4* __restrict__ w, Chunk chunk, const __half* __restrict__ x,
+                                          int ldx, __half* __restrict__ y, int ldy, int N, int C, int act) {
     const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
     const int n0 = warp * ROWS;
     if (n0 >= N) return;
@@ -51,81 +109,7 @@ __device__ __forceinline__ void gemv_f16_body(const uint4* __restrict__ w, const
         for (int u = 0; u < UNROLL; u++) {
             const int c = c0 + 32 * u;
             if (c >= C) break;
-            float wf[ROWS][8];
-#pragma unroll
-            for (int rr = 0; rr < ROWS; rr++) half8_to_float(wr[u][rr], wf[rr]);
-#pragma unroll
-            for (int m = 0; m < M; m++) {
-                float xf[8];
-                half8_to_float(*reinterpret_cast<const uint4*>(x + (size_t)m * ldx + 8 * c), xf);
-#pragma unroll
-                for (int rr = 0; rr < ROWS; rr++)
-#pragma unroll
-                    for (int i = 0; i < 8; i++) acc[m][rr] += wf[rr][i] * xf[i];
-            }
-        }
-    }
-#pragma unroll
-    for (int m = 0; m < M; m++) {
-        float v[ROWS];
-#pragma unroll
-        for (int rr = 0; rr < ROWS; rr++) v[rr] = warp_sum(acc[m][rr]);
-        if (lane == 0) store_rows<ROWS>(y, ldy, m, n0, N, v, act);
-    }
-}
-
-template <int M, int ROWS>
-__device__ __forceinline__ void gemv_i8_body(const uint4* __restrict__ codes, const __half* __restrict__ scales,
-                                             const uint8_t* __restrict__ zeros, const __half* __restrict__ x,
-                                             int ldx, __half* __restrict__ y, int ldy, int N, int C, int ngroups,
-                                             int chunks_per_group, int act) {
-    const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
-    const int n0 = warp * ROWS;
-    if (n0 >= N) return;
-    float acc[M][ROWS];
-#pragma unroll
-    for (int m = 0; m < M; m++)
-#pragma unroll
-        for (int rr = 0; rr < ROWS; rr++) acc[m][rr] = 0.0f;
-
-    for (int c0 = lane; c0 < C; c0 += 32 * UNROLL) {
-        uint4 wr[UNROLL][ROWS];
-#pragma unroll
-        for (int u = 0; u < UNROLL; u++) {
-            const int c = c0 + 32 * u;
-#pragma unroll
-            for (int rr = 0; rr < ROWS; rr++)
-                wr[u][rr] = (c < C && n0 + rr < N) ? codes[(size_t)(n0 + rr) * C + c] : make_uint4(0, 0, 0, 0);
-        }
-#pragma unroll
-        for (int u = 0; u < UNROLL; u++) {
-            const int c = c0 + 32 * u;
-            if (c >= C) break;
-            const int grp = c / chunks_per_group;
-            float scale[ROWS], zero[ROWS];
-#pragma unroll
-            for (int rr = 0; rr < ROWS; rr++) {
-                const int n = min(n0 + rr, N - 1);
-                scale[rr] = __half2float(scales[(size_t)n * ngroups + grp]);
-                zero[rr] = zeros ? (float)zeros[(size_t)n * ngroups + grp] : 128.0f;
-            }
-#pragma unroll
-            for (int m = 0; m < M; m++) {
-                float xf[16];
-                half8_to_float(*reinterpret_cast<const uint4*>(x + (size_t)m * ldx + 16 * c), xf);
-                half8_to_float(*reinterpret_cast<const uint4*>(x + (size_t)m * ldx + 16 * c + 8), xf + 8);
-#pragma unroll
-                for (int rr = 0; rr < ROWS; rr++) {
-                    const uint32_t words[4] = {wr[u][rr].x, wr[u][rr].y, wr[u][rr].z, wr[u][rr].w};
-                    float d = 0.0f, xs = 0.0f;
-#pragma unroll
-                    for (int i = 0; i < 16; i++) {
-                        d += xf[i] * (float)((words[i / 4] >> (8 * (i % 4))) & 0xffu);
-                        xs += xf[i];
-                    }
-                    acc[m][rr] += scale[rr] * (d - zero[rr] * xs);  // s * sum x (q - z)
-                }
-            }
+            chunk.template add<M, ROWS>(acc, wr[u], c, n0, N, x, ldx);
         }
     }
 #pragma unroll
@@ -140,13 +124,13 @@ __device__ __forceinline__ void gemv_i8_body(const uint4* __restrict__ codes, co
 #define GEMV_F16(M, ROWS)                                                                                  \
     extern "C" __global__ void __launch_bounds__(128) gemv_f16_m##M##_r##ROWS(                             \
         const uint4* w, const __half* x, int ldx, __half* y, int ldy, int N, int C, int act) {             \
-        gemv_f16_body<M, ROWS>(w, x, ldx, y, ldy, N, C, act);                                              \
+        gemv_body<M, ROWS>(w, F16Chunk{}, x, ldx, y, ldy, N, C, act);                                      \
     }
 #define GEMV_I8(M, ROWS)                                                                                   \
     extern "C" __global__ void __launch_bounds__(128) gemv_i8_m##M##_r##ROWS(                              \
         const uint4* codes, const __half* scales, const uint8_t* zeros, const __half* x, int ldx, __half* y, \
         int ldy, int N, int C, int ngroups, int chunks_per_group, int act) {                               \
-        gemv_i8_body<M, ROWS>(codes, scales, zeros, x, ldx, y, ldy, N, C, ngroups, chunks_per_group, act);  \
+        gemv_body<M, ROWS>(codes, I8Chunk{scales, zeros, ngroups, chunks_per_group}, x, ldx, y, ldy, N, C, act); \
     }
 
 GEMV_F16(1, 2)

@@ -26,9 +26,9 @@ _MMA_WARPS = 8  # WARPS in w4a16_mma.cu
 
 
 def kernel(m: int, rows: int):
-    from .kernels import module  # noqa: PLC0415 - kernels.py imports this module's class
+    from .kernels import fn  # noqa: PLC0415 - the handle is cached there
 
-    return module("w4a16_gemv").get_function(f"w4a16_gemv_m{m}_r{rows}")
+    return fn("w4a16_gemv", f"w4a16_gemv_m{m}_r{rows}")
 
 
 class W4A16Weight:
@@ -102,9 +102,9 @@ def _mma_tiles(n: int, m: int) -> int:
 
 
 def _launch_mma(x_pad, w: W4A16Weight, y, m: int, tiles: int, act: int):
-    from .kernels import module  # noqa: PLC0415
+    from .kernels import fn  # noqa: PLC0415
 
-    f = module("w4a16_mma").get_function(f"w4a16_mma_n{tiles}_m{1 if m <= 8 else 2}")
+    f = fn("w4a16_mma", f"w4a16_mma_n{tiles}_m{1 if m <= 8 else 2}")
     zeros = w.zeros if w.zeros is not None else 0
     f((-(-w.n // (16 * tiles)),), (32 * _MMA_WARPS,), (
         w.qweight, w.scales, zeros, x_pad, y, np.int32(y.shape[1]), np.int32(m),

@@ -182,7 +182,11 @@ def main():
             # each timed for NOTES.md; "minillm" below is the launcher's own choice.
             variants = [("rows", r) for r in (1, 2, 4, 8) if f"W4A16_KERNEL({m}, {r})" in GEMV_SOURCE]
             variants += [("tiles", 1), ("tiles", 2)]
-            options = {f"{kind} {v}": time_cupy(lambda w: w4a16_matmul(x, w, out=y, **{kind: v}), [(w,) for w in weights])
+            variants = [(kind, {kind: v}) for kind, v in variants]
+            if m == 1:  # split K among 2 or 4 warps (1 or 2 rows per warp)
+                variants += [(f"rows {r} ksplit", {"rows": r, "ksplit": s}) for r in (1, 2) for s in (2, 4)]
+            options = {f"{kind} {next(reversed(v.values()))}": time_cupy(lambda w: w4a16_matmul(x, w, out=y, **v),
+                                                                         [(w,) for w in weights])
                        for kind, v in variants}
             print(f"  {k}x{n} m={m}: " + ", ".join(f"{o} {t:.1f} us" for o, t in options.items()))
             ours = time_cupy(lambda w: w4a16_matmul(x, w, out=y), [(w,) for w in weights])

@@ -8,7 +8,10 @@ method); GB/s counts the cache bytes read (codes and scales of every position); 
 bandwidth measured in the same run. The cache is filled with random codes, so its contents do not
 matter to the timing; the correctness of each format is tests/test_gpu_ops.py's job.
 
-    python3 bench/gpu_kv.py [--contexts 4096,16384,32768,65536] [--batches 1,8]
+    python3 bench/gpu_kv.py [--contexts 4096,16384,32768,65536] [--batches 1,8] [--max-len 65536]
+
+With --max-len, each context is measured inside a cache of that capacity (as a chat fills the cache
+it allocated for the model's whole context); the bytes counted are those of the positions in use.
 """
 
 from __future__ import annotations
@@ -79,6 +82,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--contexts", default="4096,16384,32768,65536")
     ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--max-len", type=int, default=None,
+                    help="cache capacity (positions), if larger than the context: a chat's cache is "
+                         "allocated for the model's whole context and filled gradually")
     ap.add_argument("--sweep", action="store_true", help="try the attention plans (streams x waves) at 32k first")
     ap.add_argument("--sweep-short", action="store_true",
                     help="the plans at a decode step's short context (600 of 904 positions, as bench/gpu_decode.py)")
@@ -123,13 +129,16 @@ def main():
             for ctx in [int(c) for c in args.contexts.split(",")]:
                 row = {}
                 for fmt in FORMATS:
-                    us, read = measure(shape, fmt, ctx, batch)
+                    us, read = measure(shape, fmt, ctx, batch, max_len=max(ctx, args.max_len or ctx))
+                    read = read * ctx // max(ctx, args.max_len or ctx)  # the positions in use
                     cp.get_default_memory_pool().free_all_blocks()
                     row[fmt] = (us, read)
                     print(f"kv_heads {kvh} batch {batch} context {ctx} {fmt}: {us:.1f} us, "
                           f"{read / us / 1e3:.0f} GB/s", flush=True)
                 results.append((kvh, batch, ctx, row))
 
+    if args.max_len:
+        print(f"\n(each context inside a cache of {args.max_len} positions)")
     print(f"\nDecode attention, one layer, 32 query heads x head_dim 128; {name}, copy bandwidth {bw:.0f} GB/s;"
           " us per call (split + combine), GB/s of cache bytes read, % of copy bandwidth\n")
     print("| kv heads | batch | context | fp16 us | fp16 GB/s (%) | int8 us | int8 GB/s (%) | int8 speedup "

@@ -167,7 +167,7 @@ __device__ __forceinline__ void attn_decode(const __half* __restrict__ q, const 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = warp % G, stream = warp / G, h = kvh * G + g;
     const int grp = lane / GROUP, lig = lane % GROUP;
-    const RowSpan span = row_span(pos, r, T, window, split, chunk);
+    const RowSpan span = row_span(pos, r, T, window, split, nsplit, chunk);
     const int b = span.b, len = span.len, c0 = span.c0, c1 = span.c1;
     const size_t bk = (size_t)b * KV + kvh;
     const char* kbase = reinterpret_cast<const char*>(kc);
@@ -279,7 +279,7 @@ __device__ __forceinline__ void attn_decode(const __half* __restrict__ q, const 
 
     write_split<E, ITERS, GROUP>(acc, m, l, hd, G, g, stream, r, H, kvh, split, nsplit, sm_part, sm_m, sm_lw,
                                  part_acc, part_m, part_l);
-    merge_splits(r, H, KV, kvh, G, nsplit, nsplit, len, chunk, hd, part_acc, part_m, part_l, counter, out, ld_out, v_off);
+    merge_splits(r, H, KV, kvh, G, nsplit, nsplit, len, span.chunk, hd, part_acc, part_m, part_l, counter, out, ld_out, v_off);
 }
 
 // Grouped-query heads (G = H / KV in 2, 4, 8; head_dim <= 128): one warp serves all G query heads of
@@ -320,7 +320,7 @@ __device__ __forceinline__ void attn_decode_gqa(const __half* __restrict__ q, co
     const int NW = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int grp = lane >> 4, lig = lane & 15, e = lig * 8;
     const bool has = e < hd;
-    const RowSpan span = row_span(pos, r, T, window, split, chunk);
+    const RowSpan span = row_span(pos, r, T, window, split, nsplit, chunk);
     const int b = span.b, len = span.len, c0 = span.c0, c1 = span.c1;
     const size_t bk = (size_t)b * KV + kvh;
     const char* kbase = reinterpret_cast<const char*>(kc);
@@ -434,7 +434,7 @@ __device__ __forceinline__ void attn_decode_gqa(const __half* __restrict__ q, co
         part_m[part0 + (size_t)g * nsplit] = M;
         part_l[part0 + (size_t)g * nsplit] = lsum;
     }
-    merge_splits(r, H, KV, kvh, G, nsplit, nsplit, len, chunk, hd, part_acc, part_m, part_l, counter, out, ld_out, v_off);
+    merge_splits(r, H, KV, kvh, G, nsplit, nsplit, len, span.chunk, hd, part_acc, part_m, part_l, counter, out, ld_out, v_off);
 }
 
 #define GQA_INSTANCE(NAME, FMT, G)                                                                       \

@@ -4,16 +4,22 @@
 #include "common.cuh"
 
 // Row r = (batch b, new token t) sees positions [lo, len), len = pos[b] + t + 1 (causal for any T),
-// lo > 0 only for a sliding window; split s covers [c0, c1) of that, chunk positions at a time.
+// lo > 0 only for a sliding window; split s covers [c0, c1) of that, `chunk` positions a split.
+// The grid has the splits the cache's capacity needs (max_chunk each), but the chunk follows the
+// row's current length: an equal share of len for each split, rounded up to 64 positions (a
+// multiple of the INT4 cache's 32-position blocks). A graph captured once replays the same grid at
+// every length; with a fixed chunk, a 600-token chat in an 8192-position cache would leave 14 of
+// 16 splits idle and two to walk 512 positions each.
 struct RowSpan {
-    int b, len, c0, c1;
+    int b, len, c0, c1, chunk;
 };
 
 __device__ __forceinline__ RowSpan row_span(const int* __restrict__ pos, int r, int T, int window, int split,
-                                            int chunk) {
+                                            int nsplit, int max_chunk) {
     const int b = r / T, len = pos[b] + r % T + 1;
     const int lo = window > 0 ? max(0, len - window) : 0;
-    return {b, len, max(split * chunk, lo), min((split + 1) * chunk, len)};
+    const int chunk = min(max_chunk, 64 * ((len + 64 * nsplit - 1) / (64 * nsplit)));
+    return {b, len, max(split * chunk, lo), min((split + 1) * chunk, len), chunk};
 }
 
 #define MAX_MERGE 4352  // G * splits weights for the merge (8 heads x 544 splits; kernels.py keeps below)

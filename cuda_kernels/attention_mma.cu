@@ -137,7 +137,7 @@ __device__ __forceinline__ void attn_mma(const __half* __restrict__ q, const uin
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int qi = qt * 8 + g;  // this lane's query head (A row g) among the G of kvh
     const bool has_q = qi < G;
-    const RowSpan span = row_span(pos, r, T, window, split, chunk);
+    const RowSpan span = row_span(pos, r, T, window, split, nsplit, chunk);
     const int b = span.b, len = span.len, c0 = span.c0, c1 = span.c1;
     // INT4: positions quantized by the time this row's token was decoded (the rest: the window)
     const int qlen = INT4 ? (len / RB) * RB : len;
@@ -482,7 +482,7 @@ __device__ __forceinline__ void attn_mma(const __half* __restrict__ q, const uin
             part_l[part0 + (size_t)qh * nsplit] = lsum;
         }
     }
-    merge_splits(r, H, KV, kvh, G, nsplit, nsplit * qtiles, len, chunk, hd, part_acc, part_m, part_l, counter, out,
+    merge_splits(r, H, KV, kvh, G, nsplit, nsplit * qtiles, len, span.chunk, hd, part_acc, part_m, part_l, counter, out,
                  ld_out, v_off);
 }
 

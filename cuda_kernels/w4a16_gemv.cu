@@ -21,7 +21,9 @@
 //   consecutive 16-byte chunks of a row: fully coalesced 512-byte requests. Each weight word is
 //   dequantized once and reused for the M rows of x; each x load is reused for the ROWS rows.
 //   Accumulation is fp32. At the end, the partial sums are reduced across the warp with shuffles
-//   and lane 0 writes y.
+//   and lane 0 writes y. Variant (_kS): S warps of a block share the rows, each taking every S-th
+//   stretch of 32 chunks, their sums added in shared memory in warp order: for long rows with few
+//   warps (11008x4096 at batch 1: 2048 warps) twice the warps keep twice the loads in flight.
 //
 //   Dequantization per 32-bit word (8 codes): the fp16 "magic number" trick. OR-ing a 4-bit code
 //   into the mantissa of 1024.0 (0x6400) gives the half 1024 + q exactly, two halves at a time:
@@ -49,7 +51,7 @@ __device__ __forceinline__ float2 nibble_pair(uint32_t word, int i, __half2 bias
 // Main loop
 // ------------------------------------------------------------------------------------------------
 
-template <int M, int ROWS>
+template <int M, int ROWS, int KSPLIT>
 __device__ __forceinline__ void gemv_body(const uint4* __restrict__ qweight, const __half* __restrict__ scales,
                                           const uint8_t* __restrict__ zeros, const __half* __restrict__ x,
                                           __half* __restrict__ y, int ldy, int N, int C, int ngroups,
@@ -58,10 +60,15 @@ __device__ __forceinline__ void gemv_body(const uint4* __restrict__ qweight, con
     // ones fold it into the dequantized weight once, which is then reused by all M rows of x and
     // saves M x ROWS partial sums of registers.
     constexpr bool FOLD_SCALE = M >= 8;
-    const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    // KSPLIT > 1: the KSPLIT warps of a block share its ROWS rows, warp p taking the 32-chunk
+    // stretches p, p + KSPLIT, ... of K, and their sums meet in shared memory. For short outputs
+    // (N = 4096: 2048 warps, ~16 per SM) this gives the GPU more warps and so more loads in flight.
+    __shared__ float red[KSPLIT > 1 ? 4 : 1][ROWS * M];
+    const int gwarp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int warp = gwarp / KSPLIT, part = gwarp % KSPLIT;
     const int lane = threadIdx.x & 31;
     const int n0 = warp * ROWS;
-    if (n0 >= N) return;
+    if (KSPLIT == 1 && n0 >= N) return;  // (with KSPLIT > 1 every warp must reach the barrier)
 
     float acc[ROWS][M];
 #pragma unroll
@@ -72,7 +79,7 @@ __device__ __forceinline__ void gemv_body(const uint4* __restrict__ qweight, con
     const uint4* xv = reinterpret_cast<const uint4*>(x);  // row m, chunk c, part j: xv[(m*C + c)*4 + j]
 
 #pragma unroll 2
-    for (int c = lane; c < C; c += 32) {
+    for (int c = 32 * part + lane; c < C && n0 < N; c += 32 * KSPLIT) {
         const int g = c / chunks_per_group;
         uint4 wq[ROWS];
         __half2 bias[ROWS];
@@ -148,20 +155,42 @@ __device__ __forceinline__ void gemv_body(const uint4* __restrict__ qweight, con
 #pragma unroll
             for (int off = 16; off > 0; off >>= 1) v[r] += __shfl_xor_sync(0xffffffffu, v[r], off);
         }
-        if (lane == 0) store_rows<ROWS>(y, ldy, m, n0, N, v, act);
+        if (KSPLIT == 1) {
+            if (lane == 0) store_rows<ROWS>(y, ldy, m, n0, N, v, act);
+        } else if (lane == 0) {
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) red[(threadIdx.x >> 5)][r * M + m] = v[r];
+        }
+    }
+    if (KSPLIT > 1) {
+        __syncthreads();
+        if (part == 0 && lane == 0 && n0 < N) {
+#pragma unroll
+            for (int m = 0; m < M; ++m) {
+                float v[ROWS];
+#pragma unroll
+                for (int r = 0; r < ROWS; ++r) {
+                    v[r] = 0.f;
+#pragma unroll
+                    for (int p = 0; p < KSPLIT; ++p) v[r] += red[(threadIdx.x >> 5) + p][r * M + m];  // in order
+                }
+                store_rows<ROWS>(y, ldy, m, n0, N, v, act);
+            }
+        }
     }
 }
 
 // One entry point per (M, ROWS) pair the launcher uses; extern "C" keeps the names plain for
 // cupy.RawModule.
-#define W4A16_KERNEL(M, ROWS)                                                                          \
-    extern "C" __global__ void __launch_bounds__(128)                                                  \
-        w4a16_gemv_m##M##_r##ROWS(const uint4* __restrict__ qweight, const __half* __restrict__ scales, \
-                                  const uint8_t* __restrict__ zeros, const __half* __restrict__ x,       \
-                                  __half* __restrict__ y, int ldy, int N, int C, int ngroups,           \
-                                  int chunks_per_group, int act) {                                     \
-        gemv_body<M, ROWS>(qweight, scales, zeros, x, y, ldy, N, C, ngroups, chunks_per_group, act);   \
+#define W4A16_KERNEL_K(M, ROWS, KSPLIT, NAME)                                                                 \
+    extern "C" __global__ void __launch_bounds__(128)                                                         \
+        NAME(const uint4* __restrict__ qweight, const __half* __restrict__ scales,                            \
+             const uint8_t* __restrict__ zeros, const __half* __restrict__ x, __half* __restrict__ y, int ldy, \
+             int N, int C, int ngroups, int chunks_per_group, int act) {                                      \
+        gemv_body<M, ROWS, KSPLIT>(qweight, scales, zeros, x, y, ldy, N, C, ngroups, chunks_per_group, act);  \
     }
+#define W4A16_KERNEL(M, ROWS) W4A16_KERNEL_K(M, ROWS, 1, w4a16_gemv_m##M##_r##ROWS)
+#define W4A16_KERNEL_SPLIT(M, ROWS, KSPLIT) W4A16_KERNEL_K(M, ROWS, KSPLIT, w4a16_gemv_m##M##_r##ROWS##_k##KSPLIT)
 
 W4A16_KERNEL(1, 1)
 W4A16_KERNEL(1, 2)
@@ -174,3 +203,7 @@ W4A16_KERNEL(8, 2)
 W4A16_KERNEL(8, 4)
 W4A16_KERNEL(16, 2)
 W4A16_KERNEL(16, 4)
+W4A16_KERNEL_SPLIT(1, 2, 2)
+W4A16_KERNEL_SPLIT(1, 2, 4)
+W4A16_KERNEL_SPLIT(1, 1, 2)
+W4A16_KERNEL_SPLIT(1, 1, 4)

@@ -59,6 +59,23 @@ def test_w4a16_matches_numpy(n, k, m, group, sym, act_order, variant, seed):
     check(cp.asnumpy(res), reference(x, qt), x, qt)
 
 
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 300), k=st.integers(8, 2000), group=st.sampled_from([32, 128]), sym=st.booleans(),
+       rows=st.sampled_from([1, 2]), ksplit=st.sampled_from([2, 4]), seed=st.integers(0, 2**31))
+def test_w4a16_split_k_matches_numpy(n, k, group, sym, rows, ksplit, seed):
+    """Batch 1 with each row's K split among 2 or 4 warps (their sums meet in shared memory)."""
+    import cupy as cp
+
+    from minillm.gpu.w4a16 import W4A16Weight, w4a16_matmul
+
+    rng = np.random.default_rng(seed)
+    qt = quantize_rtn(rng.normal(size=(n, k)).astype(np.float32), QuantSpec(4, "group", group, sym))
+    x = rng.normal(size=(1, k)).astype(np.float16)
+    out = cp.full((1, n), cp.nan, dtype=cp.float16)
+    res = w4a16_matmul(cp.asarray(x), W4A16Weight.upload(qt), out=out, rows=rows, ksplit=ksplit)
+    check(cp.asnumpy(res), reference(x, qt), x, qt)
+
+
 @pytest.mark.parametrize("k, n", [(4096, 4096), (11008, 4096), (576, 1536)])
 @pytest.mark.parametrize("m", [1, 3, 16])
 def test_w4a16_real_shapes(k, n, m):

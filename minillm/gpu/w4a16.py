@@ -25,10 +25,10 @@ MMA_MIN_ROWS = 2  # from this batch on the tensor-core kernel is faster (bench/g
 _MMA_WARPS = 8  # WARPS in w4a16_mma.cu
 
 
-def kernel(m: int, rows: int):
+def kernel(m: int, rows: int, ksplit: int = 1):
     from .kernels import fn  # noqa: PLC0415 - the handle is cached there
 
-    return fn("w4a16_gemv", f"w4a16_gemv_m{m}_r{rows}")
+    return fn("w4a16_gemv", f"w4a16_gemv_m{m}_r{rows}" + (f"_k{ksplit}" if ksplit > 1 else ""))
 
 
 class W4A16Weight:
@@ -73,23 +73,34 @@ class W4A16Weight:
 
 
 def _launch(x_pad, w: W4A16Weight, y, m_kernel: int, rows: int | None = None, act: int = -1,
-            tiles: int | None = None):
+            tiles: int | None = None, ksplit: int | None = None):
     """y[:m_kernel] = x_pad W^T (y's rows may be longer than N: its row stride is y.shape[1]); with
     act >= 0 W's rows are (gate, up) pairs and y gets act(gate) * up (cuda_kernels/common.cuh).
     rows: rows per warp of the GEMV kernel; tiles: 16-row tiles per block of the tensor-core kernel
-    (0 forces the GEMV kernel); None picks."""
+    (0 forces the GEMV kernel); ksplit: warps sharing each row's K at one row of x; None picks."""
     if tiles is None and rows is None and m_kernel >= MMA_MIN_ROWS:
         tiles = _mma_tiles(w.n, m_kernel)
     if tiles:
         return _launch_mma(x_pad, w, y, m_kernel, tiles, act)
     if rows is None:
         rows = _INSTANCES[m_kernel]
-    warps = -(-w.n // rows)
+    if ksplit is None:
+        ksplit = _ksplit(w, rows) if m_kernel == 1 else 1
+    warps = -(-w.n // rows) * ksplit
     blocks = -(-warps // (_THREADS // 32))
     zeros = w.zeros if w.zeros is not None else 0  # a null pointer for symmetric weights
-    kernel(m_kernel, rows)((blocks,), (_THREADS,), (
+    kernel(m_kernel, rows, ksplit)((blocks,), (_THREADS,), (
         w.qweight, w.scales, zeros, x_pad, y, np.int32(y.shape[1]),
         np.int32(w.n), np.int32(w.chunks), np.int32(w.scales.shape[1]), np.int32(w.group_size // 32), np.int32(act)))
+
+
+def _ksplit(w: W4A16Weight, rows: int) -> int:
+    """Warps sharing a row's K at batch 1: two for long rows (K >= 8192) when there are few warps
+    (< 16 per SM): H100, 11008x4096 14.1-14.2 us vs 15.2; 8192x28672 (14336 warps) and K = 4096
+    level or slower (bench/gpu_kernels.py --batches 1, bench/NOTES.md)."""
+    from .kernels import sm_count  # noqa: PLC0415
+
+    return 2 if w.chunks >= 256 and -(-w.n // rows) < 16 * sm_count() else 1
 
 
 def _mma_tiles(n: int, m: int) -> int:
@@ -111,9 +122,10 @@ def _launch_mma(x_pad, w: W4A16Weight, y, m: int, tiles: int, act: int):
         np.int32(w.n), np.int32(w.chunks), np.int32(w.scales.shape[1]), np.int32(w.group_size // 32), np.int32(act)))
 
 
-def w4a16_matmul(x, w: W4A16Weight, out=None, rows: int | None = None, tiles: int | None = None):
-    """y = x W^T.  x: fp16 [M, K] (cupy) -> fp16 [M, N]. `rows` / `tiles` override the kernel's
-    choice (see _launch)."""
+def w4a16_matmul(x, w: W4A16Weight, out=None, rows: int | None = None, tiles: int | None = None,
+                 ksplit: int | None = None):
+    """y = x W^T.  x: fp16 [M, K] (cupy) -> fp16 [M, N]. `rows` / `tiles` / `ksplit` override the
+    kernel's choice (see _launch)."""
     cp = get_xp("cuda")
     m, k = x.shape
     if k != w.k:
@@ -130,7 +142,7 @@ def w4a16_matmul(x, w: W4A16Weight, out=None, rows: int | None = None, tiles: in
     else:
         x_pad = x
     y = cp.empty((m_kernel, w.n), dtype=cp.float16) if out is None or m_kernel != m else out
-    _launch(x_pad, w, y, m_kernel, rows, tiles=tiles)
+    _launch(x_pad, w, y, m_kernel, rows, tiles=tiles, ksplit=ksplit)
     return y[:m] if m_kernel != m else y
 
 

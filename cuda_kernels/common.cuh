@@ -108,3 +108,71 @@ __device__ __forceinline__ void mma_m16n8k16(float* d, uint32_t a0, uint32_t a1,
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
+
+// ------------------------------------------------------------------------------------------------
+// RMSNorm carried by the products around it (the batch-1 decode step; minillm/gpu/engine.py)
+// ------------------------------------------------------------------------------------------------
+// RMSNorm scales a row by one number: W (h * w / rms(h)) = (W (h * w)) / rms(h). So the product
+// that makes a residual branch (o_proj, down_proj) adds its output into h itself, writes the next
+// product's input u = h * w * 2^-k (fp16; 2^k >= max |w|, so |u| <= |h|) and each block's sum of
+// h^2; the next product multiplies its fp32 sums by 2^k / sqrt(sum h^2 / D + eps) before rounding.
+// No norm kernel is launched and h is read once: a separate add_rmsnorm was 6 us (ncu) for 16 KB,
+// 13% of a 7B W4 step. A struct in device memory (minillm/gpu/kernels.py norm_io builds it).
+struct NormIO {
+    const float* in_ss;  // consumer: the producer's per-block sums of h^2 (null: x is normalised)
+    float* h;            // producer: the fp32 residual stream, row 0 (null: y is no residual branch)
+    const float* w;      // producer: the next norm's weight
+    __half* u;           // producer: the next product's input, row 0
+    float* out_ss;       // producer: one sum of h^2 per block
+    int in_blocks, D;    // consumer: partial sums to add; the row length
+    float eps, in_scale, out_scale;  // consumer: eps, 2^k; producer: 2^-k
+};
+
+// Consumer: the factor for this product's outputs (1 without a NormIO). Every warp adds the same
+// partial sums in the same order, so the factor is the same everywhere and from run to run.
+__device__ __forceinline__ float norm_in_scale(const NormIO* __restrict__ p) {
+    if (p == nullptr || p->in_ss == nullptr) return 1.0f;
+    float s = 0.0f;
+    for (int i = threadIdx.x & 31; i < p->in_blocks; i += 32) s += p->in_ss[i];
+    s = warp_sum(s);
+    return p->in_scale * rsqrtf(s / p->D + p->eps);
+}
+
+// store_rows for lane 0, with the consumer's factor applied first; for a producer (row m = 0 only:
+// batch 1), also h += y (y rounded to fp16 as the unfused path stores it), u = h * w * 2^-k, and the
+// returned sum of the new h^2 over these outputs.
+template <int ROWS>
+__device__ __forceinline__ float store_rows_normed(__half* y, int ldy, int m, int n0, int N, float* v, int act,
+                                                   const NormIO* __restrict__ p, float scale) {
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) v[r] *= scale;
+    store_rows<ROWS>(y, ldy, m, n0, N, v, act);
+    float s = 0.0f;
+    if (p != nullptr && p->h != nullptr && m == 0) {
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            const int n = n0 + r;
+            if (n < N) {
+                const float hn = p->h[n] + __half2float(__float2half_rn(v[r]));
+                p->h[n] = hn;
+                p->u[n] = __float2half_rn(hn * p->w[n] * p->out_scale);
+                s += hn * hn;
+            }
+        }
+    }
+    return s;
+}
+
+// Producer: the block's sum of h^2 (lane 0 of each warp holds its part), added in warp order and
+// written to out_ss[block]. Every thread of the block must call it (a barrier inside).
+__device__ __forceinline__ void norm_block_sum(const NormIO* __restrict__ p, float s) {
+    if (p == nullptr || p->h == nullptr) return;
+    __shared__ float part[32];
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = s;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float t = 0.0f;
+        for (int w = 0; w < (int)(blockDim.x >> 5); ++w) t += part[w];
+        p->out_ss[blockIdx.x] = t;
+    }
+}

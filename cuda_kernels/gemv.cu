@@ -86,17 +86,18 @@ struct I8Chunk {  // 16 int8 codes, with the group's scale and zero point (128 w
 
 template <int M, int ROWS, class Chunk>
 __device__ __forceinline__ void gemv_body(const uint4* __restrict__ w, Chunk chunk, const __half* __restrict__ x,
-                                          int ldx, __half* __restrict__ y, int ldy, int N, int C, int act) {
+                                          int ldx, __half* __restrict__ y, int ldy, int N, int C, int act,
+                                          const NormIO* __restrict__ nio) {
     const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
-    const int n0 = warp * ROWS;
-    if (n0 >= N) return;
+    const int n0 = warp * ROWS;  // warps past N load nothing and store nothing, but reach the barrier
+    const float scale = norm_in_scale(nio);
     float acc[M][ROWS];
 #pragma unroll
     for (int m = 0; m < M; m++)
 #pragma unroll
         for (int rr = 0; rr < ROWS; rr++) acc[m][rr] = 0.0f;
 
-    for (int c0 = lane; c0 < C; c0 += 32 * UNROLL) {
+    for (int c0 = lane; c0 < C && n0 < N; c0 += 32 * UNROLL) {
         uint4 wr[UNROLL][ROWS];
 #pragma unroll
         for (int u = 0; u < UNROLL; u++) {
@@ -112,25 +113,29 @@ __device__ __forceinline__ void gemv_body(const uint4* __restrict__ w, Chunk chu
             chunk.template add<M, ROWS>(acc, wr[u], c, n0, N, x, ldx);
         }
     }
+    float ss = 0.0f;
 #pragma unroll
     for (int m = 0; m < M; m++) {
         float v[ROWS];
 #pragma unroll
         for (int rr = 0; rr < ROWS; rr++) v[rr] = warp_sum(acc[m][rr]);
-        if (lane == 0) store_rows<ROWS>(y, ldy, m, n0, N, v, act);
+        if (lane == 0) ss += store_rows_normed<ROWS>(y, ldy, m, n0, N, v, act, nio, scale);
     }
+    norm_block_sum(nio, ss);
 }
 
 #define GEMV_F16(M, ROWS)                                                                                  \
     extern "C" __global__ void __launch_bounds__(128) gemv_f16_m##M##_r##ROWS(                             \
-        const uint4* w, const __half* x, int ldx, __half* y, int ldy, int N, int C, int act) {             \
-        gemv_body<M, ROWS>(w, F16Chunk{}, x, ldx, y, ldy, N, C, act);                                      \
+        const uint4* w, const __half* x, int ldx, __half* y, int ldy, int N, int C, int act,               \
+        const NormIO* nio) {                                                                               \
+        gemv_body<M, ROWS>(w, F16Chunk{}, x, ldx, y, ldy, N, C, act, nio);                                 \
     }
 #define GEMV_I8(M, ROWS)                                                                                   \
     extern "C" __global__ void __launch_bounds__(128) gemv_i8_m##M##_r##ROWS(                              \
         const uint4* codes, const __half* scales, const uint8_t* zeros, const __half* x, int ldx, __half* y, \
-        int ldy, int N, int C, int ngroups, int chunks_per_group, int act) {                               \
-        gemv_body<M, ROWS>(codes, I8Chunk{scales, zeros, ngroups, chunks_per_group}, x, ldx, y, ldy, N, C, act); \
+        int ldy, int N, int C, int ngroups, int chunks_per_group, int act, const NormIO* nio) {            \
+        gemv_body<M, ROWS>(codes, I8Chunk{scales, zeros, ngroups, chunks_per_group}, x, ldx, y, ldy, N, C, act, \
+                           nio);                                                                           \
     }
 
 GEMV_F16(1, 2)

@@ -55,7 +55,7 @@ template <int M, int ROWS, int KSPLIT>
 __device__ __forceinline__ void gemv_body(const uint4* __restrict__ qweight, const __half* __restrict__ scales,
                                           const uint8_t* __restrict__ zeros, const __half* __restrict__ x,
                                           __half* __restrict__ y, int ldy, int N, int C, int ngroups,
-                                          int chunks_per_group, int act) {
+                                          int chunks_per_group, int act, const NormIO* __restrict__ nio) {
     // Small batches keep the group's scale out of the inner loop (one multiply per chunk); large
     // ones fold it into the dequantized weight once, which is then reused by all M rows of x and
     // saves M x ROWS partial sums of registers.
@@ -67,8 +67,8 @@ __device__ __forceinline__ void gemv_body(const uint4* __restrict__ qweight, con
     const int gwarp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int warp = gwarp / KSPLIT, part = gwarp % KSPLIT;
     const int lane = threadIdx.x & 31;
-    const int n0 = warp * ROWS;
-    if (KSPLIT == 1 && n0 >= N) return;  // (with KSPLIT > 1 every warp must reach the barrier)
+    const int n0 = warp * ROWS;  // warps past N load nothing and store nothing, but reach the barriers
+    const float scale = norm_in_scale(nio);
 
     float acc[ROWS][M];
 #pragma unroll
@@ -146,6 +146,7 @@ __device__ __forceinline__ void gemv_body(const uint4* __restrict__ qweight, con
     // ---------------------------------------------------------------------------------------------
     // Reduction across the warp
     // ---------------------------------------------------------------------------------------------
+    float ss = 0.0f;  // a producer's sum of h^2 over this warp's outputs (common.cuh NormIO)
 #pragma unroll
     for (int m = 0; m < M; ++m) {
         float v[ROWS];
@@ -156,7 +157,7 @@ __device__ __forceinline__ void gemv_body(const uint4* __restrict__ qweight, con
             for (int off = 16; off > 0; off >>= 1) v[r] += __shfl_xor_sync(0xffffffffu, v[r], off);
         }
         if (KSPLIT == 1) {
-            if (lane == 0) store_rows<ROWS>(y, ldy, m, n0, N, v, act);
+            if (lane == 0) ss += store_rows_normed<ROWS>(y, ldy, m, n0, N, v, act, nio, scale);
         } else if (lane == 0) {
 #pragma unroll
             for (int r = 0; r < ROWS; ++r) red[(threadIdx.x >> 5)][r * M + m] = v[r];
@@ -174,10 +175,11 @@ __device__ __forceinline__ void gemv_body(const uint4* __restrict__ qweight, con
 #pragma unroll
                     for (int p = 0; p < KSPLIT; ++p) v[r] += red[(threadIdx.x >> 5) + p][r * M + m];  // in order
                 }
-                store_rows<ROWS>(y, ldy, m, n0, N, v, act);
+                ss += store_rows_normed<ROWS>(y, ldy, m, n0, N, v, act, nio, scale);
             }
         }
     }
+    norm_block_sum(nio, ss);
 }
 
 // One entry point per (M, ROWS) pair the launcher uses; extern "C" keeps the names plain for
@@ -186,8 +188,9 @@ __device__ __forceinline__ void gemv_body(const uint4* __restrict__ qweight, con
     extern "C" __global__ void __launch_bounds__(128)                                                         \
         NAME(const uint4* __restrict__ qweight, const __half* __restrict__ scales,                            \
              const uint8_t* __restrict__ zeros, const __half* __restrict__ x, __half* __restrict__ y, int ldy, \
-             int N, int C, int ngroups, int chunks_per_group, int act) {                                      \
-        gemv_body<M, ROWS, KSPLIT>(qweight, scales, zeros, x, y, ldy, N, C, ngroups, chunks_per_group, act);  \
+             int N, int C, int ngroups, int chunks_per_group, int act, const NormIO* nio) {                   \
+        gemv_body<M, ROWS, KSPLIT>(qweight, scales, zeros, x, y, ldy, N, C, ngroups, chunks_per_group, act,   \
+                                   nio);                                                                      \
     }
 #define W4A16_KERNEL(M, ROWS) W4A16_KERNEL_K(M, ROWS, 1, w4a16_gemv_m##M##_r##ROWS)
 #define W4A16_KERNEL_SPLIT(M, ROWS, KSPLIT) W4A16_KERNEL_K(M, ROWS, KSPLIT, w4a16_gemv_m##M##_r##ROWS##_k##KSPLIT)

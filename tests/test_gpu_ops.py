@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from minillm.attention import attention
@@ -39,6 +39,7 @@ class LinearScratch:
         import cupy as cp
 
         self.x_perm = cp.zeros((rows, ld), cp.float16)
+        self.norm_partials = cp.zeros(2 * ld, cp.float32)
 
     @staticmethod
     def weight(n, k):
@@ -70,6 +71,65 @@ def test_add_rmsnorm(rows, d, with_delta, seed):
     np.testing.assert_allclose(cp.asnumpy(hd), href, rtol=1e-6, atol=1e-6)
     got = cp.asnumpy(out[:, :d]).astype(np.float64)
     assert np.all(np.abs(got - ref) <= fp16_bound(ref) + 1e-5 * np.abs(ref).max())
+
+
+def _linear(kind, w):
+    from minillm.gpu.linear import GpuLinear
+
+    spec = {"w8": QuantSpec(8, "group", 16), "w4": QuantSpec(4, "group", 32)}
+    return GpuLinear.from_host([quantize_rtn(w, spec[kind]) if kind in spec else w])
+
+
+@settings(max_examples=EXAMPLES or 30, deadline=None)
+@given(producer=st.sampled_from(["fp16", "w8", "w4"]), consumer=st.sampled_from(["fp16", "w8", "w4"]),
+       d=st.integers(1, 600), k=st.integers(1, 300), n=st.integers(1, 300), big_w=st.booleans(),
+       act=st.booleans(), seed=st.integers(0, 2**31))
+def test_norm_carried_between_products(producer, consumer, d, k, n, big_w, act, seed):
+    """Batch 1: a product adds its output into h and leaves h * w (common.cuh NormIO), the next one
+    scales its sums by 1 / rms(h): the same as add_rmsnorm between them, within the fp16 rounding
+    of the input either way."""
+    import cupy as cp
+
+    from minillm.gpu import kernels as K
+
+    rng = np.random.default_rng(seed)
+    wp = rng.normal(size=(d, k)).astype(np.float32)
+    n = 2 * n if act else n  # a gate/up pair per output
+    wc = rng.normal(size=(n, d)).astype(np.float32)
+    lp, lc = _linear(producer, wp), _linear(consumer, wc)
+    scratch = LinearScratch(1, K.round_up(max(d, k), 32))
+    x = cp.zeros((1, K.round_up(k, 32)), cp.float16)
+    x[0, :k] = cp.asarray(rng.normal(size=k).astype(np.float16))
+    h0 = (rng.normal(size=(1, d)) * 3).astype(np.float32)
+    w = (rng.normal(size=d) * (8 if big_w else 1)).astype(np.float32)  # big: u = h w 2^-k, k > 0
+    h, wd = cp.asarray(h0), cp.asarray(w)
+    y = poisoned(cp, (1, d), cp.float16)
+    u = cp.zeros((1, K.round_up(d, 32)), cp.float16)
+    z = poisoned(cp, (1, n // 2 if act else n), cp.float16)
+    rec = lp(x, y, 1, scratch, norm=(h, wd, u, 1e-5), carry=True)
+    assert rec is not None
+    lc(u, z, 1, scratch, act="silu" if act else None, gu=cp.zeros((1, n), cp.float16), normed=rec)
+
+    href = h0 + cp.asnumpy(y).astype(np.float32)
+    np.testing.assert_allclose(cp.asnumpy(h), href, rtol=1e-6, atol=1e-6)
+    xn = (href / np.sqrt((href.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-5) * w)[0]
+    wq = np.asarray(quantize_rtn(wc, {"w8": QuantSpec(8, "group", 16), "w4": QuantSpec(4, "group", 32)}[consumer])
+                    .dequantize() if consumer != "fp16" else wc.astype(np.float16), np.float64)
+    pre = wq @ xn
+    # Relative 2^-11 each: u (fp16 of h w 2^-k) against xn, the weights' fp16 scales on the GPU
+    # against the reference's float ones, and the output's own rounding (below): |W| |xn| 2^-9.
+    slack = np.abs(wq) @ np.abs(xn) * 2.0**-9 + 1e-3
+    if act:
+        g, up = pre[0::2], pre[1::2]
+        ref = g / (1 + np.exp(-np.clip(g, -80, 80))) * up
+        # d(silu(g) up) = (silu'(g) up) dg + silu(g) dup, with |silu'| <= 1.1
+        bound = 1.1 * np.abs(up) * slack[0::2] + np.abs(g) * slack[1::2] + slack[0::2] * slack[1::2]
+    else:
+        ref, bound = pre, slack
+    assume(np.abs(ref).max() < 6e4)  # beyond fp16's range either path overflows
+    got = cp.asnumpy(z[0]).astype(np.float64)
+    err = np.abs(got - ref) - bound - fp16_bound(ref)
+    assert np.all(err <= 0), (err.max(), got[err.argmax()], ref[err.argmax()], bound[err.argmax()])
 
 
 def rope_tables(length, rot, base=10000.0):

@@ -1,15 +1,18 @@
 """The decoder on the GPU: the forward pass of model.py with every step a CUDA kernel of our own, and the
 batch-1 decode step captured once as a CUDA graph.
 
-    h        = E[tok] * embedding_scale                                       embed_rows
+    h        = E[tok] * embedding_scale;  x = RMSNorm(h)                      embed_rows, add_rmsnorm
     per layer:
-      x      = RMSNorm(h += delta)                                            add_rmsnorm (fused residual)
       qkv    = x [Wq; Wk; Wv]^T                                               one fused product
       q, K, V= RoPE(q), RoPE(k) -> cache, v -> cache (quantized on append)    rope_append
       a      = Attention(q, K[:len], V[:len])                                 decode_attention (split-K)
-      delta  = a Wo^T;   x = RMSNorm(h += delta)                              add_rmsnorm
-      delta  = (act(x Wg^T) * x Wu^T) Wd^T                                    gate/up + act fused, down
-    logits   = RMSNorm(h += delta) Wlm^T;  next token = argmax / sample       next_token
+      delta  = a Wo^T;   x = RMSNorm(h += delta)                              o, add_rmsnorm (fused residual)
+      delta  = (act(x Wg^T) * x Wu^T) Wd^T;  x = RMSNorm(h += delta)          gate/up + act fused, down, add_rmsnorm
+    logits   = x Wlm^T;  next token = argmax / sample                         next_token
+
+The batch-1 decode step launches no add_rmsnorm after the first: RMSNorm multiplies a row by one
+number, so o and down add their output into h and write h * w, and the next product multiplies its
+sums by 1 / rms(h) (cuda_kernels/common.cuh, NormIO).
 
 It reads the same ModelConfig as the NumPy reference (model.py) and the same checkpoints; its
 activations are fp16 with fp32 accumulation and an fp32 residual stream, so it matches the reference
@@ -64,6 +67,7 @@ class Buffers:
         self.gu = z16(rp, 2 * f)
         self.act = z16(rp, K.round_up(f, 32))
         self.logits = z16(rp, cfg.vocab_size)
+        self.norm_partials = cp.zeros(2 * d, cp.float32)  # a block's sum of h^2 each (GpuLinear norm=)
         self._parts = {}
 
     def parts(self, plan, rows, cfg):
@@ -196,18 +200,24 @@ class GpuModel:
 
     # -- forward ----------------------------------------------------------------------------------
 
-    def _layers(self, buf: Buffers, cache: GpuKVCache, rows: int, t: int, prefill_attention: bool):
-        """Every layer over `rows` rows (t new tokens per batch row), leaving RMSNorm(h) in buf.x."""
+    def _layers(self, buf: Buffers, cache: GpuKVCache, rows: int, t: int, prefill_attention: bool,
+                carry_norm: bool = False):
+        """Every layer over `rows` rows (t new tokens per batch row), leaving RMSNorm(h) in buf.x.
+        carry_norm (one row: the batch-1 decode step): each residual branch's product does the
+        residual add and leaves h * w in buf.x, and the next product scales its sums by 1 / rms(h)
+        (GpuLinear norm=, carry=); the return value is then what the LM head must be called with
+        (normed=), else None."""
         c = self.config
+        carry = carry_norm and rows == 1 and os.environ.get("MINILLM_CARRY_NORM", "1") != "0"
         eps = c.rms_norm_eps
         cos, sin = self.rope_tables(cache.max_len)
         plan = K.attention_plan(c, cache.max_len, rows)
         parts = buf.parts(plan, buf.q.shape[0], c)
         K.embed_rows(buf.tok, self.embed, buf.h, rows, c.embedding_scale)
-        delta = None
+        K.add_rmsnorm(buf.h, None, self.layers[0].attn_norm, buf.x, rows, eps)
+        normed = None  # with carry: the scale record for the product that reads buf.x next
         for i, layer in enumerate(self.layers):
-            K.add_rmsnorm(buf.h, delta, layer.attn_norm, buf.x, rows, eps)
-            layer.qkv(buf.x, buf.qkv, rows, buf)
+            layer.qkv(buf.x, buf.qkv, rows, buf, normed=normed)
             K.rope_append(buf.qkv, buf.q, layer.q_norm, layer.k_norm, eps, cos, sin, cache.pos, rows, t, c,
                           cache.layer(i))
             if cache.kind == "int4":
@@ -218,12 +228,12 @@ class GpuModel:
                 self._prefill_attention(buf, cache, i, rows, t, layer.window)
             else:
                 K.decode_attention(buf.q, cache.layer(i), cache.pos, rows, t, c, layer.window, parts, buf.attn, plan)
-            layer.o(buf.attn, buf.delta, rows, buf)
-            K.add_rmsnorm(buf.h, buf.delta, layer.mlp_norm, buf.x, rows, eps)
-            layer.gate_up(buf.x, buf.act, rows, buf, act=c.activation, gu=buf.gu)
-            layer.down(buf.act, buf.delta, rows, buf)
-            delta = buf.delta
-        K.add_rmsnorm(buf.h, delta, self.final_norm, buf.x, rows, eps)
+            # Each residual branch's product ends with h += delta and the next sublayer's norm.
+            normed = layer.o(buf.attn, buf.delta, rows, buf, norm=(buf.h, layer.mlp_norm, buf.x, eps), carry=carry)
+            layer.gate_up(buf.x, buf.act, rows, buf, act=c.activation, gu=buf.gu, normed=normed)
+            after = self.layers[i + 1].attn_norm if i + 1 < len(self.layers) else self.final_norm
+            normed = layer.down(buf.act, buf.delta, rows, buf, norm=(buf.h, after, buf.x, eps), carry=carry)
+        return normed
 
     def _prefill_attention(self, buf: Buffers, cache: GpuKVCache, layer: int, rows: int, t: int, window):
         """Causal attention of a long prompt with cuBLAS: scores for a group of heads at a time in
@@ -303,8 +313,8 @@ class GpuModel:
 
     def _decode_body(self, buf: Buffers, cache: GpuKVCache, temperature: float, seed: int):
         b = cache.batch
-        self._layers(buf, cache, b, 1, False)
-        self.lm_head(buf.x, buf.logits, b, buf)
+        normed = self._layers(buf, cache, b, 1, False, carry_norm=True)
+        self.lm_head(buf.x, buf.logits, b, buf, normed=normed)
         K.next_token(buf.logits, b, self.config.vocab_size, buf.tok, cache.pos, temperature, seed)
 
     def decode_next(self, tokens, cache: GpuKVCache, temperature: float = 0.0, seed: int = 0):

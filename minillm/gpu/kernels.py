@@ -67,6 +67,53 @@ def add_rmsnorm(h, delta, weight, out, rows: int, eps: float):
         weight, out, i32(out.shape[1]), i32(d), np.float32(eps)))
 
 
+# common.cuh's NormIO, field by field in its layout (five pointers, two ints, three floats, padded).
+_NORM_IO = np.dtype({"names": ["in_ss", "h", "w", "u", "out_ss", "in_blocks", "D", "eps", "in_scale", "out_scale"],
+                     "formats": [np.uint64] * 5 + [np.int32] * 2 + [np.float32] * 3,
+                     "offsets": [0, 8, 16, 24, 32, 40, 44, 48, 52, 56], "itemsize": 64})
+_records: dict = {}
+
+
+def _record(key, **fields):
+    """A NormIO in device memory, one per distinct set of fields, kept for the process's life: a
+    captured graph holds its address, and the upload must happen before the capture (the decode
+    step's first run is eager). A reused buffer address gets the same, still correct, record."""
+    if key not in _records:
+        rec = np.zeros(1, _NORM_IO)
+        for name, value in fields.items():
+            rec[name] = value
+        _records[key] = get_xp("cuda").asarray(rec.view(np.uint8))
+    return _records[key]
+
+
+_exponents: dict = {}
+
+
+def _norm_exponent(weight) -> int:
+    """k with 2^k >= max |w| (k >= 0): u = h * w * 2^-k is then no larger than h in fp16. (Read
+    from the device once per weight, on the eager first step, before any capture.)"""
+    key = (weight.data.ptr, weight.size)
+    if key not in _exponents:
+        top = float(get_xp("cuda").abs(weight).max()) if weight.size else 0.0
+        _exponents[key] = max(0, math.ceil(math.log2(top))) if top > 0 else 0
+    return _exponents[key]
+
+
+def norm_producer(h, weight, u, partials):
+    """For a product whose output is a residual branch, at batch 1: it adds its output into h, writes
+    u = h * weight * 2^-k and per-block sums of h^2 into partials (common.cuh, NormIO). Returns the
+    record and k."""
+    k = _norm_exponent(weight)
+    return _record(("out", h.data.ptr, weight.data.ptr, u.data.ptr, partials.data.ptr), h=h.data.ptr,
+                   w=weight.data.ptr, u=u.data.ptr, out_ss=partials.data.ptr, out_scale=2.0**-k), k
+
+
+def norm_consumer(partials, blocks: int, d: int, eps: float, k: int):
+    """For the product that reads u: scale its sums by 2^k / sqrt(sum of the partials / d + eps)."""
+    return _record(("in", partials.data.ptr, blocks, d, float(eps), k), in_ss=partials.data.ptr, in_blocks=blocks,
+                   D=d, eps=eps, in_scale=2.0**k)
+
+
 def add_bias(y, bias, rows: int):
     n = bias.shape[0]
     fn("decode_ops", "add_bias")((min(-(-n // 256), 1024), rows), (256,), (y, i32(y.shape[1]), bias, i32(n)))
@@ -220,23 +267,26 @@ def _attention_mma(fmt: str, q, arrays, pos, rows, t, cfg, max_len, group, windo
 ACT_CODES = {"silu": 0, "gelu_tanh": 1}
 
 
-def gemv_f16(w, x, y, m: int, n: int, act: int = -1):
+def gemv_f16(w, x, y, m: int, n: int, act: int = -1, nio=None) -> int:
     """y[:m, :n] = x[:m] @ w.T for fp16 w [n, 8C] (m a compiled batch size); act >= 0: w's rows are
-    (gate, up) pairs and y[:m, :n/2] = act(gate) * up."""
+    (gate, up) pairs and y[:m, :n/2] = act(gate) * up; nio: a NormIO record (m = 1). Returns the
+    number of blocks launched."""
     rows = _GEMV_ROWS[m]
-    warps = -(-n // rows)
+    blocks = -(-(-(-n // rows)) // 4)
     c = w.shape[1] // 8
-    fn("gemv", f"gemv_f16_m{m}_r{rows}")((-(-warps // 4),), (128,), (
-        w, x, i32(x.shape[1]), y, i32(y.shape[1]), i32(n), i32(c), i32(act)))
+    fn("gemv", f"gemv_f16_m{m}_r{rows}")((blocks,), (128,), (
+        w, x, i32(x.shape[1]), y, i32(y.shape[1]), i32(n), i32(c), i32(act), _ptr(nio)))
+    return blocks
 
 
-def gemv_i8(codes, scales, zeros, group, x, y, m: int, n: int, act: int = -1):
+def gemv_i8(codes, scales, zeros, group, x, y, m: int, n: int, act: int = -1, nio=None) -> int:
     rows = _GEMV_ROWS[m]
-    warps = -(-n // rows)
+    blocks = -(-(-(-n // rows)) // 4)
     c = codes.shape[1] // 16
-    fn("gemv", f"gemv_i8_m{m}_r{rows}")((-(-warps // 4),), (128,), (
+    fn("gemv", f"gemv_i8_m{m}_r{rows}")((blocks,), (128,), (
         codes, scales, zeros if zeros is not None else 0, x, i32(x.shape[1]), y, i32(y.shape[1]), i32(n), i32(c),
-        i32(scales.shape[1]), i32(max(1, group // 16)), i32(act)))
+        i32(scales.shape[1]), i32(max(1, group // 16)), i32(act), _ptr(nio)))
+    return blocks
 
 
 def dequant_w4(qweight, scales, zeros, out, group: int):

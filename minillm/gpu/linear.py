@@ -85,32 +85,50 @@ class GpuLinear:
 
     # -- the product ------------------------------------------------------------------------------
 
-    def __call__(self, x, y, rows: int, scratch, act: str | None = None, gu=None):
+    def __call__(self, x, y, rows: int, scratch, act: str | None = None, gu=None, norm=None, carry: bool = False,
+                 normed=None):
         """y[:rows, :N] = x[:rows, :K] W^T (+ b). With act ("silu" / "gelu_tanh"; W an interleaved
         gate/up pair), y[:rows, :N/2] = act(gate) * up instead, fused into the GEMV when it can be
         (no bias, <= 16 rows), else through the buffer `gu`. `scratch` provides a gather buffer for
-        act-order inputs and the fp16 matrix of the large-batch path (x_perm, weight(n, k))."""
+        act-order inputs, the fp16 matrix of the large-batch path and the norm's partial sums
+        (x_perm, weight(n, k), norm_partials).
+
+        norm = (h, weight, out, eps) when y is a residual branch: then h += y and out = RMSNorm(h) *
+        weight. With carry (one row, no bias), the GEMV does it (common.cuh NormIO): out gets h *
+        weight unnormalised, and the return value is the record the next product must be called
+        with (`normed=`) to scale its sums; otherwise add_rmsnorm runs and None is returned."""
         if self.perm is not None:
             K.gather_cols(x, self.perm, scratch.x_perm, rows)
             x = scratch.x_perm
         fused = act is not None and rows <= 16 and self.bias is None
         out = y if act is None or fused else gu
         code = K.ACT_CODES[act] if fused else -1
+        nio, k = normed, None
+        if norm is not None and carry and rows == 1 and self.bias is None:
+            nio, k = K.norm_producer(norm[0], norm[1], norm[2], scratch.norm_partials)
+        if nio is not None and rows != 1:
+            raise ValueError("a NormIO is for one row (the batch-1 decode step)")
         if rows <= 16:
             m = K.padded_batch(rows)
             if self.kind == "fp16":
-                K.gemv_f16(self.w, x, out, m, self.n, code)
+                blocks = K.gemv_f16(self.w, x, out, m, self.n, code, nio=nio)
             elif self.kind == "w4":
-                launch_w4(x, self.w4, out, m, act=code)
+                blocks = launch_w4(x, self.w4, out, m, act=code, nio=nio)
             else:
                 codes, scales, zeros, group = self.w8
-                K.gemv_i8(codes, scales, zeros, group, x, out, m, self.n, code)
+                blocks = K.gemv_i8(codes, scales, zeros, group, x, out, m, self.n, code, nio=nio)
         else:
             out[:rows, : self.n] = x[:rows, : self._ld] @ self._dense(scratch).T
         if self.bias is not None:
             K.add_bias(out, self.bias, rows)
         if act is not None and not fused:
             K.gated_act(out, y, rows, self.n // 2, act)
+        if norm is None:
+            return None
+        if k is not None:
+            return K.norm_consumer(scratch.norm_partials, blocks, norm[0].shape[1], norm[3], k)
+        K.add_rmsnorm(norm[0], y, norm[1], norm[2], rows, norm[3])
+        return None
 
     @property
     def _ld(self) -> int:

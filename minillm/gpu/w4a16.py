@@ -73,14 +73,17 @@ class W4A16Weight:
 
 
 def _launch(x_pad, w: W4A16Weight, y, m_kernel: int, rows: int | None = None, act: int = -1,
-            tiles: int | None = None, ksplit: int | None = None):
+            tiles: int | None = None, ksplit: int | None = None, nio=None) -> int:
     """y[:m_kernel] = x_pad W^T (y's rows may be longer than N: its row stride is y.shape[1]); with
     act >= 0 W's rows are (gate, up) pairs and y gets act(gate) * up (cuda_kernels/common.cuh).
     rows: rows per warp of the GEMV kernel; tiles: 16-row tiles per block of the tensor-core kernel
-    (0 forces the GEMV kernel); ksplit: warps sharing each row's K at one row of x; None picks."""
+    (0 forces the GEMV kernel); ksplit: warps sharing each row's K at one row of x; None picks.
+    nio: a NormIO record (common.cuh; the GEMV kernel at one row). Returns the blocks launched."""
     if tiles is None and rows is None and m_kernel >= MMA_MIN_ROWS:
         tiles = _mma_tiles(w.n, m_kernel)
     if tiles:
+        if nio is not None:
+            raise MinillmError("the tensor-core kernel carries no norm (one row only)")
         return _launch_mma(x_pad, w, y, m_kernel, tiles, act)
     if rows is None:
         rows = _INSTANCES[m_kernel]
@@ -91,7 +94,9 @@ def _launch(x_pad, w: W4A16Weight, y, m_kernel: int, rows: int | None = None, ac
     zeros = w.zeros if w.zeros is not None else 0  # a null pointer for symmetric weights
     kernel(m_kernel, rows, ksplit)((blocks,), (_THREADS,), (
         w.qweight, w.scales, zeros, x_pad, y, np.int32(y.shape[1]),
-        np.int32(w.n), np.int32(w.chunks), np.int32(w.scales.shape[1]), np.int32(w.group_size // 32), np.int32(act)))
+        np.int32(w.n), np.int32(w.chunks), np.int32(w.scales.shape[1]), np.int32(w.group_size // 32), np.int32(act),
+        nio if nio is not None else 0))
+    return blocks
 
 
 def _ksplit(w: W4A16Weight, rows: int) -> int:
@@ -112,14 +117,16 @@ def _mma_tiles(n: int, m: int) -> int:
     return 2 if m > 8 and n // 32 >= 2 * sm_count() else 1
 
 
-def _launch_mma(x_pad, w: W4A16Weight, y, m: int, tiles: int, act: int):
+def _launch_mma(x_pad, w: W4A16Weight, y, m: int, tiles: int, act: int) -> int:
     from .kernels import fn  # noqa: PLC0415
 
     f = fn("w4a16_mma", f"w4a16_mma_n{tiles}_m{1 if m <= 8 else 2}")
     zeros = w.zeros if w.zeros is not None else 0
-    f((-(-w.n // (16 * tiles)),), (32 * _MMA_WARPS,), (
+    blocks = -(-w.n // (16 * tiles))
+    f((blocks,), (32 * _MMA_WARPS,), (
         w.qweight, w.scales, zeros, x_pad, y, np.int32(y.shape[1]), np.int32(m),
         np.int32(w.n), np.int32(w.chunks), np.int32(w.scales.shape[1]), np.int32(w.group_size // 32), np.int32(act)))
+    return blocks
 
 
 def w4a16_matmul(x, w: W4A16Weight, out=None, rows: int | None = None, tiles: int | None = None,

@@ -85,10 +85,10 @@ def _launch(x_pad, w: W4A16Weight, y, m_kernel: int, rows: int | None = None, ac
         if nio is not None:
             raise MinillmError("the tensor-core kernel carries no norm (one row only)")
         return _launch_mma(x_pad, w, y, m_kernel, tiles, act)
+    if ksplit is None:  # split K only for the default instance (the split ones are compiled for it)
+        ksplit = _ksplit(w, _INSTANCES[m_kernel]) if m_kernel == 1 and rows is None else 1
     if rows is None:
         rows = _INSTANCES[m_kernel]
-    if ksplit is None:
-        ksplit = _ksplit(w, rows) if m_kernel == 1 else 1
     warps = -(-w.n // rows) * ksplit
     blocks = -(-warps // (_THREADS // 32))
     zeros = w.zeros if w.zeros is not None else 0  # a null pointer for symmetric weights

@@ -147,32 +147,12 @@ __device__ __forceinline__ float norm_in_scale(const NormIO* __restrict__ p) {
     return p->in_scale * rsqrtf(s / p->D + p->eps);
 }
 
-// A producer's lane 0 loads h and w at its outputs when the warp starts, so the epilogue does not
-// wait for them after the product (one L2 latency per warp, at its end).
-template <int ROWS>
-struct ResidualIn {
-    float h[ROWS], w[ROWS];
-};
-
-template <int ROWS>
-__device__ __forceinline__ ResidualIn<ROWS> residual_prefetch(const NormIO* __restrict__ p, int n0, int N) {
-    ResidualIn<ROWS> in;
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
-        const bool load = p != nullptr && p->h != nullptr && (threadIdx.x & 31) == 0 && n0 + r < N;
-        in.h[r] = load ? p->h[n0 + r] : 0.0f;
-        in.w[r] = load ? p->w[n0 + r] : 0.0f;
-    }
-    return in;
-}
-
 // store_rows for lane 0, with the consumer's factor applied first; for a producer (row m = 0 only:
 // batch 1), also h += y (y rounded to fp16 as the unfused path stores it), u = h * w * 2^-k, and the
 // returned sum of the new h^2 over these outputs.
 template <int ROWS>
 __device__ __forceinline__ float store_rows_normed(__half* y, int ldy, int m, int n0, int N, float* v, int act,
-                                                   const NormIO* __restrict__ p, float scale,
-                                                   const ResidualIn<ROWS>& in) {
+                                                   const NormIO* __restrict__ p, float scale) {
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) v[r] *= scale;
     store_rows<ROWS>(y, ldy, m, n0, N, v, act);
@@ -182,9 +162,9 @@ __device__ __forceinline__ float store_rows_normed(__half* y, int ldy, int m, in
         for (int r = 0; r < ROWS; ++r) {
             const int n = n0 + r;
             if (n < N) {
-                const float hn = in.h[r] + __half2float(__float2half_rn(v[r]));
+                const float hn = p->h[n] + __half2float(__float2half_rn(v[r]));
                 p->h[n] = hn;
-                p->u[n] = __float2half_rn(hn * in.w[r] * p->out_scale);
+                p->u[n] = __float2half_rn(hn * p->w[n] * p->out_scale);
                 s += hn * hn;
             }
         }

@@ -91,7 +91,6 @@ __device__ __forceinline__ void gemv_body(const uint4* __restrict__ w, Chunk chu
     const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
     const int n0 = warp * ROWS;  // warps past N load nothing and store nothing, but reach the barrier
     const float scale = norm_in_scale(nio);
-    const ResidualIn<ROWS> res_in = residual_prefetch<ROWS>(nio, n0, N);
     float acc[M][ROWS];
 #pragma unroll
     for (int m = 0; m < M; m++)
@@ -120,7 +119,7 @@ __device__ __forceinline__ void gemv_body(const uint4* __restrict__ w, Chunk chu
         float v[ROWS];
 #pragma unroll
         for (int rr = 0; rr < ROWS; rr++) v[rr] = warp_sum(acc[m][rr]);
-        if (lane == 0) ss += store_rows_normed<ROWS>(y, ldy, m, n0, N, v, act, nio, scale, res_in);
+        if (lane == 0) ss += store_rows_normed<ROWS>(y, ldy, m, n0, N, v, act, nio, scale);
     }
     norm_block_sum(nio, ss);
 }

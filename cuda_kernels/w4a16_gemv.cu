@@ -69,7 +69,6 @@ __device__ __forceinline__ void gemv_body(const uint4* __restrict__ qweight, con
     const int lane = threadIdx.x & 31;
     const int n0 = warp * ROWS;  // warps past N load nothing and store nothing, but reach the barriers
     const float scale = norm_in_scale(nio);
-    const ResidualIn<ROWS> res_in = residual_prefetch<ROWS>(nio, n0, N);
 
     float acc[ROWS][M];
 #pragma unroll
@@ -158,7 +157,7 @@ __device__ __forceinline__ void gemv_body(const uint4* __restrict__ qweight, con
             for (int off = 16; off > 0; off >>= 1) v[r] += __shfl_xor_sync(0xffffffffu, v[r], off);
         }
         if (KSPLIT == 1) {
-            if (lane == 0) ss += store_rows_normed<ROWS>(y, ldy, m, n0, N, v, act, nio, scale, res_in);
+            if (lane == 0) ss += store_rows_normed<ROWS>(y, ldy, m, n0, N, v, act, nio, scale);
         } else if (lane == 0) {
 #pragma unroll
             for (int r = 0; r < ROWS; ++r) red[(threadIdx.x >> 5)][r * M + m] = v[r];
@@ -176,7 +175,7 @@ __device__ __forceinline__ void gemv_body(const uint4* __restrict__ qweight, con
 #pragma unroll
                     for (int p = 0; p < KSPLIT; ++p) v[r] += red[(threadIdx.x >> 5) + p][r * M + m];  // in order
                 }
-                ss += store_rows_normed<ROWS>(y, ldy, m, n0, N, v, act, nio, scale, res_in);
+                ss += store_rows_normed<ROWS>(y, ldy, m, n0, N, v, act, nio, scale);
             }
         }
     }

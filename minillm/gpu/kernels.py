@@ -72,21 +72,21 @@ _NORM_IO = np.dtype({"names": ["in_ss", "h", "w", "u", "out_ss", "in_blocks", "D
                      "formats": [np.uint64] * 5 + [np.int32] * 2 + [np.float32] * 3,
                      "offsets": [0, 8, 16, 24, 32, 40, 44, 48, 52, 56], "itemsize": 64})
 _records: dict = {}
+_exponents: dict = {}
 
 
-def _record(key, **fields):
-    """A NormIO in device memory, one per distinct set of fields, kept for the process's life: a
-    captured graph holds its address, and the upload must happen before the capture (the decode
-    step's first run is eager). A reused buffer address gets the same, still correct, record."""
+def _record(**fields):
+    """A NormIO in device memory, one per distinct set of field values (the key is the values
+    themselves, so a buffer address reused with other contents gets its own record), kept for the
+    process's life: a captured graph holds its address, and the upload must happen before the
+    capture (the decode step's first run is eager)."""
+    key = tuple(sorted(fields.items()))
     if key not in _records:
         rec = np.zeros(1, _NORM_IO)
         for name, value in fields.items():
             rec[name] = value
         _records[key] = get_xp("cuda").asarray(rec.view(np.uint8))
     return _records[key]
-
-
-_exponents: dict = {}
 
 
 def _norm_exponent(weight) -> int:
@@ -104,14 +104,12 @@ def norm_producer(h, weight, u, partials):
     u = h * weight * 2^-k and per-block sums of h^2 into partials (common.cuh, NormIO). Returns the
     record and k."""
     k = _norm_exponent(weight)
-    return _record(("out", h.data.ptr, weight.data.ptr, u.data.ptr, partials.data.ptr), h=h.data.ptr,
-                   w=weight.data.ptr, u=u.data.ptr, out_ss=partials.data.ptr, out_scale=2.0**-k), k
+    return _record(h=h.data.ptr, w=weight.data.ptr, u=u.data.ptr, out_ss=partials.data.ptr, out_scale=2.0**-k), k
 
 
 def norm_consumer(partials, blocks: int, d: int, eps: float, k: int):
     """For the product that reads u: scale its sums by 2^k / sqrt(sum of the partials / d + eps)."""
-    return _record(("in", partials.data.ptr, blocks, d, float(eps), k), in_ss=partials.data.ptr, in_blocks=blocks,
-                   D=d, eps=eps, in_scale=2.0**k)
+    return _record(in_ss=partials.data.ptr, in_blocks=blocks, D=d, eps=float(eps), in_scale=2.0**k)
 
 
 def add_bias(y, bias, rows: int):

@@ -84,13 +84,14 @@ struct I8Chunk {  // 16 int8 codes, with the group's scale and zero point (128 w
     }
 };
 
-template <int M, int ROWS, class Chunk>
+template <int M, int ROWS, bool NORM, class Chunk>
 __device__ __forceinline__ void gemv_body(const uint4* __restrict__ w, Chunk chunk, const __half* __restrict__ x,
                                           int ldx, __half* __restrict__ y, int ldy, int N, int C, int act,
                                           const NormIO* __restrict__ nio) {
     const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
     const int n0 = warp * ROWS;  // warps past N load nothing and store nothing, but reach the barrier
-    const float scale = norm_in_scale(nio);
+    if (!NORM && n0 >= N) return;  // (NORM: the instance with a carried norm, common.cuh NormIO)
+    const float scale = NORM ? norm_in_scale(nio) : 1.0f;
     float acc[M][ROWS];
 #pragma unroll
     for (int m = 0; m < M; m++)
@@ -119,24 +120,28 @@ __device__ __forceinline__ void gemv_body(const uint4* __restrict__ w, Chunk chu
         float v[ROWS];
 #pragma unroll
         for (int rr = 0; rr < ROWS; rr++) v[rr] = warp_sum(acc[m][rr]);
-        if (lane == 0) ss += store_rows_normed<ROWS>(y, ldy, m, n0, N, v, act, nio, scale);
+        if (lane == 0 && NORM) ss += store_rows_normed<ROWS>(y, ldy, m, n0, N, v, act, nio, scale);
+        if (lane == 0 && !NORM) store_rows<ROWS>(y, ldy, m, n0, N, v, act);
     }
-    norm_block_sum(nio, ss);
+    if (NORM) norm_block_sum(nio, ss);
 }
 
-#define GEMV_F16(M, ROWS)                                                                                  \
-    extern "C" __global__ void __launch_bounds__(128) gemv_f16_m##M##_r##ROWS(                             \
+#define GEMV_F16_K(M, ROWS, NORM, NAME)                                                                     \
+    extern "C" __global__ void __launch_bounds__(128) NAME(                                                \
         const uint4* w, const __half* x, int ldx, __half* y, int ldy, int N, int C, int act,               \
         const NormIO* nio) {                                                                               \
-        gemv_body<M, ROWS>(w, F16Chunk{}, x, ldx, y, ldy, N, C, act, nio);                                 \
+        gemv_body<M, ROWS, NORM>(w, F16Chunk{}, x, ldx, y, ldy, N, C, act, nio);                           \
     }
-#define GEMV_I8(M, ROWS)                                                                                   \
-    extern "C" __global__ void __launch_bounds__(128) gemv_i8_m##M##_r##ROWS(                              \
+#define GEMV_I8_K(M, ROWS, NORM, NAME)                                                                     \
+    extern "C" __global__ void __launch_bounds__(128) NAME(                                                \
         const uint4* codes, const __half* scales, const uint8_t* zeros, const __half* x, int ldx, __half* y, \
         int ldy, int N, int C, int ngroups, int chunks_per_group, int act, const NormIO* nio) {            \
-        gemv_body<M, ROWS>(codes, I8Chunk{scales, zeros, ngroups, chunks_per_group}, x, ldx, y, ldy, N, C, act, \
+        gemv_body<M, ROWS, NORM>(codes, I8Chunk{scales, zeros, ngroups, chunks_per_group}, x, ldx, y, ldy, N, C, act, \
                            nio);                                                                           \
     }
+
+#define GEMV_F16(M, ROWS) GEMV_F16_K(M, ROWS, false, gemv_f16_m##M##_r##ROWS)
+#define GEMV_I8(M, ROWS) GEMV_I8_K(M, ROWS, false, gemv_i8_m##M##_r##ROWS)
 
 GEMV_F16(1, 2)
 GEMV_F16(2, 2)
@@ -148,3 +153,5 @@ GEMV_I8(2, 2)
 GEMV_I8(4, 2)
 GEMV_I8(8, 2)
 GEMV_I8(16, 2)
+GEMV_F16_K(1, 2, true, gemv_f16_m1_r2_n)  // batch 1 with a carried norm (the decode step)
+GEMV_I8_K(1, 2, true, gemv_i8_m1_r2_n)

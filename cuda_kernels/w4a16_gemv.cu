@@ -51,7 +51,7 @@ __device__ __forceinline__ float2 nibble_pair(uint32_t word, int i, __half2 bias
 // Main loop
 // ------------------------------------------------------------------------------------------------
 
-template <int M, int ROWS, int KSPLIT>
+template <int M, int ROWS, int KSPLIT, bool NORM>
 __device__ __forceinline__ void gemv_body(const uint4* __restrict__ qweight, const __half* __restrict__ scales,
                                           const uint8_t* __restrict__ zeros, const __half* __restrict__ x,
                                           __half* __restrict__ y, int ldy, int N, int C, int ngroups,
@@ -68,7 +68,10 @@ __device__ __forceinline__ void gemv_body(const uint4* __restrict__ qweight, con
     const int warp = gwarp / KSPLIT, part = gwarp % KSPLIT;
     const int lane = threadIdx.x & 31;
     const int n0 = warp * ROWS;  // warps past N load nothing and store nothing, but reach the barriers
-    const float scale = norm_in_scale(nio);
+    // NORM: the instance that carries an RMSNorm (common.cuh NormIO; compiled apart, so the plain
+    // instances keep their registers and their early exit).
+    if (!NORM && KSPLIT == 1 && n0 >= N) return;
+    const float scale = NORM ? norm_in_scale(nio) : 1.0f;
 
     float acc[ROWS][M];
 #pragma unroll
@@ -157,7 +160,8 @@ __device__ __forceinline__ void gemv_body(const uint4* __restrict__ qweight, con
             for (int off = 16; off > 0; off >>= 1) v[r] += __shfl_xor_sync(0xffffffffu, v[r], off);
         }
         if (KSPLIT == 1) {
-            if (lane == 0) ss += store_rows_normed<ROWS>(y, ldy, m, n0, N, v, act, nio, scale);
+            if (lane == 0 && NORM) ss += store_rows_normed<ROWS>(y, ldy, m, n0, N, v, act, nio, scale);
+            if (lane == 0 && !NORM) store_rows<ROWS>(y, ldy, m, n0, N, v, act);
         } else if (lane == 0) {
 #pragma unroll
             for (int r = 0; r < ROWS; ++r) red[(threadIdx.x >> 5)][r * M + m] = v[r];
@@ -175,25 +179,26 @@ __device__ __forceinline__ void gemv_body(const uint4* __restrict__ qweight, con
 #pragma unroll
                     for (int p = 0; p < KSPLIT; ++p) v[r] += red[(threadIdx.x >> 5) + p][r * M + m];  // in order
                 }
-                ss += store_rows_normed<ROWS>(y, ldy, m, n0, N, v, act, nio, scale);
+                if (NORM) ss += store_rows_normed<ROWS>(y, ldy, m, n0, N, v, act, nio, scale);
+                else store_rows<ROWS>(y, ldy, m, n0, N, v, act);
             }
         }
     }
-    norm_block_sum(nio, ss);
+    if (NORM) norm_block_sum(nio, ss);
 }
 
 // One entry point per (M, ROWS) pair the launcher uses; extern "C" keeps the names plain for
 // cupy.RawModule.
-#define W4A16_KERNEL_K(M, ROWS, KSPLIT, NAME)                                                                 \
+#define W4A16_KERNEL_K(M, ROWS, KSPLIT, NORM, NAME)                                                           \
     extern "C" __global__ void __launch_bounds__(128)                                                         \
         NAME(const uint4* __restrict__ qweight, const __half* __restrict__ scales,                            \
              const uint8_t* __restrict__ zeros, const __half* __restrict__ x, __half* __restrict__ y, int ldy, \
              int N, int C, int ngroups, int chunks_per_group, int act, const NormIO* nio) {                   \
-        gemv_body<M, ROWS, KSPLIT>(qweight, scales, zeros, x, y, ldy, N, C, ngroups, chunks_per_group, act,   \
+        gemv_body<M, ROWS, KSPLIT, NORM>(qweight, scales, zeros, x, y, ldy, N, C, ngroups, chunks_per_group, act,   \
                                    nio);                                                                      \
     }
-#define W4A16_KERNEL(M, ROWS) W4A16_KERNEL_K(M, ROWS, 1, w4a16_gemv_m##M##_r##ROWS)
-#define W4A16_KERNEL_SPLIT(M, ROWS, KSPLIT) W4A16_KERNEL_K(M, ROWS, KSPLIT, w4a16_gemv_m##M##_r##ROWS##_k##KSPLIT)
+#define W4A16_KERNEL(M, ROWS) W4A16_KERNEL_K(M, ROWS, 1, false, w4a16_gemv_m##M##_r##ROWS)
+#define W4A16_KERNEL_SPLIT(M, ROWS, KSPLIT) W4A16_KERNEL_K(M, ROWS, KSPLIT, false, w4a16_gemv_m##M##_r##ROWS##_k##KSPLIT)
 
 W4A16_KERNEL(1, 1)
 W4A16_KERNEL(1, 2)
@@ -210,3 +215,5 @@ W4A16_KERNEL_SPLIT(1, 2, 2)
 W4A16_KERNEL_SPLIT(1, 2, 4)
 W4A16_KERNEL_SPLIT(1, 1, 2)
 W4A16_KERNEL_SPLIT(1, 1, 4)
+W4A16_KERNEL_K(1, 2, 1, true, w4a16_gemv_m1_r2_n)  // batch 1 with a carried norm (the decode step)
+W4A16_KERNEL_K(1, 2, 2, true, w4a16_gemv_m1_r2_k2_n)

@@ -272,7 +272,7 @@ def gemv_f16(w, x, y, m: int, n: int, act: int = -1, nio=None) -> int:
     rows = _GEMV_ROWS[m]
     blocks = -(-(-(-n // rows)) // 4)
     c = w.shape[1] // 8
-    fn("gemv", f"gemv_f16_m{m}_r{rows}")((blocks,), (128,), (
+    fn("gemv", f"gemv_f16_m{m}_r{rows}" + ("_n" if nio is not None else ""))((blocks,), (128,), (
         w, x, i32(x.shape[1]), y, i32(y.shape[1]), i32(n), i32(c), i32(act), _ptr(nio)))
     return blocks
 
@@ -281,7 +281,7 @@ def gemv_i8(codes, scales, zeros, group, x, y, m: int, n: int, act: int = -1, ni
     rows = _GEMV_ROWS[m]
     blocks = -(-(-(-n // rows)) // 4)
     c = codes.shape[1] // 16
-    fn("gemv", f"gemv_i8_m{m}_r{rows}")((blocks,), (128,), (
+    fn("gemv", f"gemv_i8_m{m}_r{rows}" + ("_n" if nio is not None else ""))((blocks,), (128,), (
         codes, scales, zeros if zeros is not None else 0, x, i32(x.shape[1]), y, i32(y.shape[1]), i32(n), i32(c),
         i32(scales.shape[1]), i32(max(1, group // 16)), i32(act), _ptr(nio)))
     return blocks

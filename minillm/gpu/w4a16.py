@@ -25,10 +25,10 @@ MMA_MIN_ROWS = 2  # from this batch on the tensor-core kernel is faster (bench/g
 _MMA_WARPS = 8  # WARPS in w4a16_mma.cu
 
 
-def kernel(m: int, rows: int, ksplit: int = 1):
+def kernel(m: int, rows: int, ksplit: int = 1, norm: bool = False):
     from .kernels import fn  # noqa: PLC0415 - the handle is cached there
 
-    return fn("w4a16_gemv", f"w4a16_gemv_m{m}_r{rows}" + (f"_k{ksplit}" if ksplit > 1 else ""))
+    return fn("w4a16_gemv", f"w4a16_gemv_m{m}_r{rows}" + (f"_k{ksplit}" if ksplit > 1 else "") + ("_n" if norm else ""))
 
 
 class W4A16Weight:
@@ -92,7 +92,7 @@ def _launch(x_pad, w: W4A16Weight, y, m_kernel: int, rows: int | None = None, ac
     warps = -(-w.n // rows) * ksplit
     blocks = -(-warps // (_THREADS // 32))
     zeros = w.zeros if w.zeros is not None else 0  # a null pointer for symmetric weights
-    kernel(m_kernel, rows, ksplit)((blocks,), (_THREADS,), (
+    kernel(m_kernel, rows, ksplit, nio is not None)((blocks,), (_THREADS,), (
         w.qweight, w.scales, zeros, x_pad, y, np.int32(y.shape[1]),
         np.int32(w.n), np.int32(w.chunks), np.int32(w.scales.shape[1]), np.int32(w.group_size // 32), np.int32(act),
         nio if nio is not None else 0))

@@ -117,7 +117,8 @@ __device__ __forceinline__ void mma_m16n8k16(float* d, uint32_t a0, uint32_t a1,
 // product's input u = h * w * 2^-k (fp16; 2^k >= max |w|, so |u| <= |h|) and each block's sum of
 // h^2; the next product multiplies its fp32 sums by 2^k / sqrt(sum h^2 / D + eps) before rounding.
 // No norm kernel is launched and h is read once: a separate add_rmsnorm was 6 us (ncu) for 16 KB,
-// 13% of a 7B W4 step. A struct in device memory (minillm/gpu/kernels.py norm_io builds it).
+// 13% of a 7B W4 step. Passed by value (kernel parameters: read without a memory round trip);
+// minillm/gpu/kernels.py builds it as a numpy record of the same layout.
 struct NormIO {
     const float* in_ss;  // consumer: the producer's per-block sums of h^2 (null: x is normalised)
     float* h;            // producer: the fp32 residual stream, row 0 (null: y is no residual branch)
@@ -132,19 +133,19 @@ struct NormIO {
 // partial sums in the same order, so the factor is the same everywhere and from run to run.
 // The loads are issued 16 at a time before any is added: a plain loop would wait out one L2
 // latency per partial (16-32 of them at the start of every warp: +2-3 us per product; ncu).
-__device__ __forceinline__ float norm_in_scale(const NormIO* __restrict__ p) {
-    if (p == nullptr || p->in_ss == nullptr) return 1.0f;
-    const int n = p->in_blocks;
+__device__ __forceinline__ float norm_in_scale(const NormIO& p) {
+    if (p.in_ss == nullptr) return 1.0f;
+    const int n = p.in_blocks;
     float s = 0.0f;
     for (int i0 = threadIdx.x & 31; i0 < n; i0 += 32 * 16) {
         float v[16];
 #pragma unroll
-        for (int u = 0; u < 16; u++) v[u] = i0 + 32 * u < n ? p->in_ss[i0 + 32 * u] : 0.0f;
+        for (int u = 0; u < 16; u++) v[u] = i0 + 32 * u < n ? p.in_ss[i0 + 32 * u] : 0.0f;
 #pragma unroll
         for (int u = 0; u < 16; u++) s += v[u];
     }
     s = warp_sum(s);
-    return p->in_scale * rsqrtf(s / p->D + p->eps);
+    return p.in_scale * rsqrtf(s / p.D + p.eps);
 }
 
 // store_rows for lane 0, with the consumer's factor applied first; for a producer (row m = 0 only:
@@ -152,19 +153,19 @@ __device__ __forceinline__ float norm_in_scale(const NormIO* __restrict__ p) {
 // returned sum of the new h^2 over these outputs.
 template <int ROWS>
 __device__ __forceinline__ float store_rows_normed(__half* y, int ldy, int m, int n0, int N, float* v, int act,
-                                                   const NormIO* __restrict__ p, float scale) {
+                                                   const NormIO& p, float scale) {
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) v[r] *= scale;
     store_rows<ROWS>(y, ldy, m, n0, N, v, act);
     float s = 0.0f;
-    if (p != nullptr && p->h != nullptr && m == 0) {
+    if (p.h != nullptr && m == 0) {
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
             const int n = n0 + r;
             if (n < N) {
-                const float hn = p->h[n] + __half2float(__float2half_rn(v[r]));
-                p->h[n] = hn;
-                p->u[n] = __float2half_rn(hn * p->w[n] * p->out_scale);
+                const float hn = p.h[n] + __half2float(__float2half_rn(v[r]));
+                p.h[n] = hn;
+                p.u[n] = __float2half_rn(hn * p.w[n] * p.out_scale);
                 s += hn * hn;
             }
         }
@@ -174,14 +175,14 @@ __device__ __forceinline__ float store_rows_normed(__half* y, int ldy, int m, in
 
 // Producer: the block's sum of h^2 (lane 0 of each warp holds its part), added in warp order and
 // written to out_ss[block]. Every thread of the block must call it (a barrier inside).
-__device__ __forceinline__ void norm_block_sum(const NormIO* __restrict__ p, float s) {
-    if (p == nullptr || p->h == nullptr) return;
+__device__ __forceinline__ void norm_block_sum(const NormIO& p, float s) {
+    if (p.h == nullptr) return;
     __shared__ float part[32];
     if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = s;
     __syncthreads();
     if (threadIdx.x == 0) {
         float t = 0.0f;
         for (int w = 0; w < (int)(blockDim.x >> 5); ++w) t += part[w];
-        p->out_ss[blockIdx.x] = t;
+        p.out_ss[blockIdx.x] = t;
     }
 }

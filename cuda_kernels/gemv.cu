@@ -87,7 +87,7 @@ struct I8Chunk {  // 16 int8 codes, with the group's scale and zero point (128 w
 template <int M, int ROWS, bool NORM, class Chunk>
 __device__ __forceinline__ void gemv_body(const uint4* __restrict__ w, Chunk chunk, const __half* __restrict__ x,
                                           int ldx, __half* __restrict__ y, int ldy, int N, int C, int act,
-                                          const NormIO* __restrict__ nio) {
+                                          const NormIO& nio) {
     const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
     const int n0 = warp * ROWS;  // warps past N load nothing and store nothing, but reach the barrier
     if (!NORM && n0 >= N) return;  // (NORM: the instance with a carried norm, common.cuh NormIO)
@@ -129,13 +129,13 @@ __device__ __forceinline__ void gemv_body(const uint4* __restrict__ w, Chunk chu
 #define GEMV_F16_K(M, ROWS, NORM, NAME)                                                                     \
     extern "C" __global__ void __launch_bounds__(128) NAME(                                                \
         const uint4* w, const __half* x, int ldx, __half* y, int ldy, int N, int C, int act,               \
-        const NormIO* nio) {                                                                               \
+        const NormIO nio) {                                                                               \
         gemv_body<M, ROWS, NORM>(w, F16Chunk{}, x, ldx, y, ldy, N, C, act, nio);                           \
     }
 #define GEMV_I8_K(M, ROWS, NORM, NAME)                                                                     \
     extern "C" __global__ void __launch_bounds__(128) NAME(                                                \
         const uint4* codes, const __half* scales, const uint8_t* zeros, const __half* x, int ldx, __half* y, \
-        int ldy, int N, int C, int ngroups, int chunks_per_group, int act, const NormIO* nio) {            \
+        int ldy, int N, int C, int ngroups, int chunks_per_group, int act, const NormIO nio) {            \
         gemv_body<M, ROWS, NORM>(codes, I8Chunk{scales, zeros, ngroups, chunks_per_group}, x, ldx, y, ldy, N, C, act, \
                            nio);                                                                           \
     }

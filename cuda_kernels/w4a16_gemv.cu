@@ -55,7 +55,7 @@ template <int M, int ROWS, int KSPLIT, bool NORM>
 __device__ __forceinline__ void gemv_body(const uint4* __restrict__ qweight, const __half* __restrict__ scales,
                                           const uint8_t* __restrict__ zeros, const __half* __restrict__ x,
                                           __half* __restrict__ y, int ldy, int N, int C, int ngroups,
-                                          int chunks_per_group, int act, const NormIO* __restrict__ nio) {
+                                          int chunks_per_group, int act, const NormIO& nio) {
     // Small batches keep the group's scale out of the inner loop (one multiply per chunk); large
     // ones fold it into the dequantized weight once, which is then reused by all M rows of x and
     // saves M x ROWS partial sums of registers.
@@ -193,7 +193,7 @@ __device__ __forceinline__ void gemv_body(const uint4* __restrict__ qweight, con
     extern "C" __global__ void __launch_bounds__(128)                                                         \
         NAME(const uint4* __restrict__ qweight, const __half* __restrict__ scales,                            \
              const uint8_t* __restrict__ zeros, const __half* __restrict__ x, __half* __restrict__ y, int ldy, \
-             int N, int C, int ngroups, int chunks_per_group, int act, const NormIO* nio) {                   \
+             int N, int C, int ngroups, int chunks_per_group, int act, const NormIO nio) {                   \
         gemv_body<M, ROWS, KSPLIT, NORM>(qweight, scales, zeros, x, y, ldy, N, C, ngroups, chunks_per_group, act,   \
                                    nio);                                                                      \
     }

@@ -67,31 +67,29 @@ def add_rmsnorm(h, delta, weight, out, rows: int, eps: float):
         weight, out, i32(out.shape[1]), i32(d), np.float32(eps)))
 
 
-# common.cuh's NormIO, field by field in its layout (five pointers, two ints, three floats, padded).
+# common.cuh's NormIO, field by field in its layout (five pointers, two ints, three floats), 8-byte
+# aligned as the C struct is: passed to the GEMV kernels by value (CuPy sends a numpy record's bytes).
 _NORM_IO = np.dtype({"names": ["in_ss", "h", "w", "u", "out_ss", "in_blocks", "D", "eps", "in_scale", "out_scale"],
                      "formats": [np.uint64] * 5 + [np.int32] * 2 + [np.float32] * 3,
-                     "offsets": [0, 8, 16, 24, 32, 40, 44, 48, 52, 56], "itemsize": 64})
-_records: dict = {}
+                     "offsets": [0, 8, 16, 24, 32, 40, 44, 48, 52, 56], "itemsize": 64, "aligned": True})
 _exponents: dict = {}
 
 
 def _record(**fields):
-    """A NormIO in device memory, one per distinct set of field values (the key is the values
-    themselves, so a buffer address reused with other contents gets its own record), kept for the
-    process's life: a captured graph holds its address, and the upload must happen before the
-    capture (the decode step's first run is eager)."""
-    key = tuple(sorted(fields.items()))
-    if key not in _records:
-        rec = np.zeros(1, _NORM_IO)
-        for name, value in fields.items():
-            rec[name] = value
-        _records[key] = get_xp("cuda").asarray(rec.view(np.uint8))
-    return _records[key]
+    """A NormIO as a numpy record (a scalar CuPy passes by value; a captured graph keeps the bytes)."""
+    rec = np.zeros(1, _NORM_IO)
+    for name, value in fields.items():
+        rec[name] = value
+    return rec[0]
+
+
+NO_NORM = _record()  # the plain instances' argument: every pointer null
 
 
 def _norm_exponent(weight) -> int:
-    """k with 2^k >= max |w| (k >= 0): u = h * w * 2^-k is then no larger than h in fp16. (Read
-    from the device once per weight, on the eager first step, before any capture.)"""
+    """k with 2^k >= max |w| (k >= 0): u = h * w * 2^-k is then no larger than h in fp16. Read from
+    the device once per weight (on the eager first step, before any capture); any k gives the same
+    result, k only keeps u in fp16's range."""
     key = (weight.data.ptr, weight.size)
     if key not in _exponents:
         top = float(get_xp("cuda").abs(weight).max()) if weight.size else 0.0
@@ -273,7 +271,7 @@ def gemv_f16(w, x, y, m: int, n: int, act: int = -1, nio=None) -> int:
     blocks = -(-(-(-n // rows)) // 4)
     c = w.shape[1] // 8
     fn("gemv", f"gemv_f16_m{m}_r{rows}" + ("_n" if nio is not None else ""))((blocks,), (128,), (
-        w, x, i32(x.shape[1]), y, i32(y.shape[1]), i32(n), i32(c), i32(act), _ptr(nio)))
+        w, x, i32(x.shape[1]), y, i32(y.shape[1]), i32(n), i32(c), i32(act), NO_NORM if nio is None else nio))
     return blocks
 
 
@@ -283,7 +281,7 @@ def gemv_i8(codes, scales, zeros, group, x, y, m: int, n: int, act: int = -1, ni
     c = codes.shape[1] // 16
     fn("gemv", f"gemv_i8_m{m}_r{rows}" + ("_n" if nio is not None else ""))((blocks,), (128,), (
         codes, scales, zeros if zeros is not None else 0, x, i32(x.shape[1]), y, i32(y.shape[1]), i32(n), i32(c),
-        i32(scales.shape[1]), i32(max(1, group // 16)), i32(act), _ptr(nio)))
+        i32(scales.shape[1]), i32(max(1, group // 16)), i32(act), NO_NORM if nio is None else nio))
     return blocks
 
 

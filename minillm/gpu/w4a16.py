@@ -91,11 +91,13 @@ def _launch(x_pad, w: W4A16Weight, y, m_kernel: int, rows: int | None = None, ac
         rows = _INSTANCES[m_kernel]
     warps = -(-w.n // rows) * ksplit
     blocks = -(-warps // (_THREADS // 32))
+    from .kernels import NO_NORM  # noqa: PLC0415
+
     zeros = w.zeros if w.zeros is not None else 0  # a null pointer for symmetric weights
     kernel(m_kernel, rows, ksplit, nio is not None)((blocks,), (_THREADS,), (
         w.qweight, w.scales, zeros, x_pad, y, np.int32(y.shape[1]),
         np.int32(w.n), np.int32(w.chunks), np.int32(w.scales.shape[1]), np.int32(w.group_size // 32), np.int32(act),
-        nio if nio is not None else 0))
+        NO_NORM if nio is None else nio))
     return blocks
 
 

@@ -268,7 +268,8 @@ def gemv_f16(w, x, y, m: int, n: int, act: int = -1, nio=None) -> int:
     (gate, up) pairs and y[:m, :n/2] = act(gate) * up; nio: a NormIO record (m = 1). Returns the
     number of blocks launched."""
     rows = _GEMV_ROWS[m]
-    blocks = -(-(-(-n // rows)) // 4)
+    warps = -(-n // rows)
+    blocks = -(-warps // 4)
     c = w.shape[1] // 8
     fn("gemv", f"gemv_f16_m{m}_r{rows}" + ("_n" if nio is not None else ""))((blocks,), (128,), (
         w, x, i32(x.shape[1]), y, i32(y.shape[1]), i32(n), i32(c), i32(act), NO_NORM if nio is None else nio))
@@ -277,7 +278,8 @@ def gemv_f16(w, x, y, m: int, n: int, act: int = -1, nio=None) -> int:
 
 def gemv_i8(codes, scales, zeros, group, x, y, m: int, n: int, act: int = -1, nio=None) -> int:
     rows = _GEMV_ROWS[m]
-    blocks = -(-(-(-n // rows)) // 4)
+    warps = -(-n // rows)
+    blocks = -(-warps // 4)
     c = codes.shape[1] // 16
     fn("gemv", f"gemv_i8_m{m}_r{rows}" + ("_n" if nio is not None else ""))((blocks,), (128,), (
         codes, scales, zeros if zeros is not None else 0, x, i32(x.shape[1]), y, i32(y.shape[1]), i32(n), i32(c),

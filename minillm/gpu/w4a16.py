@@ -79,6 +79,8 @@ def _launch(x_pad, w: W4A16Weight, y, m_kernel: int, rows: int | None = None, ac
     rows: rows per warp of the GEMV kernel; tiles: 16-row tiles per block of the tensor-core kernel
     (0 forces the GEMV kernel); ksplit: warps sharing each row's K at one row of x; None picks.
     nio: a NormIO record (common.cuh; the GEMV kernel at one row). Returns the blocks launched."""
+    from .kernels import NO_NORM  # noqa: PLC0415
+
     if tiles is None and rows is None and m_kernel >= MMA_MIN_ROWS:
         tiles = _mma_tiles(w.n, m_kernel)
     if tiles:
@@ -91,8 +93,6 @@ def _launch(x_pad, w: W4A16Weight, y, m_kernel: int, rows: int | None = None, ac
         rows = _INSTANCES[m_kernel]
     warps = -(-w.n // rows) * ksplit
     blocks = -(-warps // (_THREADS // 32))
-    from .kernels import NO_NORM  # noqa: PLC0415
-
     zeros = w.zeros if w.zeros is not None else 0  # a null pointer for symmetric weights
     kernel(m_kernel, rows, ksplit, nio is not None)((blocks,), (_THREADS,), (
         w.qweight, w.scales, zeros, x_pad, y, np.int32(y.shape[1]),

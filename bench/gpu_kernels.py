@@ -1,7 +1,7 @@
 """W4A16 GEMV/GEMM: minillm's kernel vs cuBLAS fp16 vs torch's int4 tinygemm, in one run.
 
 For each shape (K in x N out) at batch 1 and 16: median time (CUDA events, after warm-up), GB/s of
-the bytes each kernel must read (its weights + scales/zeros + x, and y written), and that as a
+the bytes each kernel must read (its weights + scale/zero words + x, and y written), and that as a
 percentage of the device-to-device copy bandwidth measured at the start of the same run. Weights are
 rotated among enough copies to exceed the L2 cache, so every timing reads HBM.
 
@@ -170,7 +170,7 @@ def main():
         for m in batches:
             rel = check_against_reference(k, n, m)
             assert rel < 1e-3, f"W4A16 kernel wrong on {k}x{n} at batch {m}: relative error {rel}"
-        packed_bytes = n * 16 * -(-k // 32) + n * -(-k // GROUP) * 3  # codes + fp16 scales + uint8 zeros
+        packed_bytes = n * 16 * -(-k // 32) + n * -(-k // GROUP) * 4  # codes + a scale/zero word per group
         copies = max(2, ROTATE_BYTES // packed_bytes)
         weights = random_packed(k, n, copies, rng)
         fp16_copies = max(2, ROTATE_BYTES // (2 * n * k))
@@ -183,8 +183,9 @@ def main():
             variants = [("rows", r) for r in (1, 2, 4, 8) if f"W4A16_KERNEL({m}, {r})" in GEMV_SOURCE]
             variants += [("tiles", 1), ("tiles", 2)]
             variants = [(kind, {kind: v}) for kind, v in variants]
-            if m == 1:  # split K among 2 or 4 warps (1 or 2 rows per warp)
+            if m == 1:  # the GEMV with K split among 2 or 4 warps; the tensor-core kernel with 4-16 warps
                 variants += [(f"rows {r} ksplit", {"rows": r, "ksplit": s}) for r in (1, 2) for s in (2, 4)]
+                variants += [("gemv", {"tc": 0}), ("tc", {"tc": 4}), ("tc", {"tc": 8}), ("tc", {"tc": 16})]
             options = {f"{kind} {next(reversed(v.values()))}": time_cupy(lambda w: w4a16_matmul(x, w, out=y, **v),
                                                                          [(w,) for w in weights])
                        for kind, v in variants}

@@ -72,6 +72,20 @@ __device__ __forceinline__ float gate_act(float g, int act) {
                     : 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)));
 }
 
+// (a & mask) | magic in one LOP3 (the compiler emits an AND and an OR when both constants are
+// immediates: a LOP3 takes one immediate). The fp16 magic-number unpack of 4-bit codes uses it.
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t mask, uint32_t magic) {
+    uint32_t d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xea;\n" : "=r"(d) : "r"(a), "r"(mask), "r"(magic));  // (a & b) | c
+    return d;
+}
+
+// The quantization group of 32-code chunk c: a shift when chunks_per_group is a power of two
+// (cpg_shift = its log2; every common group size), else a division (cpg_shift = -1).
+__device__ __forceinline__ int group_of(int c, int chunks_per_group, int cpg_shift) {
+    return cpg_shift >= 0 ? c >> cpg_shift : c / chunks_per_group;
+}
+
 // Write a warp's ROWS reduced outputs (lane 0 holds them): plainly, y[m, n0 + r], or, with act >= 0,
 // for a fused gate/up product whose rows are interleaved (gate_i, up_i), y[m, (n0 + r) / 2] =
 // act(gate_i) * up_i, so the gated activation needs no kernel and no round trip of its own.

@@ -3,22 +3,21 @@
 // of T tokens the product costs 2 N K T flops and this pass ~2.5 N K bytes, so it fades as T grows.
 //
 //   w4  qweight uint32 [N, W] (word j holds codes 8j .. 8j+7, code k at bits 4 (k % 8); minillm's
-//       layout, see w4a16_gemv.cu), scales fp16 [N, ngroups], zeros uint8 [N, ngroups] or null (8)
-//   i8  codes uint8 [N, ldc], same scales and zeros (null: 128)
+//       layout, see w4a16_gemv.cu), sz uint32 [N, ngroups]: fp16 scale bits | zero point << 16
+//   i8  codes uint8 [N, ldc], scales fp16 [N, ngroups], zeros uint8 [N, ngroups] or null (128)
 //   out fp16 [N, ldo]; one thread per 8 outputs (one 16-byte store)
 
 #include "common.cuh"
 
-extern "C" __global__ void dequant_w4(const uint32_t* __restrict__ qweight, const __half* __restrict__ scales,
-                                      const uint8_t* __restrict__ zeros, __half* __restrict__ out, int N, int W,
-                                      int ldo, int ngroups, int group) {
+extern "C" __global__ void dequant_w4(const uint32_t* __restrict__ qweight, const uint32_t* __restrict__ sz,
+                                      __half* __restrict__ out, int N, int W, int ldo, int ngroups, int group) {
     const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (size_t)N * W) return;
     const int n = (int)(idx / W), j = (int)(idx % W);
     if (8 * j >= ldo) return;
     const int g = min(8 * j / group, ngroups - 1);
-    const float z = zeros ? (float)zeros[(size_t)n * ngroups + g] : 8.0f;
-    const float s = __half2float(scales[(size_t)n * ngroups + g]);
+    const uint32_t zs = sz[(size_t)n * ngroups + g];
+    const float z = (float)(zs >> 16), s = __half2float(__ushort_as_half((unsigned short)(zs & 0xffffu)));
     const uint32_t word = qweight[idx];
     __align__(16) __half v[8];
 #pragma unroll

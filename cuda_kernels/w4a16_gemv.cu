@@ -6,8 +6,9 @@
 //   qweight  uint32 [N, 4 * C], C = ceil(K / 32) "chunks" per row. Row n holds the codes of output n
 //            in order of k; word k/8 holds code k in bits 4*(k%8) .. 4*(k%8)+3. One chunk = 16 bytes
 //            = 4 words = 32 codes, so every row is a whole number of 16-byte loads. Codes past K are 0.
-//   scales   fp16  [N, ngroups], ngroups = ceil(K / G); G a multiple of 32 (a chunk is in one group)
-//   zeros    uint8 [N, ngroups] (asymmetric), or null for symmetric (zero point 8)
+//   sz       uint32 [N, ngroups], ngroups = ceil(K / G), G a multiple of 32 (a chunk is in one group):
+//            the group's fp16 scale in bits 0..15, its zero point (8 if symmetric) in bits 16..
+//            (the GPU's form of minillm's scales and zeros: one load per group, see below)
 //   x        fp16  [M, 32 * C]  (the host pads each row with zeros past K)
 //   y        fp16  [M, ldy]; with act >= 0 the rows of w are (gate_i, up_i) pairs and y[m, i] =
 //            act(gate_i) * up_i (the gated MLP's activation fused into the product; common.cuh)
@@ -28,6 +29,8 @@
 //   Dequantization per 32-bit word (8 codes): the fp16 "magic number" trick. OR-ing a 4-bit code
 //   into the mantissa of 1024.0 (0x6400) gives the half 1024 + q exactly, two halves at a time:
 //       (word >> 4i) & 0x000F000F | 0x64006400  ->  half2(1024 + q[i], 1024 + q[i + 4])
+//   (one LOP3 when both constants sit in registers: common.cuh and_or; the compiler's own version
+//   was an AND and an OR, 96 of the ~400 instructions of a step).
 //   Subtracting half2(1024 + z) leaves (q - z), an exact small integer, which is widened to fp32
 //   and multiplied with x in fp32; the group's scale multiplies the chunk's sum once.
 //   Nibble i and i+4 land in one half2, so word j pairs with x[8j + i] and x[8j + i + 4].
@@ -42,7 +45,7 @@ __device__ __forceinline__ float2 half2_to_float2(__half2 h) { return __half22fl
 
 // (q - z) for nibbles (i, i + 4) of a word, as two floats.
 __device__ __forceinline__ float2 nibble_pair(uint32_t word, int i, __half2 bias) {
-    uint32_t bits = ((word >> (4 * i)) & 0x000F000Fu) | 0x64006400u;
+    uint32_t bits = and_or(word >> (4 * i), 0x000F000Fu, 0x64006400u);
     __half2 h = *reinterpret_cast<__half2*>(&bits);
     return half2_to_float2(__hsub2(h, bias));
 }
@@ -51,15 +54,84 @@ __device__ __forceinline__ float2 nibble_pair(uint32_t word, int i, __half2 bias
 // Main loop
 // ------------------------------------------------------------------------------------------------
 
-template <int M, int ROWS, int KSPLIT, bool NORM>
-__device__ __forceinline__ void gemv_body(const uint4* __restrict__ qweight, const __half* __restrict__ scales,
-                                          const uint8_t* __restrict__ zeros, const __half* __restrict__ x,
-                                          __half* __restrict__ y, int ldy, int N, int C, int ngroups,
-                                          int chunks_per_group, int act, const NormIO& nio) {
+// ------------------------------------------------------------------------------------------------
+// Scales and zero points: one 32-bit word per group
+// ------------------------------------------------------------------------------------------------
+// Loaded next to each chunk from two arrays, a row's scale and zero point cost more than their 5% of
+// the bytes (4096x4096 on an H100: the codes alone stream in 4.3 us, with the per-step scale and
+// zero loads 6.1 us, with one packed word 5.9; bench/NOTES.md). So the GPU keeps them packed,
+// sz[n, g] = fp16 scale bits | zero << 16 (minillm/gpu/w4a16.py), and the subtrahend half2(1024 + z)
+// is built from the bits: 1024 + z for 0 <= z < 1024 is the half 0x6400 | z.
+__device__ __forceinline__ void sz_unpack(uint32_t w, __half2& bias, float& scale) {
+    scale = __half2float(__ushort_as_half((unsigned short)(w & 0xffffu)));
+    const uint32_t b = (0x6400u | (w >> 16)) * 0x10001u;
+    bias = *reinterpret_cast<const __half2*>(&b);
+}
+
+// One chunk c of ROWS weight rows times the M rows of x, accumulated into acc (fp32).
+template <int M, int ROWS>
+__device__ __forceinline__ void gemv_chunk(const uint4* wq, const __half2* bias, const float* scale,
+                                           const uint4* __restrict__ xv, int c, int C, float (*acc)[M]) {
     // Small batches keep the group's scale out of the inner loop (one multiply per chunk); large
     // ones fold it into the dequantized weight once, which is then reused by all M rows of x and
     // saves M x ROWS partial sums of registers.
     constexpr bool FOLD_SCALE = M >= 8;
+    float part[ROWS][FOLD_SCALE ? 1 : M];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+        for (int m = 0; m < (FOLD_SCALE ? 1 : M); ++m) part[r][m] = 0.f;
+
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {  // word j of the chunk: codes 8j .. 8j+7
+        // Dequantize the word of every row once: d[r][i] = (q - z) (times the scale if folded).
+        float d[ROWS][8];
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            const uint32_t word = (j == 0) ? wq[r].x : (j == 1) ? wq[r].y : (j == 2) ? wq[r].z : wq[r].w;
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const float2 p = nibble_pair(word, i, bias[r]);  // codes i and i + 4
+                d[r][i] = FOLD_SCALE ? p.x * scale[r] : p.x;
+                d[r][i + 4] = FOLD_SCALE ? p.y * scale[r] : p.y;
+            }
+        }
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+            const uint4 xr = __ldg(xv + ((size_t)m * C + c) * 4 + j);  // x[8j .. 8j+7]
+            const __half2* xh = reinterpret_cast<const __half2*>(&xr);
+            float xf[8];
+#pragma unroll
+            for (int t = 0; t < 4; ++t) {
+                const float2 f = __half22float2(xh[t]);
+                xf[2 * t] = f.x;
+                xf[2 * t + 1] = f.y;
+            }
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+                for (int i = 0; i < 8; ++i) {
+                    if (FOLD_SCALE) {
+                        acc[r][m] = fmaf(d[r][i], xf[i], acc[r][m]);
+                    } else {
+                        part[r][FOLD_SCALE ? 0 : m] = fmaf(d[r][i], xf[i], part[r][FOLD_SCALE ? 0 : m]);
+                    }
+                }
+        }
+    }
+    if (!FOLD_SCALE) {
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+            for (int m = 0; m < M; ++m) acc[r][m] = fmaf(scale[r], part[r][FOLD_SCALE ? 0 : m], acc[r][m]);
+    }
+}
+
+template <int M, int ROWS, int KSPLIT, bool NORM>
+__device__ __forceinline__ void gemv_body(const uint4* __restrict__ qweight, const uint32_t* __restrict__ sz,
+                                          const __half* __restrict__ x, __half* __restrict__ y, int ldy, int N,
+                                          int C, int ngroups, int chunks_per_group, int cpg_shift, int act,
+                                          const NormIO& nio) {
     // KSPLIT > 1: the KSPLIT warps of a block share its ROWS rows, warp p taking the 32-chunk
     // stretches p, p + KSPLIT, ... of K, and their sums meet in shared memory. For short outputs
     // (N = 4096: 2048 warps, ~16 per SM) this gives the GPU more warps and so more loads in flight.
@@ -80,70 +152,26 @@ __device__ __forceinline__ void gemv_body(const uint4* __restrict__ qweight, con
         for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
 
     const uint4* xv = reinterpret_cast<const uint4*>(x);  // row m, chunk c, part j: xv[(m*C + c)*4 + j]
-
+    const uint4* wrow[ROWS];
+    const uint32_t* szrow[ROWS];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+        const int n = min(n0 + r, N - 1);  // rows past N repeat the last one; never written
+        wrow[r] = qweight + (size_t)n * C;
+        szrow[r] = sz + (size_t)n * ngroups;
+    }
 #pragma unroll 2
     for (int c = 32 * part + lane; c < C && n0 < N; c += 32 * KSPLIT) {
-        const int g = c / chunks_per_group;
+        const int g = group_of(c, chunks_per_group, cpg_shift);
         uint4 wq[ROWS];
         __half2 bias[ROWS];
-        float scale[ROWS];
+        float sc[ROWS];
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
-            const int n = min(n0 + r, N - 1);  // rows past N repeat the last one; never written
-            wq[r] = __ldg(qweight + (size_t)n * C + c);
-            const float z = zeros ? (float)zeros[(size_t)n * ngroups + g] : 8.f;
-            bias[r] = __float2half2_rn(1024.f + z);
-            scale[r] = __half2float(scales[(size_t)n * ngroups + g]);
+            wq[r] = __ldg(wrow[r] + c);
+            sz_unpack(__ldg(szrow[r] + g), bias[r], sc[r]);
         }
-        float part[ROWS][FOLD_SCALE ? 1 : M];
-#pragma unroll
-        for (int r = 0; r < ROWS; ++r)
-#pragma unroll
-            for (int m = 0; m < (FOLD_SCALE ? 1 : M); ++m) part[r][m] = 0.f;
-
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {  // word j of the chunk: codes 8j .. 8j+7
-            // Dequantize the word of every row once: d[r][i] = (q - z) (times the scale if folded).
-            float d[ROWS][8];
-#pragma unroll
-            for (int r = 0; r < ROWS; ++r) {
-                const uint32_t word = (j == 0) ? wq[r].x : (j == 1) ? wq[r].y : (j == 2) ? wq[r].z : wq[r].w;
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const float2 p = nibble_pair(word, i, bias[r]);  // codes i and i + 4
-                    d[r][i] = FOLD_SCALE ? p.x * scale[r] : p.x;
-                    d[r][i + 4] = FOLD_SCALE ? p.y * scale[r] : p.y;
-                }
-            }
-#pragma unroll
-            for (int m = 0; m < M; ++m) {
-                const uint4 xr = __ldg(xv + ((size_t)m * C + c) * 4 + j);  // x[8j .. 8j+7]
-                const __half2* xh = reinterpret_cast<const __half2*>(&xr);
-                float xf[8];
-#pragma unroll
-                for (int t = 0; t < 4; ++t) {
-                    const float2 f = __half22float2(xh[t]);
-                    xf[2 * t] = f.x;
-                    xf[2 * t + 1] = f.y;
-                }
-#pragma unroll
-                for (int r = 0; r < ROWS; ++r)
-#pragma unroll
-                    for (int i = 0; i < 8; ++i) {
-                        if (FOLD_SCALE) {
-                            acc[r][m] = fmaf(d[r][i], xf[i], acc[r][m]);
-                        } else {
-                            part[r][FOLD_SCALE ? 0 : m] = fmaf(d[r][i], xf[i], part[r][FOLD_SCALE ? 0 : m]);
-                        }
-                    }
-            }
-        }
-        if (!FOLD_SCALE) {
-#pragma unroll
-            for (int r = 0; r < ROWS; ++r)
-#pragma unroll
-                for (int m = 0; m < M; ++m) acc[r][m] = fmaf(scale[r], part[r][FOLD_SCALE ? 0 : m], acc[r][m]);
-        }
+        gemv_chunk<M, ROWS>(wq, bias, sc, xv, c, C, acc);
     }
 
     // ---------------------------------------------------------------------------------------------
@@ -191,11 +219,11 @@ __device__ __forceinline__ void gemv_body(const uint4* __restrict__ qweight, con
 // cupy.RawModule.
 #define W4A16_KERNEL_K(M, ROWS, KSPLIT, NORM, NAME)                                                           \
     extern "C" __global__ void __launch_bounds__(128)                                                         \
-        NAME(const uint4* __restrict__ qweight, const __half* __restrict__ scales,                            \
-             const uint8_t* __restrict__ zeros, const __half* __restrict__ x, __half* __restrict__ y, int ldy, \
-             int N, int C, int ngroups, int chunks_per_group, int act, const NormIO nio) {                   \
-        gemv_body<M, ROWS, KSPLIT, NORM>(qweight, scales, zeros, x, y, ldy, N, C, ngroups, chunks_per_group, act,   \
-                                   nio);                                                                      \
+        NAME(const uint4* __restrict__ qweight, const uint32_t* __restrict__ sz, const __half* __restrict__ x, \
+             __half* __restrict__ y, int ldy, int N, int C, int ngroups, int chunks_per_group, int cpg_shift,    \
+             int act, const NormIO nio) {                                                                     \
+        gemv_body<M, ROWS, KSPLIT, NORM>(qweight, sz, x, y, ldy, N, C, ngroups, chunks_per_group, cpg_shift, act, \
+                                         nio);                                                                \
     }
 #define W4A16_KERNEL(M, ROWS) W4A16_KERNEL_K(M, ROWS, 1, false, w4a16_gemv_m##M##_r##ROWS)
 #define W4A16_KERNEL_SPLIT(M, ROWS, KSPLIT) W4A16_KERNEL_K(M, ROWS, KSPLIT, false, w4a16_gemv_m##M##_r##ROWS##_k##KSPLIT)

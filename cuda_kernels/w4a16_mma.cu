@@ -8,8 +8,8 @@
 // ================================================================================================
 // Layout: minillm's packed format, read as is (see w4a16_gemv.cu's header)
 // ================================================================================================
-//   qweight uint32 [N, 4C] (row n: codes in k order, 8 per word, 32 per 16-byte chunk), scales fp16
-//   [N, ngroups], zeros uint8 [N, ngroups] or null (symmetric: 8), x fp16 [M, 32C] zero-padded
+//   qweight uint32 [N, 4C] (row n: codes in k order, 8 per word, 32 per 16-byte chunk), sz uint32
+//   [N, ngroups] (fp16 scale bits | zero point << 16, w4a16_gemv.cu), x fp16 [M, 32C] zero-padded
 //   past K, y fp16 [M, ldy]; act >= 0: rows of w are (gate_i, up_i) pairs, y[m, i] = act(gate) * up.
 //
 // ================================================================================================
@@ -44,7 +44,7 @@ constexpr int WARPS = 8;
 
 // (1024 + q_j, 1024 + q_{j+4}) of a word -> half2((q_j - z) s, (q_{j+4} - z) s), as the b32 A wants.
 __device__ __forceinline__ uint32_t dequant_pair(uint32_t word, int j, __half2 bias, __half2 scale) {
-    uint32_t bits = ((word >> (4 * j)) & 0x000F000Fu) | 0x64006400u;
+    uint32_t bits = and_or(word >> (4 * j), 0x000F000Fu, 0x64006400u);
     __half2 h = __hmul2(__hsub2(*reinterpret_cast<__half2*>(&bits), bias), scale);
     return *reinterpret_cast<uint32_t*>(&h);
 }
@@ -54,10 +54,10 @@ __device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
 }
 
 template <int NT, int MT>
-__device__ __forceinline__ void mma_body(const uint4* __restrict__ qweight, const __half* __restrict__ scales,
-                                         const uint8_t* __restrict__ zeros, const __half* __restrict__ x,
+__device__ __forceinline__ void mma_body(const uint4* __restrict__ qweight, const uint32_t* __restrict__ sz,
+                                         const __half* __restrict__ x,
                                          __half* __restrict__ y, int ldy, int M, int N, int C, int ngroups,
-                                         int chunks_per_group, int act) {
+                                         int chunks_per_group, int cpg_shift, int act) {
     __shared__ float red[WARPS][16 * NT][8 * MT + 1];  // +1: lanes of a quad write different banks
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
@@ -86,7 +86,7 @@ __device__ __forceinline__ void mma_body(const uint4* __restrict__ qweight, cons
     for (int it = warp; it < iters; it += WARPS) {
         const int c = 4 * it + t;
         const bool valid = c < C;
-        const int grp = valid ? c / chunks_per_group : 0;
+        const int grp = valid ? group_of(c, chunks_per_group, cpg_shift) : 0;
         uint4 wq[NT][2];
         __half2 bias[NT][2], scale[NT][2];
 #pragma unroll
@@ -95,9 +95,9 @@ __device__ __forceinline__ void mma_body(const uint4* __restrict__ qweight, cons
             for (int h = 0; h < 2; ++h) {
                 const size_t r = rows[nt][h];
                 wq[nt][h] = valid ? __ldg(qweight + r * C + c) : make_uint4(0, 0, 0, 0);
-                const float z = zeros ? (float)zeros[r * ngroups + grp] : 8.f;
-                bias[nt][h] = __float2half2_rn(1024.f + z);
-                scale[nt][h] = __half2half2(scales[r * ngroups + grp]);
+                const uint32_t w = __ldg(sz + r * ngroups + grp), b = (0x6400u | (w >> 16)) * 0x10001u;
+                bias[nt][h] = *reinterpret_cast<const __half2*>(&b);  // 1024 + z (0x6400 | z, z < 1024)
+                scale[nt][h] = __half2half2(__ushort_as_half((unsigned short)(w & 0xffffu)));
             }
         uint4 xq[MT][4];
 #pragma unroll
@@ -162,14 +162,180 @@ __device__ __forceinline__ void mma_body(const uint4* __restrict__ qweight, cons
 
 #define W4A16_MMA_KERNEL(NT, MT)                                                                       \
     extern "C" __global__ void __launch_bounds__(32 * WARPS, 2)                                         \
-        w4a16_mma_n##NT##_m##MT(const uint4* __restrict__ qweight, const __half* __restrict__ scales,   \
-                                const uint8_t* __restrict__ zeros, const __half* __restrict__ x,         \
-                                __half* __restrict__ y, int ldy, int M, int N, int C, int ngroups,      \
-                                int chunks_per_group, int act) {                                       \
-        mma_body<NT, MT>(qweight, scales, zeros, x, y, ldy, M, N, C, ngroups, chunks_per_group, act);  \
+        w4a16_mma_n##NT##_m##MT(const uint4* __restrict__ qweight, const uint32_t* __restrict__ sz,     \
+                                const __half* __restrict__ x, __half* __restrict__ y, int ldy, int M,   \
+                                int N, int C, int ngroups, int chunks_per_group, int cpg_shift,         \
+                                int act) {                                                             \
+        mma_body<NT, MT>(qweight, sz, x, y, ldy, M, N, C, ngroups, chunks_per_group, cpg_shift, act);  \
     }
 
 W4A16_MMA_KERNEL(1, 1)
 W4A16_MMA_KERNEL(1, 2)
 W4A16_MMA_KERNEL(2, 1)
 W4A16_MMA_KERNEL(2, 2)
+
+// ================================================================================================
+// One row of x on the tensor cores (the batch-1 decode step): w4a16_tc1_s{S}[_n]
+// ================================================================================================
+// At batch 1 the GEMV kernel's fp32 loop spends ~4 instructions per code (shift, mask, subtract,
+// two conversions, an FMA per pair) and keeps the SM's issue slots 75% busy while DRAM is 59% busy
+// (Nsight Compute, gate/up of a 7B layer): the instructions, not the bytes, bound it. Here the same
+// codes go through mma.m16n8k16 with x in column 0 of B (the other 7 columns are zero, wasted MMA
+// work that costs nothing the memory system notices), and the unpack is the shift-free form of the
+// magic number (Marlin's): masking a word with 0x000F000F or 0x00F000F0 and OR-ing 0x6400 gives
+// halves 1024 + q or 1024 + 16 q, so one subtract, or one FMA by 1/16, leaves q - z exactly:
+//   per 8 codes: 1 shift, 4 LOP3, 4 HADD2/HFMA2, 1/2 MMA  (+ 4 HMUL2 when groups are < 128)
+// When the group is a multiple of 128, a warp's 4 chunks per step (128 k) share one scale per row,
+// so the MMA sums (q - z) x exactly in fp32 and the scale multiplies the fp32 sum once per step:
+// no weight is rounded to fp16. Smaller groups fold the scale into the fp16 weight (HMUL2), as the
+// batch-16 kernel above and the dequantize + cuBLAS path do.
+//
+// Decomposition: a block owns 16 output rows; its S warps split K, warp w taking steps w, w + S,
+// ... of 4 chunks (lane t of a quad reads chunk 4 step + t of rows g and g + 8, as mma_body does).
+// The next step's weights, scales and zero points are loaded before the current step is
+// multiplied, so each warp has two steps (2 KB) of loads in flight. The S partial sums per row meet
+// in shared memory, added in warp order; warp 0 writes them (with a carried norm, as the GEMV
+// kernel does: common.cuh NormIO).
+
+// Codes (j, j + 4) and (j + 1, j + 5) of a word, j = 0 (shift 0) or 2 (shift 8), as (q - z) half2s.
+// lo: 1024 + q, minus (1024 + z); hi: 1024 + 16 q, times 1/16, minus (64 + z). Both exact.
+__device__ __forceinline__ void tc1_unpack(uint32_t word, __half2 lo_bias, __half2 hi_bias, uint32_t& lo,
+                                           uint32_t& hi) {
+    uint32_t a = and_or(word, 0x000F000Fu, 0x64006400u), b = and_or(word, 0x00F000F0u, 0x64006400u);
+    __half2 ha = __hadd2(*reinterpret_cast<__half2*>(&a), lo_bias);
+    __half2 hb = __hfma2(*reinterpret_cast<__half2*>(&b), __float2half2_rn(0.0625f), hi_bias);
+    lo = *reinterpret_cast<uint32_t*>(&ha);
+    hi = *reinterpret_cast<uint32_t*>(&hb);
+}
+
+// One chunk c per lane of rows g and g + 8 (codes w0, w1; their group's words sz0, sz1) into the D
+// fragment acc: 8 MMAs of k16 in two independent chains (even and odd k16 steps).
+template <bool SCALE_ACC>
+__device__ __forceinline__ void tc1_multiply(uint4 w0q, uint4 w1q, uint32_t sz0, uint32_t sz1, int c, int C, int g,
+                                             const uint4* __restrict__ xv, float* acc) {
+    // The subtrahends from the bits (z < 16): -(1024 + z) is the half 0xE400 | z, -(64 + z) is
+    // 0xD400 | 16 z (the step of a half in [64, 128) is 1/16).
+    const __half s0 = __ushort_as_half((unsigned short)(sz0 & 0xffffu)), s1 = __ushort_as_half((unsigned short)(sz1 & 0xffffu));
+    const uint32_t z0 = sz0 >> 16, z1 = sz1 >> 16;
+    const uint32_t lo0b = (0xE400u | z0) * 0x10001u, hi0b = (0xD400u | (z0 << 4)) * 0x10001u;
+    const uint32_t lo1b = (0xE400u | z1) * 0x10001u, hi1b = (0xD400u | (z1 << 4)) * 0x10001u;
+    const __half2 lo0 = *reinterpret_cast<const __half2*>(&lo0b), hi0 = *reinterpret_cast<const __half2*>(&hi0b);
+    const __half2 lo1 = *reinterpret_cast<const __half2*>(&lo1b), hi1 = *reinterpret_cast<const __half2*>(&hi1b);
+    const __half2 sc0 = __half2half2(s0), sc1 = __half2half2(s1);
+    float part[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {  // word j of the chunk: codes 8j .. 8j + 7
+        // x[8j .. 8j+7] of chunk c, in column 0 of B only (lanes g > 0 hold the zero columns)
+        const uint4 xq = (g == 0 && c < C) ? __ldg(xv + (size_t)c * 4 + j) : make_uint4(0, 0, 0, 0);
+        const uint32_t w0 = word_of(w0q, j), w1 = word_of(w1q, j);
+#pragma unroll
+        for (int p = 0; p < 2; ++p) {  // one k16 step: code pairs (2p, 2p + 4) and (2p + 1, 2p + 5)
+            const uint32_t lo = p ? xq.y : xq.x, hi = p ? xq.w : xq.z;
+            const uint32_t b0 = __byte_perm(lo, hi, 0x5410), b1 = __byte_perm(lo, hi, 0x7632);
+            uint32_t a0, a1, a2, a3;  // rows g, g + 8 at k (2t, 2t+1); the same at k (2t+8, 2t+9)
+            tc1_unpack(w0 >> (8 * p), lo0, hi0, a0, a2);
+            tc1_unpack(w1 >> (8 * p), lo1, hi1, a1, a3);
+            if constexpr (!SCALE_ACC) {
+                __half2 h[4] = {__hmul2(*reinterpret_cast<__half2*>(&a0), sc0), __hmul2(*reinterpret_cast<__half2*>(&a1), sc1),
+                                __hmul2(*reinterpret_cast<__half2*>(&a2), sc0), __hmul2(*reinterpret_cast<__half2*>(&a3), sc1)};
+                const uint32_t* u = reinterpret_cast<const uint32_t*>(h);
+                a0 = u[0], a1 = u[1], a2 = u[2], a3 = u[3];
+            }
+            mma_m16n8k16(part[p], a0, a1, a2, a3, b0, b1);
+        }
+    }
+    // (q - z) x summed exactly in fp32; the group's scale (or 1, folded above) multiplies the sum.
+    const float f0 = SCALE_ACC ? __half2float(s0) : 1.f, f1 = SCALE_ACC ? __half2float(s1) : 1.f;
+    acc[0] = fmaf(f0, part[0][0] + part[1][0], acc[0]);
+    acc[2] = fmaf(f1, part[0][2] + part[1][2], acc[2]);
+}
+
+template <int S, bool SCALE_ACC, bool NORM>
+__device__ __forceinline__ void tc1_body(const uint4* __restrict__ qweight, const uint32_t* __restrict__ sz,
+                                         const __half* __restrict__ x, __half* __restrict__ y, int ldy, int N, int C,
+                                         int ngroups, int chunks_per_group, int cpg_shift, int act, const NormIO& nio) {
+    __shared__ float red[S][16];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int n0 = blockIdx.x * 16;
+    const uint4* xv = reinterpret_cast<const uint4*>(x);  // chunk c, word j: xv[c * 4 + j]
+    // Rows g and g + 8 (past N: the last row again, computed and never written).
+    const uint4* w0p = qweight + (size_t)min(n0 + g, N - 1) * C;
+    const uint4* w1p = qweight + (size_t)min(n0 + g + 8, N - 1) * C;
+    const uint32_t* s0p = sz + (size_t)min(n0 + g, N - 1) * ngroups;
+    const uint32_t* s1p = sz + (size_t)min(n0 + g + 8, N - 1) * ngroups;
+    // A consumer's norm factor: warp 0 alone stores, so it alone adds the producer's partial sums.
+    const float norm_scale = (NORM && warp == 0) ? norm_in_scale(nio) : 1.0f;
+
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};  // D: rows g (acc[0]) and g + 8 (acc[2]) of column 0 at t = 0
+    const int steps = (C + 3) >> 2;
+    // One step ahead: its codes and its group's scale words are in flight while this one is multiplied.
+    auto load = [&](int c, uint4& w0, uint4& w1, uint32_t& q0, uint32_t& q1) {
+        const int cc = min(c, C - 1), grp = group_of(cc, chunks_per_group, cpg_shift);
+        w0 = c < C ? __ldg(w0p + c) : make_uint4(0, 0, 0, 0);
+        w1 = c < C ? __ldg(w1p + c) : make_uint4(0, 0, 0, 0);
+        q0 = __ldg(s0p + grp);
+        q1 = __ldg(s1p + grp);
+    };
+    uint4 n0w, n1w;
+    uint32_t n0s, n1s;
+    load(4 * warp + t, n0w, n1w, n0s, n1s);
+    for (int it = warp; it < steps; it += S) {
+        const uint4 w0 = n0w, w1 = n1w;
+        const uint32_t q0 = n0s, q1 = n1s;
+        const int c = 4 * it + t;
+        if (it + S < steps) load(c + 4 * S, n0w, n1w, n0s, n1s);
+        tc1_multiply<SCALE_ACC>(w0, w1, q0, q1, c, C, g, xv, acc);
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // The S warps' sums, added in warp order; warp 0 writes (rows 2i, 2i + 1 together for act).
+    // ---------------------------------------------------------------------------------------------
+    if (t == 0) {
+        red[warp][g] = acc[0];
+        red[warp][g + 8] = acc[2];
+    }
+    __syncthreads();
+    float ss = 0.0f;  // a producer's sum of h^2 over the block's rows
+    if (warp == 0) {
+        const int pairs = act >= 0 ? 2 : 1;
+        if (lane < 16 / pairs) {
+            const int r = pairs * lane;
+            float v[2] = {0.f, 0.f};
+#pragma unroll
+            for (int q = 0; q < 2; ++q)
+                if (q < pairs)
+                    for (int w = 0; w < S; ++w) v[q] += red[w][r + q];
+            if (NORM)
+                ss = pairs == 2 ? store_rows_normed<2>(y, ldy, 0, n0 + r, N, v, act, nio, norm_scale)
+                                : store_rows_normed<1>(y, ldy, 0, n0 + r, N, v, act, nio, norm_scale);
+            else if (pairs == 2)
+                store_rows<2>(y, ldy, 0, n0 + r, N, v, act);
+            else
+                store_rows<1>(y, ldy, 0, n0 + r, N, v, act);
+        }
+        if (NORM) ss = warp_sum(ss);  // fixed order: the same sum in every run
+    }
+    if (NORM) norm_block_sum(nio, ss);
+}
+
+#define W4A16_TC1_KERNEL(S, SCALE_ACC, NORM, NAME)                                                           \
+    extern "C" __global__ void __launch_bounds__(32 * S, 32 / S)                                               \
+        NAME(const uint4* __restrict__ qweight, const uint32_t* __restrict__ sz, const __half* __restrict__ x, \
+             __half* __restrict__ y, int ldy, int N, int C, int ngroups, int chunks_per_group, int cpg_shift,    \
+             int act, const NormIO nio) {                                                                     \
+        tc1_body<S, SCALE_ACC, NORM>(qweight, sz, x, y, ldy, N, C, ngroups, chunks_per_group, cpg_shift, act, nio); \
+    }
+// _g: groups of 128 or a multiple (the scale on the fp32 sum); _h: smaller groups (HMUL2 on the codes).
+W4A16_TC1_KERNEL(4, true, false, w4a16_tc1_s4_g)
+W4A16_TC1_KERNEL(8, true, false, w4a16_tc1_s8_g)
+W4A16_TC1_KERNEL(16, true, false, w4a16_tc1_s16_g)
+W4A16_TC1_KERNEL(4, true, true, w4a16_tc1_s4_g_n)
+W4A16_TC1_KERNEL(8, true, true, w4a16_tc1_s8_g_n)
+W4A16_TC1_KERNEL(16, true, true, w4a16_tc1_s16_g_n)
+W4A16_TC1_KERNEL(4, false, false, w4a16_tc1_s4_h)
+W4A16_TC1_KERNEL(8, false, false, w4a16_tc1_s8_h)
+W4A16_TC1_KERNEL(16, false, false, w4a16_tc1_s16_h)
+W4A16_TC1_KERNEL(4, false, true, w4a16_tc1_s4_h_n)
+W4A16_TC1_KERNEL(8, false, true, w4a16_tc1_s8_h_n)
+W4A16_TC1_KERNEL(16, false, true, w4a16_tc1_s16_h_n)

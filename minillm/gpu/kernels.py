@@ -287,12 +287,11 @@ def gemv_i8(codes, scales, zeros, group, x, y, m: int, n: int, act: int = -1, ni
     return blocks
 
 
-def dequant_w4(qweight, scales, zeros, out, group: int):
+def dequant_w4(qweight, sz, out, group: int):
     n, words = qweight.shape
     total = n * words
     fn("dequant", "dequant_w4")((-(-total // 256),), (256,), (
-        qweight, scales, zeros if zeros is not None else 0, out, i32(n), i32(words), i32(out.shape[1]),
-        i32(scales.shape[1]), i32(group)))
+        qweight, sz, out, i32(n), i32(words), i32(out.shape[1]), i32(sz.shape[1]), i32(group)))
 
 
 def dequant_i8(codes, scales, zeros, out, group: int):

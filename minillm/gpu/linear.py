@@ -144,7 +144,7 @@ class GpuLinear:
             return self.w
         out = scratch.weight(self.n, self._ld)
         if self.kind == "w4":
-            K.dequant_w4(self.w4.qweight, self.w4.scales, self.w4.zeros, out, self.w4.group_size)
+            K.dequant_w4(self.w4.qweight, self.w4.sz, out, self.w4.group_size)
         else:
             codes, scales, zeros, group = self.w8
             K.dequant_i8(codes, scales, zeros, out, group)

@@ -3,13 +3,15 @@
     w = W4A16Weight.upload(qt)          # a QuantizedTensor (bits 4) -> packed on the GPU
     y = w4a16_matmul(x, w)              # x fp16 [M, K] -> y fp16 [M, N]
 
-Batches of up to 16 rows stream the weights once: one row through the GEMV kernel (fp32 FMAs), 2..16
-through the tensor-core kernel (w4a16_mma.cu, mma.sync on the dequantized weights); larger batches
-dequantize to fp16 once and use cuBLAS.
+Batches of up to 16 rows stream the weights once: one row through the batch-1 tensor-core kernel
+(w4a16_mma.cu, w4a16_tc1: x in one column of the MMA) or the GEMV kernel (fp32 FMAs), 2..16 through
+the tensor-core kernel (mma.sync on the dequantized weights); larger batches dequantize to fp16 once
+and use cuBLAS.
 """
 
 from __future__ import annotations
 
+import os
 
 import numpy as np
 
@@ -31,13 +33,24 @@ def kernel(m: int, rows: int, ksplit: int = 1, norm: bool = False):
     return fn("w4a16_gemv", f"w4a16_gemv_m{m}_r{rows}" + (f"_k{ksplit}" if ksplit > 1 else "") + ("_n" if norm else ""))
 
 
+def pack_sz(scales, zeros):
+    """fp16 scales and uint8 zero points [N, groups] (zeros None: symmetric, 8) -> uint32 words
+    scale bits | zero << 16, one per group: the kernels read a group's two numbers in one load."""
+    xp = get_xp("cuda").get_array_module(scales)
+    bits = xp.ascontiguousarray(scales, dtype=xp.float16).view(xp.uint16).astype(xp.uint32)
+    return bits | ((8 if zeros is None else xp.asarray(zeros).astype(xp.uint32)) << 16)
+
+
 class W4A16Weight:
-    """Packed 4-bit weights on the GPU in minillm's layout (see the .cu file's header)."""
+    """Packed 4-bit weights on the GPU in minillm's layout (see the .cu files' headers): the codes
+    qweight uint32 [N, 4C] and one word per group sz uint32 [N, groups] (pack_sz)."""
 
     def __init__(self, qweight, scales, zeros, perm, n, k, group_size):
-        self.qweight, self.scales, self.zeros, self.perm = qweight, scales, zeros, perm
+        self.qweight, self.perm = qweight, perm
+        self.sz = get_xp("cuda").asarray(pack_sz(scales, zeros))
         self.n, self.k, self.group_size = n, k, group_size
         self.chunks = -(-k // 32)
+        self.groups = self.sz.shape[1]
 
     @classmethod
     def upload(cls, qt) -> "W4A16Weight":
@@ -62,25 +75,28 @@ class W4A16Weight:
             codes = codes[:, order]
             perm = cp.asarray(order.astype(np.int64))
         words = pack_bits(codes, 4, axis=1)  # [N, 4C] uint32
-        return cls(cp.asarray(words), cp.asarray(np.ascontiguousarray(scales, dtype=np.float16)),
-                   None if spec.sym else cp.asarray(np.ascontiguousarray(zeros, dtype=np.uint8)),
-                   perm, n, k, group)
+        return cls(cp.asarray(words), scales, None if spec.sym else zeros, perm, n, k, group)
 
     @property
     def nbytes(self) -> int:
-        z = 0 if self.zeros is None else self.zeros.nbytes
-        return int(self.qweight.nbytes + self.scales.nbytes + z)
+        return int(self.qweight.nbytes + self.sz.nbytes)
 
 
 def _launch(x_pad, w: W4A16Weight, y, m_kernel: int, rows: int | None = None, act: int = -1,
-            tiles: int | None = None, ksplit: int | None = None, nio=None) -> int:
+            tiles: int | None = None, ksplit: int | None = None, nio=None, tc: int | None = None) -> int:
     """y[:m_kernel] = x_pad W^T (y's rows may be longer than N: its row stride is y.shape[1]); with
     act >= 0 W's rows are (gate, up) pairs and y gets act(gate) * up (cuda_kernels/common.cuh).
     rows: rows per warp of the GEMV kernel; tiles: 16-row tiles per block of the tensor-core kernel
     (0 forces the GEMV kernel); ksplit: warps sharing each row's K at one row of x; None picks.
-    nio: a NormIO record (common.cuh; the GEMV kernel at one row). Returns the blocks launched."""
+    tc: warps per 16 rows of the batch-1 tensor-core kernel (0 forces the GEMV kernel).
+    nio: a NormIO record (common.cuh; the kernels at one row). Returns the blocks launched."""
     from .kernels import NO_NORM  # noqa: PLC0415
 
+    if m_kernel == 1 and tc is None and rows is None and tiles is None and ksplit is None:
+        forced = os.environ.get("MINILLM_W4_TC1")  # "0" / "4" / "8" / "16" force the choice (benchmarks)
+        tc = _tc1_warps(w) if forced is None else int(forced)
+    if m_kernel == 1 and tc:
+        return _launch_tc1(x_pad, w, y, tc, act, NO_NORM if nio is None else nio)
     if tiles is None and rows is None and m_kernel >= MMA_MIN_ROWS:
         tiles = _mma_tiles(w.n, m_kernel)
     if tiles:
@@ -93,12 +109,17 @@ def _launch(x_pad, w: W4A16Weight, y, m_kernel: int, rows: int | None = None, ac
         rows = _INSTANCES[m_kernel]
     warps = -(-w.n // rows) * ksplit
     blocks = -(-warps // (_THREADS // 32))
-    zeros = w.zeros if w.zeros is not None else 0  # a null pointer for symmetric weights
     kernel(m_kernel, rows, ksplit, nio is not None)((blocks,), (_THREADS,), (
-        w.qweight, w.scales, zeros, x_pad, y, np.int32(y.shape[1]),
-        np.int32(w.n), np.int32(w.chunks), np.int32(w.scales.shape[1]), np.int32(w.group_size // 32), np.int32(act),
+        w.qweight, w.sz, x_pad, y, np.int32(y.shape[1]),
+        np.int32(w.n), np.int32(w.chunks), np.int32(w.groups), *_group_args(w), np.int32(act),
         NO_NORM if nio is None else nio))
     return blocks
+
+
+def _group_args(w: W4A16Weight):
+    """(chunks per group, its log2 or -1): the kernels find a chunk's group by a shift when they can."""
+    cpg = w.group_size // 32
+    return np.int32(cpg), np.int32(cpg.bit_length() - 1 if cpg & (cpg - 1) == 0 else -1)
 
 
 def _ksplit(w: W4A16Weight, rows: int) -> int:
@@ -108,6 +129,38 @@ def _ksplit(w: W4A16Weight, rows: int) -> int:
     from .kernels import sm_count  # noqa: PLC0415
 
     return 2 if w.chunks >= 256 and -(-w.n // rows) < 16 * sm_count() else 1
+
+
+def _tc1_warps(w: W4A16Weight) -> int:
+    """Warps per block (16 rows) of the batch-1 tensor-core kernel, or 0 for the GEMV kernel. The
+    tensor-core kernel issues about half the GEMV's instructions per code but pays per warp (the
+    split-K sums, a longer dependent chain). Measured on an H100 (bench/NOTES.md, session 5), it wins
+    with 19-32 warps per SM that each take >= 4 steps of 128 k: 4096x12288 and 4096x11008 at 4 warps
+    a block (12.9 vs 14.4 us, 12.2 vs 13.3), 11008x4096 at 16 (12.2 vs 13.0); the GEMV stays for
+    N >= 22016 (it has the warps already) and for 4096x4096 (too few steps a warp)."""
+    from .kernels import sm_count  # noqa: PLC0415
+
+    sms = sm_count()
+    tiles, steps = -(-w.n // 16), -(-w.chunks // 4)
+    for s in (4, 8, 16):
+        if 19 * sms <= tiles * s <= 32 * sms and steps >= 4 * s:
+            return s
+    return 0
+
+
+def _launch_tc1(x_pad, w: W4A16Weight, y, warps: int, act: int, nio) -> int:
+    from .kernels import fn  # noqa: PLC0415
+
+    # Groups of a multiple of 128 put a warp's 4 chunks in one group: the scale then multiplies the
+    # fp32 sum (_g); smaller groups multiply the fp16 codes (_h). w4a16_mma.cu explains both.
+    form = "g" if w.group_size % 128 == 0 else "h"
+    norm = "_n" if nio["h"] or nio["in_ss"] else ""
+    f = fn("w4a16_mma", f"w4a16_tc1_s{warps}_{form}{norm}")
+    blocks = -(-w.n // 16)
+    f((blocks,), (32 * warps,), (
+        w.qweight, w.sz, x_pad, y, np.int32(y.shape[1]),
+        np.int32(w.n), np.int32(w.chunks), np.int32(w.groups), *_group_args(w), np.int32(act), nio))
+    return blocks
 
 
 def _mma_tiles(n: int, m: int) -> int:
@@ -123,18 +176,17 @@ def _launch_mma(x_pad, w: W4A16Weight, y, m: int, tiles: int, act: int) -> int:
     from .kernels import fn  # noqa: PLC0415
 
     f = fn("w4a16_mma", f"w4a16_mma_n{tiles}_m{1 if m <= 8 else 2}")
-    zeros = w.zeros if w.zeros is not None else 0
     blocks = -(-w.n // (16 * tiles))
     f((blocks,), (32 * _MMA_WARPS,), (
-        w.qweight, w.scales, zeros, x_pad, y, np.int32(y.shape[1]), np.int32(m),
-        np.int32(w.n), np.int32(w.chunks), np.int32(w.scales.shape[1]), np.int32(w.group_size // 32), np.int32(act)))
+        w.qweight, w.sz, x_pad, y, np.int32(y.shape[1]), np.int32(m),
+        np.int32(w.n), np.int32(w.chunks), np.int32(w.groups), *_group_args(w), np.int32(act)))
     return blocks
 
 
 def w4a16_matmul(x, w: W4A16Weight, out=None, rows: int | None = None, tiles: int | None = None,
-                 ksplit: int | None = None):
-    """y = x W^T.  x: fp16 [M, K] (cupy) -> fp16 [M, N]. `rows` / `tiles` / `ksplit` override the
-    kernel's choice (see _launch)."""
+                 ksplit: int | None = None, tc: int | None = None):
+    """y = x W^T.  x: fp16 [M, K] (cupy) -> fp16 [M, N]. `rows` / `tiles` / `ksplit` / `tc` override
+    the kernel's choice (see _launch)."""
     cp = get_xp("cuda")
     m, k = x.shape
     if k != w.k:
@@ -151,7 +203,7 @@ def w4a16_matmul(x, w: W4A16Weight, out=None, rows: int | None = None, tiles: in
     else:
         x_pad = x
     y = cp.empty((m_kernel, w.n), dtype=cp.float16) if out is None or m_kernel != m else out
-    _launch(x_pad, w, y, m_kernel, rows, tiles=tiles, ksplit=ksplit)
+    _launch(x_pad, w, y, m_kernel, rows, tiles=tiles, ksplit=ksplit, tc=tc)
     return y[:m] if m_kernel != m else y
 
 
@@ -160,6 +212,6 @@ def dequantize_fp16(w: W4A16Weight):
     cp = get_xp("cuda")
     shifts = cp.arange(0, 32, 4, dtype=cp.uint32)
     codes = ((w.qweight[:, :, None] >> shifts) & 0xF).reshape(w.n, -1)[:, : w.k].astype(cp.float16)
-    g = cp.arange(w.k) // w.group_size
-    zeros = cp.float16(8) if w.zeros is None else w.zeros[:, g].astype(cp.float16)
-    return (codes - zeros) * w.scales[:, g]
+    sz = w.sz[:, cp.arange(w.k) // w.group_size]
+    scales = (sz & 0xFFFF).astype(cp.uint16).view(cp.float16)
+    return (codes - (sz >> 16).astype(cp.float16)) * scales

@@ -164,10 +164,15 @@ __device__ __forceinline__ float norm_in_scale(const NormIO& p) {
 
 // store_rows for lane 0, with the consumer's factor applied first; for a producer (row m = 0 only:
 // batch 1), also h += y (y rounded to fp16 as the unfused path stores it), u = h * w * 2^-k, and the
-// returned sum of the new h^2 over these outputs.
-template <int ROWS>
+// returned sum of the new h^2 over these outputs. NORM false: plain store_rows (the instances that
+// carry no norm), so a kernel templated on NORM stores through this one call either way.
+template <int ROWS, bool NORM = true>
 __device__ __forceinline__ float store_rows_normed(__half* y, int ldy, int m, int n0, int N, float* v, int act,
                                                    const NormIO& p, float scale) {
+    if constexpr (!NORM) {
+        store_rows<ROWS>(y, ldy, m, n0, N, v, act);
+        return 0.0f;
+    }
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) v[r] *= scale;
     store_rows<ROWS>(y, ldy, m, n0, N, v, act);

@@ -120,8 +120,7 @@ __device__ __forceinline__ void gemv_body(const uint4* __restrict__ w, Chunk chu
         float v[ROWS];
 #pragma unroll
         for (int rr = 0; rr < ROWS; rr++) v[rr] = warp_sum(acc[m][rr]);
-        if (lane == 0 && NORM) ss += store_rows_normed<ROWS>(y, ldy, m, n0, N, v, act, nio, scale);
-        if (lane == 0 && !NORM) store_rows<ROWS>(y, ldy, m, n0, N, v, act);
+        if (lane == 0) ss += store_rows_normed<ROWS, NORM>(y, ldy, m, n0, N, v, act, nio, scale);
     }
     if (NORM) norm_block_sum(nio, ss);
 }

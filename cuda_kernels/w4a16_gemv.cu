@@ -188,8 +188,7 @@ __device__ __forceinline__ void gemv_body(const uint4* __restrict__ qweight, con
             for (int off = 16; off > 0; off >>= 1) v[r] += __shfl_xor_sync(0xffffffffu, v[r], off);
         }
         if (KSPLIT == 1) {
-            if (lane == 0 && NORM) ss += store_rows_normed<ROWS>(y, ldy, m, n0, N, v, act, nio, scale);
-            if (lane == 0 && !NORM) store_rows<ROWS>(y, ldy, m, n0, N, v, act);
+            if (lane == 0) ss += store_rows_normed<ROWS, NORM>(y, ldy, m, n0, N, v, act, nio, scale);
         } else if (lane == 0) {
 #pragma unroll
             for (int r = 0; r < ROWS; ++r) red[(threadIdx.x >> 5)][r * M + m] = v[r];
@@ -207,8 +206,7 @@ __device__ __forceinline__ void gemv_body(const uint4* __restrict__ qweight, con
 #pragma unroll
                     for (int p = 0; p < KSPLIT; ++p) v[r] += red[(threadIdx.x >> 5) + p][r * M + m];  // in order
                 }
-                if (NORM) ss += store_rows_normed<ROWS>(y, ldy, m, n0, N, v, act, nio, scale);
-                else store_rows<ROWS>(y, ldy, m, n0, N, v, act);
+                ss += store_rows_normed<ROWS, NORM>(y, ldy, m, n0, N, v, act, nio, scale);
             }
         }
     }

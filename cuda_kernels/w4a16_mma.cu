@@ -306,13 +306,8 @@ __device__ __forceinline__ void tc1_body(const uint4* __restrict__ qweight, cons
             for (int q = 0; q < 2; ++q)
                 if (q < pairs)
                     for (int w = 0; w < S; ++w) v[q] += red[w][r + q];
-            if (NORM)
-                ss = pairs == 2 ? store_rows_normed<2>(y, ldy, 0, n0 + r, N, v, act, nio, norm_scale)
-                                : store_rows_normed<1>(y, ldy, 0, n0 + r, N, v, act, nio, norm_scale);
-            else if (pairs == 2)
-                store_rows<2>(y, ldy, 0, n0 + r, N, v, act);
-            else
-                store_rows<1>(y, ldy, 0, n0 + r, N, v, act);
+            ss = pairs == 2 ? store_rows_normed<2, NORM>(y, ldy, 0, n0 + r, N, v, act, nio, norm_scale)
+                            : store_rows_normed<1, NORM>(y, ldy, 0, n0 + r, N, v, act, nio, norm_scale);
         }
         if (NORM) ss = warp_sum(ss);  // fixed order: the same sum in every run
     }

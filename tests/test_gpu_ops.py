@@ -73,21 +73,28 @@ def test_add_rmsnorm(rows, d, with_delta, seed):
     assert np.all(np.abs(got - ref) <= fp16_bound(ref) + 1e-5 * np.abs(ref).max())
 
 
-def _linear(kind, w):
+def _spec(kind, w4_group=32):
+    return {"w8": QuantSpec(8, "group", 16), "w4": QuantSpec(4, "group", w4_group)}.get(kind)
+
+
+def _linear(kind, w, w4_group=32):
     from minillm.gpu.linear import GpuLinear
 
-    spec = {"w8": QuantSpec(8, "group", 16), "w4": QuantSpec(4, "group", 32)}
-    return GpuLinear.from_host([quantize_rtn(w, spec[kind]) if kind in spec else w])
+    return GpuLinear.from_host([quantize_rtn(w, _spec(kind, w4_group)) if kind in ("w8", "w4") else w])
 
 
 @settings(max_examples=EXAMPLES or 30, deadline=None)
 @given(producer=st.sampled_from(["fp16", "w8", "w4"]), consumer=st.sampled_from(["fp16", "w8", "w4"]),
        d=st.integers(1, 600), k=st.integers(1, 300), n=st.integers(1, 300), big_w=st.booleans(),
-       act=st.booleans(), seed=st.integers(0, 2**31))
-def test_norm_carried_between_products(producer, consumer, d, k, n, big_w, act, seed):
+       act=st.booleans(), w4_group=st.sampled_from([32, 128]), w4_kernel=st.sampled_from(["0", "4", "16"]),
+       seed=st.integers(0, 2**31))
+def test_norm_carried_between_products(producer, consumer, d, k, n, big_w, act, w4_group, w4_kernel, seed):
     """Batch 1: a product adds its output into h and leaves h * w (common.cuh NormIO), the next one
     scales its sums by 1 / rms(h): the same as add_rmsnorm between them, within the fp16 rounding
-    of the input either way."""
+    of the input either way. W4 products run the GEMV ("0") or the batch-1 tensor-core kernel with 4
+    or 16 warps a block (MINILLM_W4_TC1), with groups of 32 (scale on the codes) or 128 (on the sums)."""
+    import os
+
     import cupy as cp
 
     from minillm.gpu import kernels as K
@@ -96,7 +103,19 @@ def test_norm_carried_between_products(producer, consumer, d, k, n, big_w, act, 
     wp = rng.normal(size=(d, k)).astype(np.float32)
     n = 2 * n if act else n  # a gate/up pair per output
     wc = rng.normal(size=(n, d)).astype(np.float32)
-    lp, lc = _linear(producer, wp), _linear(consumer, wc)
+    lp, lc = _linear(producer, wp, w4_group), _linear(consumer, wc, w4_group)
+    before = os.environ.get("MINILLM_W4_TC1")
+    os.environ["MINILLM_W4_TC1"] = w4_kernel
+    try:
+        _carry_and_check(cp, K, rng, lp, lc, consumer, wc, d, k, n, big_w, act, w4_group)
+    finally:
+        if before is None:
+            del os.environ["MINILLM_W4_TC1"]
+        else:
+            os.environ["MINILLM_W4_TC1"] = before
+
+
+def _carry_and_check(cp, K, rng, lp, lc, consumer, wc, d, k, n, big_w, act, w4_group):
     scratch = LinearScratch(1, K.round_up(max(d, k), 32))
     x = cp.zeros((1, K.round_up(k, 32)), cp.float16)
     x[0, :k] = cp.asarray(rng.normal(size=k).astype(np.float16))
@@ -113,8 +132,8 @@ def test_norm_carried_between_products(producer, consumer, d, k, n, big_w, act, 
     href = h0 + cp.asnumpy(y).astype(np.float32)
     np.testing.assert_allclose(cp.asnumpy(h), href, rtol=1e-6, atol=1e-6)
     xn = (href / np.sqrt((href.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-5) * w)[0]
-    wq = np.asarray(quantize_rtn(wc, {"w8": QuantSpec(8, "group", 16), "w4": QuantSpec(4, "group", 32)}[consumer])
-                    .dequantize() if consumer != "fp16" else wc.astype(np.float16), np.float64)
+    wq = np.asarray(quantize_rtn(wc, _spec(consumer, w4_group)).dequantize() if consumer != "fp16"
+                    else wc.astype(np.float16), np.float64)
     pre = wq @ xn
     # Relative 2^-11 each: u (fp16 of h w 2^-k) against xn, the weights' fp16 scales on the GPU
     # against the reference's float ones, and the output's own rounding (below): |W| |xn| 2^-9.

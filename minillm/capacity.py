@@ -24,13 +24,14 @@ GPU_CACHES = ("float", "int8", "fp8", "int4")
 
 
 def w4_weight_bytes(cfg, group: int = 128) -> int:
-    """Packed 4-bit codes + fp16 scales + uint8 zeros of every projection; fp16 embedding, LM head."""
+    """Packed 4-bit codes + a 32-bit scale/zero word per group (the GPU layout, minillm/gpu/w4a16.py)
+    of every projection; fp16 embedding, LM head."""
     d, f, h, kv, hd = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     per_layer = [((h + 2 * kv) * hd, d), (d, h * hd), (2 * f, d), (d, f)]  # (N, K) of the fused products
     total = 0
     for n, k in per_layer:
         chunks = -(-k // 32)
-        total += n * 16 * chunks + n * -(-k // group) * 3
+        total += n * 16 * chunks + n * -(-k // group) * 4
     total = total * cfg.num_layers + 2 * 2 * cfg.vocab_size * d + 4 * d * (2 * cfg.num_layers + 1)
     return total
 

@@ -177,13 +177,12 @@ W4A16_MMA_KERNEL(2, 2)
 // ================================================================================================
 // One row of x on the tensor cores (the batch-1 decode step): w4a16_tc1_s{S}[_n]
 // ================================================================================================
-// At batch 1 the GEMV kernel's fp32 loop spends ~4 instructions per code (shift, mask, subtract,
-// two conversions, an FMA per pair) and keeps the SM's issue slots 75% busy while DRAM is 59% busy
-// (Nsight Compute, gate/up of a 7B layer): the instructions, not the bytes, bound it. Here the same
-// codes go through mma.m16n8k16 with x in column 0 of B (the other 7 columns are zero, wasted MMA
-// work that costs nothing the memory system notices), and the unpack is the shift-free form of the
-// magic number (Marlin's): masking a word with 0x000F000F or 0x00F000F0 and OR-ing 0x6400 gives
-// halves 1024 + q or 1024 + 16 q, so one subtract, or one FMA by 1/16, leaves q - z exactly:
+// At batch 1 the GEMV kernel (w4a16_gemv.cu) spends ~5 instructions per code: a mask, a subtract,
+// two conversions to fp32 and an FMA per pair. Here the same codes go through mma.m16n8k16 with x
+// in column 0 of B (the other 7 columns are zero: wasted MMA work the memory system never sees),
+// and the unpack is the shift-free form of the magic number (Marlin's): masking a word with
+// 0x000F000F or 0x00F000F0 and OR-ing 0x6400 gives halves 1024 + q or 1024 + 16 q, so one
+// subtract, or one FMA by 1/16, leaves q - z exactly:
 //   per 8 codes: 1 shift, 4 LOP3, 4 HADD2/HFMA2, 1/2 MMA  (+ 4 HMUL2 when groups are < 128)
 // When the group is a multiple of 128, a warp's 4 chunks per step (128 k) share one scale per row,
 // so the MMA sums (q - z) x exactly in fp32 and the scale multiplies the fp32 sum once per step:
@@ -192,10 +191,12 @@ W4A16_MMA_KERNEL(2, 2)
 //
 // Decomposition: a block owns 16 output rows; its S warps split K, warp w taking steps w, w + S,
 // ... of 4 chunks (lane t of a quad reads chunk 4 step + t of rows g and g + 8, as mma_body does).
-// The next step's weights, scales and zero points are loaded before the current step is
-// multiplied, so each warp has two steps (2 KB) of loads in flight. The S partial sums per row meet
-// in shared memory, added in warp order; warp 0 writes them (with a carried norm, as the GEMV
-// kernel does: common.cuh NormIO).
+// The next step's codes and scale words are loaded before the current step is multiplied. The S
+// partial sums per row meet in shared memory, added in warp order; warp 0 writes them (with a
+// carried norm, as the GEMV kernel does: common.cuh NormIO). Fewer instructions do not make it
+// faster everywhere: it pays per warp for the split-K sums, and where the GEMV already has many
+// warps (N >= 22016) or this kernel's warps would get few steps (4096x4096), the GEMV is as fast or
+// faster (H100, bench/NOTES.md session 5); minillm/gpu/w4a16.py _tc1_warps holds the rule.
 
 // Codes (j, j + 4) and (j + 1, j + 5) of a word, j = 0 (shift 0) or 2 (shift 8), as (q - z) half2s.
 // lo: 1024 + q, minus (1024 + z); hi: 1024 + 16 q, times 1/16, minus (64 + z). Both exact.

@@ -169,15 +169,13 @@ __device__ __forceinline__ float norm_in_scale(const NormIO& p) {
 template <int ROWS, bool NORM = true>
 __device__ __forceinline__ float store_rows_normed(__half* y, int ldy, int m, int n0, int N, float* v, int act,
                                                    const NormIO& p, float scale) {
-    if constexpr (!NORM) {
-        store_rows<ROWS>(y, ldy, m, n0, N, v, act);
-        return 0.0f;
-    }
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r) v[r] *= scale;
-    store_rows<ROWS>(y, ldy, m, n0, N, v, act);
     float s = 0.0f;
-    if (p.h != nullptr && m == 0) {
+    if constexpr (NORM) {
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) v[r] *= scale;
+    }
+    store_rows<ROWS>(y, ldy, m, n0, N, v, act);
+    if (NORM && p.h != nullptr && m == 0) {
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
             const int n = n0 + r;

@@ -200,10 +200,11 @@ def test_bad_cache_requests_are_clear_errors():
 
 def test_bench_capacity_arithmetic():
     """`minillm bench`: the W4 weight bytes equal the arrays a packed upload would hold (built here
-    with pack_bits on a shrunken copy of the shape), each context fits the budget and 256 more tokens
-    would not."""
+    with pack_bits and pack_sz on a shrunken copy of the shape), each context fits the budget and
+    256 more tokens would not."""
     from minillm.capacity import cache_bytes_per_token, plan, w4_weight_bytes
     from minillm.gpu.synthetic import llama_config
+    from minillm.gpu.w4a16 import pack_sz
     from minillm.quant.packing import pack_bits
 
     small = llama_config(layers=2, hidden=96, mlp=160, heads=3, kv_heads=1, vocab=50)
@@ -211,7 +212,8 @@ def test_bench_capacity_arithmetic():
     for n, k in [(5 * 32, 96), (96, 96), (320, 96), (96, 160)]:  # fused qkv, o, gate_up, down
         codes = np.zeros((n, k), np.uint8)
         expect += pack_bits(np.pad(codes, ((0, 0), (0, -k % 32))), 4, axis=1).nbytes
-        expect += n * -(-k // 128) * (2 + 1)  # fp16 scale + uint8 zero per group
+        groups = (n, -(-k // 128))
+        expect += pack_sz(np.zeros(groups, np.float16), np.zeros(groups, np.uint8)).nbytes  # scale | zero words
     expect = 2 * expect + 2 * 2 * 50 * 96 + 4 * 96 * 5
     assert w4_weight_bytes(small) == expect
 

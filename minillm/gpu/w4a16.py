@@ -36,7 +36,7 @@ def kernel(m: int, rows: int, ksplit: int = 1, norm: bool = False):
 def pack_sz(scales, zeros):
     """fp16 scales and uint8 zero points [N, groups] (zeros None: symmetric, 8) -> uint32 words
     scale bits | zero << 16, one per group: the kernels read a group's two numbers in one load."""
-    xp = get_xp("cuda").get_array_module(scales)
+    xp = np if isinstance(scales, np.ndarray) else get_xp("cuda")  # on the host for an upload
     bits = xp.ascontiguousarray(scales, dtype=xp.float16).view(xp.uint16).astype(xp.uint32)
     return bits | ((8 if zeros is None else xp.asarray(zeros).astype(xp.uint32)) << 16)
 

@@ -125,7 +125,7 @@ def _carry_and_check(cp, K, rng, lp, lc, consumer, wc, d, k, n, big_w, act, w4_g
     y = poisoned(cp, (1, d), cp.float16)
     u = cp.zeros((1, K.round_up(d, 32)), cp.float16)
     z = poisoned(cp, (1, n // 2 if act else n), cp.float16)
-    rec = lp(x, y, 1, scratch, norm=(h, wd, u, 1e-5), carry=True)
+    rec = lp(x, y, 1, scratch, norm=(h, wd, u, 1e-5, K.norm_exponent(wd)), carry=True)
     assert rec is not None
     lc(u, z, 1, scratch, act="silu" if act else None, gu=cp.zeros((1, n), cp.float16), normed=rec)
 

@@ -45,6 +45,8 @@ class Layer:
     def __init__(self, attn_norm, qkv, q_norm, k_norm, o, mlp_norm, gate_up, down, window):
         self.attn_norm, self.qkv, self.q_norm, self.k_norm, self.o = attn_norm, qkv, q_norm, k_norm, o
         self.mlp_norm, self.gate_up, self.down, self.window = mlp_norm, gate_up, down, window
+        # The exponents the carried norm scales by (GpuLinear norm=; kernels.norm_exponent)
+        self.attn_norm_k, self.mlp_norm_k = K.norm_exponent(attn_norm), K.norm_exponent(mlp_norm)
 
 
 class Buffers:
@@ -91,6 +93,7 @@ class GpuModel:
                                "with --device cuda")
         self.config, self.embed, self.layers = config, embed, layers
         self.final_norm, self.lm_head, self.kv_cache = final_norm, lm_head, kv_cache
+        self.final_norm_k = K.norm_exponent(final_norm)
         self.kv_calibration = None  # as Model's: the FP8 cache's offsets (kvcache.calibrated_offsets)
         self.xp = get_xp("cuda")
         self.dtype = np.float16
@@ -229,10 +232,12 @@ class GpuModel:
             else:
                 K.decode_attention(buf.q, cache.layer(i), cache.pos, rows, t, c, layer.window, parts, buf.attn, plan)
             # Each residual branch's product ends with h += delta and the next sublayer's norm.
-            normed = layer.o(buf.attn, buf.delta, rows, buf, norm=(buf.h, layer.mlp_norm, buf.x, eps), carry=carry)
+            mlp_norm = (buf.h, layer.mlp_norm, buf.x, eps, layer.mlp_norm_k)
+            normed = layer.o(buf.attn, buf.delta, rows, buf, norm=mlp_norm, carry=carry)
             layer.gate_up(buf.x, buf.act, rows, buf, act=c.activation, gu=buf.gu, normed=normed)
-            after = self.layers[i + 1].attn_norm if i + 1 < len(self.layers) else self.final_norm
-            normed = layer.down(buf.act, buf.delta, rows, buf, norm=(buf.h, after, buf.x, eps), carry=carry)
+            nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
+            w, k = (nxt.attn_norm, nxt.attn_norm_k) if nxt else (self.final_norm, self.final_norm_k)
+            normed = layer.down(buf.act, buf.delta, rows, buf, norm=(buf.h, w, buf.x, eps, k), carry=carry)
         return normed
 
     def _prefill_attention(self, buf: Buffers, cache: GpuKVCache, layer: int, rows: int, t: int, window):

@@ -72,7 +72,6 @@ def add_rmsnorm(h, delta, weight, out, rows: int, eps: float):
 _NORM_IO = np.dtype({"names": ["in_ss", "h", "w", "u", "out_ss", "in_blocks", "D", "eps", "in_scale", "out_scale"],
                      "formats": [np.uint64] * 5 + [np.int32] * 2 + [np.float32] * 3,
                      "offsets": [0, 8, 16, 24, 32, 40, 44, 48, 52, 56], "itemsize": 64, "aligned": True})
-_exponents: dict = {}
 
 
 def _record(**fields):
@@ -86,23 +85,19 @@ def _record(**fields):
 NO_NORM = _record()  # the plain instances' argument: every pointer null
 
 
-def _norm_exponent(weight) -> int:
-    """k with 2^k >= max |w| (k >= 0): u = h * w * 2^-k is then no larger than h in fp16. Read from
-    the device once per weight (on the eager first step, before any capture); any k gives the same
-    result, k only keeps u in fp16's range."""
-    key = (weight.data.ptr, weight.size)
-    if key not in _exponents:
-        top = float(get_xp("cuda").abs(weight).max()) if weight.size else 0.0
-        _exponents[key] = max(0, math.ceil(math.log2(top))) if top > 0 else 0
-    return _exponents[key]
+def norm_exponent(weight) -> int:
+    """k >= 0 with 2^k >= max |w| for an RMSNorm weight: u = h * w * 2^-k is then no larger than h in
+    fp16. Any k gives the same result (k only keeps u in fp16's range), but it belongs to the weight:
+    computed once when the weight is loaded (one device read), and carried with it."""
+    top = float(get_xp("cuda").abs(weight).max()) if weight.size else 0.0
+    return max(0, math.ceil(math.log2(top))) if top > 0 else 0
 
 
-def norm_producer(h, weight, u, partials):
+def norm_producer(h, weight, u, partials, k: int):
     """For a product whose output is a residual branch, at batch 1: it adds its output into h, writes
-    u = h * weight * 2^-k and per-block sums of h^2 into partials (common.cuh, NormIO). Returns the
-    record and k."""
-    k = _norm_exponent(weight)
-    return _record(h=h.data.ptr, w=weight.data.ptr, u=u.data.ptr, out_ss=partials.data.ptr, out_scale=2.0**-k), k
+    u = h * weight * 2^-k (k = norm_exponent(weight)) and per-block sums of h^2 into partials
+    (common.cuh, NormIO). Returns the record."""
+    return _record(h=h.data.ptr, w=weight.data.ptr, u=u.data.ptr, out_ss=partials.data.ptr, out_scale=2.0**-k)
 
 
 def norm_consumer(partials, blocks: int, d: int, eps: float, k: int):

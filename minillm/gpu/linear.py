@@ -93,10 +93,11 @@ class GpuLinear:
         act-order inputs, the fp16 matrix of the large-batch path and the norm's partial sums
         (x_perm, weight(n, k), norm_partials).
 
-        norm = (h, weight, out, eps) when y is a residual branch: then h += y and out = RMSNorm(h) *
+        norm = (h, weight, out, eps, k) when y is a residual branch: then h += y and out = RMSNorm(h) *
         weight. With carry (one row, no bias), the GEMV does it (common.cuh NormIO): out gets h *
-        weight unnormalised, and the return value is the record the next product must be called
-        with (`normed=`) to scale its sums; otherwise add_rmsnorm runs and None is returned."""
+        weight * 2^-k unnormalised (k = kernels.norm_exponent(weight), computed when the weight was
+        loaded), and the return value is the record the next product must be called with
+        (`normed=`) to scale its sums; otherwise add_rmsnorm runs and None is returned."""
         if self.perm is not None:
             K.gather_cols(x, self.perm, scratch.x_perm, rows)
             x = scratch.x_perm
@@ -105,7 +106,8 @@ class GpuLinear:
         code = K.ACT_CODES[act] if fused else -1
         nio, k = normed, None
         if norm is not None and carry and rows == 1 and self.bias is None:
-            nio, k = K.norm_producer(norm[0], norm[1], norm[2], scratch.norm_partials)
+            k = norm[4]
+            nio = K.norm_producer(norm[0], norm[1], norm[2], scratch.norm_partials, k)
         if nio is not None and rows != 1:
             raise ValueError("a NormIO is for one row (the batch-1 decode step)")
         if rows <= 16:

@@ -322,16 +322,14 @@ __device__ __forceinline__ void tc1_body(const uint4* __restrict__ qweight, cons
              int act, const NormIO nio) {                                                                     \
         tc1_body<S, SCALE_ACC, NORM>(qweight, sz, x, y, ldy, N, C, ngroups, chunks_per_group, cpg_shift, act, nio); \
     }
-// _g: groups of 128 or a multiple (the scale on the fp32 sum); _h: smaller groups (HMUL2 on the codes).
-W4A16_TC1_KERNEL(4, true, false, w4a16_tc1_s4_g)
-W4A16_TC1_KERNEL(8, true, false, w4a16_tc1_s8_g)
-W4A16_TC1_KERNEL(16, true, false, w4a16_tc1_s16_g)
-W4A16_TC1_KERNEL(4, true, true, w4a16_tc1_s4_g_n)
-W4A16_TC1_KERNEL(8, true, true, w4a16_tc1_s8_g_n)
-W4A16_TC1_KERNEL(16, true, true, w4a16_tc1_s16_g_n)
-W4A16_TC1_KERNEL(4, false, false, w4a16_tc1_s4_h)
-W4A16_TC1_KERNEL(8, false, false, w4a16_tc1_s8_h)
-W4A16_TC1_KERNEL(16, false, false, w4a16_tc1_s16_h)
-W4A16_TC1_KERNEL(4, false, true, w4a16_tc1_s4_h_n)
-W4A16_TC1_KERNEL(8, false, true, w4a16_tc1_s8_h_n)
-W4A16_TC1_KERNEL(16, false, true, w4a16_tc1_s16_h_n)
+// The instances the launcher picks among (minillm/gpu/w4a16.py _tc1_warps): 4, 8 or 16 warps a block,
+// for each scale form (_g: groups of 128 or a multiple, the scale on the fp32 sum; _h: smaller
+// groups, HMUL2 on the codes) with and without a carried norm (_n).
+#define W4A16_TC1_WARPS(SCALE_ACC, NORM, SUFFIX)                          \
+    W4A16_TC1_KERNEL(4, SCALE_ACC, NORM, w4a16_tc1_s4_##SUFFIX)           \
+    W4A16_TC1_KERNEL(8, SCALE_ACC, NORM, w4a16_tc1_s8_##SUFFIX)           \
+    W4A16_TC1_KERNEL(16, SCALE_ACC, NORM, w4a16_tc1_s16_##SUFFIX)
+W4A16_TC1_WARPS(true, false, g)
+W4A16_TC1_WARPS(true, true, g_n)
+W4A16_TC1_WARPS(false, false, h)
+W4A16_TC1_WARPS(false, true, h_n)

@@ -10,6 +10,8 @@ rotated among enough copies to exceed the L2 cache, so every timing reads HBM.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -150,6 +152,19 @@ def torch_int4(k, n, m, copies):
     return time_torch(lambda x, p, sz: torch.ops.aten._weight_int4pack_mm(x, p, GROUP, sz), args)
 
 
+@contextlib.contextmanager
+def _env(name, value):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
+
+
 def main():
     import argparse
 
@@ -189,6 +204,11 @@ def main():
                 variants += [(f"tc1 {s}", {"tc": s}) for s in (4, 8, 16)]
             options = {label: time_cupy(lambda w: w4a16_matmul(x, w, out=y, **v), [(w,) for w in weights])
                        for label, v in variants}
+            # minillm's own launch uses programmatic dependent launch (minillm/gpu/launch.py): back to
+            # back, a launch overlaps the previous one's completion, as in the decode step. The peers
+            # below launch as their libraries do; the plain launch is shown beside it.
+            with _env("MINILLM_PDL", "0"):
+                options["PDL off"] = time_cupy(lambda w: w4a16_matmul(x, w, out=y), [(w,) for w in weights])
             print(f"  {k}x{n} m={m}: " + ", ".join(f"{o} {t:.1f} us" for o, t in options.items()))
             ours = time_cupy(lambda w: w4a16_matmul(x, w, out=y), [(w,) for w in weights])
             xt = torch.randn((m, k), dtype=torch.float16, device="cuda")
@@ -207,7 +227,8 @@ def main():
         torch.cuda.empty_cache()
 
     print(f"\nW4A16 (group {GROUP}, asymmetric) vs cuBLAS fp16 vs torch int4 tinygemm; us per launch, "
-          f"median of 20 replays of a CUDA graph of {GRAPH_LAUNCHES} launches rotating over weight copies")
+          f"median of 20 replays of a CUDA graph of {GRAPH_LAUNCHES} launches rotating over weight copies; "
+          "minillm launched as in the decode step, with PDL (its plain launch: 'PDL off' above)")
     print("| K x N | batch | minillm us | GB/s | % of copy | cuBLAS fp16 us | cuBLAS GB/s | torch int4 us |"
           " vs cuBLAS | vs torch int4 |")
     print("|---|---|---|---|---|---|---|---|---|---|")

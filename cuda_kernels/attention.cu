@@ -443,6 +443,7 @@ __device__ __forceinline__ void attn_decode_gqa(const __half* __restrict__ q, co
                                     int L, int chunk, int window, float qscale, float* part_acc,           \
                                     float* part_m, float* part_l, int* counter, __half* out, int ld_out,   \
                                     const float* v_off) {                                                  \
+        pdl_begin();                                                                                   \
         attn_decode_gqa<FMT, G>(q, kc, vc, k_scale, v_scale, pos, T, H, KV, hd, L, chunk, window, qscale,  \
                                 part_acc, part_m, part_l, counter, out, ld_out, v_off);                    \
     }
@@ -463,6 +464,7 @@ GQA_INSTANCE(attn_gqa_fp8_g8, KV_FP8, 8)
                                     int L, int chunk, int window, float qscale, float* part_acc,           \
                                     float* part_m, float* part_l, int* counter, __half* out, int ld_out,   \
                                     const float* v_off) {                                                  \
+        pdl_begin();                                                                                   \
         attn_decode<FMT, ITERS, PIPE>(q, kc, vc, k_scale, v_scale, pos, T, H, KV, hd, L, chunk, window,    \
                                       qscale, part_acc, part_m, part_l, counter, out, ld_out, v_off);      \
     }

@@ -494,6 +494,7 @@ __device__ __forceinline__ void attn_mma(const __half* __restrict__ q, const uin
         const void* vz, const __half* wk, const __half* wv, const int* pos, int T, int H, int KV, int hd, int L,  \
         int group, int chunk, int window, float qscale, float* part_acc, float* part_m, float* part_l,          \
         int* counter, __half* out, int ld_out, const float* v_off) {                                           \
+        pdl_begin();                                                                                          \
         attn_mma<FMT, HDP>(q, kq, vq, ks, kz, vs, vz, wk, wv, pos, T, H, KV, hd, L, group, chunk, window, qscale, \
                            part_acc, part_m, part_l, counter, out, ld_out, v_off);                             \
     }

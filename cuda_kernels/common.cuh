@@ -203,3 +203,20 @@ __device__ __forceinline__ void norm_block_sum(const NormIO& p, float s) {
         p.out_ss[blockIdx.x] = t;
     }
 }
+
+// ------------------------------------------------------------------------------------------------
+// Programmatic dependent launch (Hopper; minillm/gpu/launch.py)
+// ------------------------------------------------------------------------------------------------
+// In a stream, and in the decode step's CUDA graph, a kernel normally starts only after the one
+// before it has completed and its writes are flushed. Launched with the programmatic
+// stream-serialization attribute, a kernel is launched as soon as every block of the kernel before
+// it has exited (or triggered, which no kernel here does: see launch.py for what triggering early
+// cost), and must then wait, with griddepcontrol.wait, until that kernel's memory is visible. So
+// every kernel here calls pdl_begin in every block before it reads or writes anything, early exits
+// included: a kernel then cannot complete before the one it follows, and one wait covers every
+// earlier kernel of the step. Without the attribute (older GPUs, MINILLM_PDL=0) it does nothing.
+__device__ __forceinline__ void pdl_begin() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}

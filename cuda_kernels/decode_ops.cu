@@ -33,6 +33,7 @@
 
 extern "C" __global__ void embed_rows(const int* __restrict__ tok, const __half* __restrict__ E,
                                       float* __restrict__ h, int D, float scale) {
+    pdl_begin();
     const int r = blockIdx.x;
     const __half* e = E + (size_t)tok[r] * D;
     for (int i0 = threadIdx.x; i0 < D; i0 += LOAD_BATCH * blockDim.x) {
@@ -58,6 +59,7 @@ extern "C" __global__ void embed_rows(const int* __restrict__ tok, const __half*
 extern "C" __global__ void add_rmsnorm(float* __restrict__ h, const __half* __restrict__ delta, int ld_delta,
                                        const float* __restrict__ w, __half* __restrict__ out, int ld_out,
                                        int D, float eps) {
+    pdl_begin();
     __shared__ float red[32];
     const int r = blockIdx.x;
     float* hr = h + (size_t)r * D;
@@ -95,6 +97,7 @@ extern "C" __global__ void add_rmsnorm(float* __restrict__ h, const __half* __re
 
 // y[r, n] += b[n] for n < N (biases of llama/qwen2 projections).
 extern "C" __global__ void add_bias(__half* __restrict__ y, int ld, const __half* __restrict__ b, int N) {
+    pdl_begin();
     const int r = blockIdx.y;
     for (int n = blockIdx.x * blockDim.x + threadIdx.x; n < N; n += gridDim.x * blockDim.x)
         y[(size_t)r * ld + n] = __float2half(__half2float(y[(size_t)r * ld + n]) + __half2float(b[n]));
@@ -104,6 +107,7 @@ extern "C" __global__ void add_bias(__half* __restrict__ y, int ld, const __half
 // prefill). Gate and up rows are interleaved in the fused weight (minillm/gpu/linear.py).
 extern "C" __global__ void gated_act(const __half* __restrict__ gu, int ld_in, __half* __restrict__ out, int ld_out,
                                      int F, int act) {
+    pdl_begin();
     const int r = blockIdx.y;
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < F; i += gridDim.x * blockDim.x) {
         const float g = __half2float(gu[(size_t)r * ld_in + 2 * i]), u = __half2float(gu[(size_t)r * ld_in + 2 * i + 1]);
@@ -114,6 +118,7 @@ extern "C" __global__ void gated_act(const __half* __restrict__ gu, int ld_in, _
 // out[r, j] = x[r, perm[j]] for j < K (act-order weights read their input columns in group order).
 extern "C" __global__ void gather_cols(const __half* __restrict__ x, int ld_in, const long long* __restrict__ perm,
                                        __half* __restrict__ out, int ld_out, int K) {
+    pdl_begin();
     const int r = blockIdx.y;
     for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < K; j += gridDim.x * blockDim.x)
         out[(size_t)r * ld_out + j] = x[(size_t)r * ld_in + perm[j]];
@@ -135,6 +140,7 @@ extern "C" __global__ void rope_append(const __half* __restrict__ qkv, int ld_qk
                                        int fmt, void* __restrict__ kc, void* __restrict__ vc,
                                        float* __restrict__ k_scale, float* __restrict__ v_scale,
                                        const float* __restrict__ k_off, const float* __restrict__ v_off) {
+    pdl_begin();
     __shared__ float v[512];
     __shared__ float red[32];
     const int r = blockIdx.x, j = blockIdx.y, b = r / T, t = r % T;
@@ -209,6 +215,7 @@ __device__ __forceinline__ float uniform01(uint64_t seed, uint32_t a, uint32_t b
 extern "C" __global__ void next_token(const __half* __restrict__ logits, int ld, int V, float inv_temp,
                                       unsigned long long seed, int* __restrict__ tok, int* __restrict__ pos,
                                       int advance) {
+    pdl_begin();
     __shared__ float best_v[1024];
     __shared__ int best_i[1024];
     const int b = blockIdx.x;
@@ -279,6 +286,7 @@ extern "C" __global__ void kivi_flush(const __half* __restrict__ wk, const __hal
                                       __half* __restrict__ ks, __half* __restrict__ kz, __half* __restrict__ vs,
                                       __half* __restrict__ vz, const int* __restrict__ pos, int T, int KV, int hd,
                                       int L, int R, int group) {
+    pdl_begin();
     const int bk = blockIdx.x, b = bk / KV;
     const int last = pos[b] + T - 1;
     if ((last + 1) % R != 0) return;

@@ -11,6 +11,7 @@
 
 extern "C" __global__ void dequant_w4(const uint32_t* __restrict__ qweight, const uint32_t* __restrict__ sz,
                                       __half* __restrict__ out, int N, int W, int ldo, int ngroups, int group) {
+    pdl_begin();
     const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (size_t)N * W) return;
     const int n = (int)(idx / W), j = (int)(idx % W);
@@ -28,6 +29,7 @@ extern "C" __global__ void dequant_w4(const uint32_t* __restrict__ qweight, cons
 extern "C" __global__ void dequant_i8(const uint8_t* __restrict__ codes, int ldc, const __half* __restrict__ scales,
                                       const uint8_t* __restrict__ zeros, __half* __restrict__ out, int N, int ldo,
                                       int ngroups, int group) {
+    pdl_begin();
     const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;  // (row, 8 columns)
     const int per_row = ldo / 8;
     if (idx >= (size_t)N * per_row) return;

@@ -90,6 +90,7 @@ __device__ __forceinline__ void gemv_body(const uint4* __restrict__ w, Chunk chu
                                           const NormIO& nio) {
     const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
     const int n0 = warp * ROWS;  // warps past N load nothing and store nothing, but reach the barrier
+    pdl_begin();  // before any load (common.cuh)
     if (!NORM && n0 >= N) return;  // (NORM: the instance with a carried norm, common.cuh NormIO)
     const float scale = NORM ? norm_in_scale(nio) : 1.0f;
     float acc[M][ROWS];

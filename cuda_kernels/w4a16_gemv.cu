@@ -140,6 +140,7 @@ __device__ __forceinline__ void gemv_body(const uint4* __restrict__ qweight, con
     const int warp = gwarp / KSPLIT, part = gwarp % KSPLIT;
     const int lane = threadIdx.x & 31;
     const int n0 = warp * ROWS;  // warps past N load nothing and store nothing, but reach the barriers
+    pdl_begin();  // before any load (common.cuh)
     // NORM: the instance that carries an RMSNorm (common.cuh NormIO; compiled apart, so the plain
     // instances keep their registers and their early exit).
     if (!NORM && KSPLIT == 1 && n0 >= N) return;

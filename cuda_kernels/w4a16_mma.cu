@@ -62,6 +62,7 @@ __device__ __forceinline__ void mma_body(const uint4* __restrict__ qweight, cons
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
     const int n0 = blockIdx.x * 16 * NT;
+    pdl_begin();  // before any load (common.cuh)
     const uint4* xv = reinterpret_cast<const uint4*>(x);  // row m, chunk c, word j: xv[(m*C + c)*4 + j]
 
     int rows[NT][2];
@@ -259,6 +260,7 @@ __device__ __forceinline__ void tc1_body(const uint4* __restrict__ qweight, cons
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
     const int n0 = blockIdx.x * 16;
+    pdl_begin();  // before any load (common.cuh)
     const uint4* xv = reinterpret_cast<const uint4*>(x);  // chunk c, word j: xv[c * 4 + j]
     // Rows g and g + 8 (past N: the last row again, computed and never written).
     const uint4* w0p = qweight + (size_t)min(n0 + g, N - 1) * C;

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..backend import get_xp
+from .launch import Kernel
 
 KERNEL_DIR = Path(__file__).resolve().parents[2] / "cuda_kernels"
 KV_FORMATS = {"float": 0, "int8": 1, "fp8": 2, "int4": 3}  # the cache formats the kernels read
@@ -28,8 +29,10 @@ def module(name: str):
 
 
 @lru_cache(maxsize=None)
-def fn(file: str, name: str):
-    return module(file).get_function(name)
+def fn(file: str, name: str) -> Kernel:
+    """Kernel `name` of cuda_kernels/`file`.cu, launched with programmatic dependent launch where the
+    GPU has it (launch.py)."""
+    return Kernel(module(file).get_function(name), name)
 
 
 @lru_cache(maxsize=None)

@@ -1,0 +1,112 @@
+"""Kernel launches with programmatic dependent launch (PDL, Hopper and later).
+
+A stream, and the CUDA graph the decode step is captured into, starts kernel N + 1 only after
+kernel N has completed and its writes are flushed; the GPU idles in between. A 7B decode step has
+~200 such boundaries, and an empty kernel costs ~1 us inside a graph (bench/NOTES.md).
+
+Launched with CUDA's programmatic stream-serialization attribute (cuLaunchKernelEx; CUDA
+Programming Guide, "Programmatic Dependent Launch and Synchronization"), kernel N + 1 is launched
+as soon as every block of kernel N has exited, and its blocks run `griddepcontrol.wait`
+(cuda_kernels/common.cuh pdl_begin) before they touch memory, which returns once kernel N's writes
+are visible: the launch overlaps the completion. Stream capture records the attribute as a
+programmatic edge, so the replayed step keeps it. H100, 7B decode step: W4 408 -> 430 tok/s, fp16
+182 -> 185.
+
+What did not pay (same device, bench/NOTES.md session 6): letting kernel N + 1 launch earlier, by
+`griddepcontrol.launch_dependents` at the start of every block (W4 414 -> 378 tok/s; not profiled:
+presumably the waiting blocks' SM slots) or after each block's main loop (+1%), and having each
+product ask L2 for its weights before waiting (`prefetch.global.L2`; 10-15% slower with or
+without PDL).
+
+CuPy's RawKernel launches through cuLaunchKernel, which takes no attributes, so this module calls
+the driver's cuLaunchKernelEx through ctypes with the bytes CuPy would pass. Every kernel in
+cuda_kernels/ calls pdl_begin first in every block (tests/test_gpu_pdl.py checks the sources);
+MINILLM_PDL=0 launches plainly.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from functools import lru_cache
+
+import numpy as np
+
+from ..backend import get_xp
+
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CUlaunchAttributeID, cuda.h
+
+
+class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: an id, padding, a 64-byte value union
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int * 16)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared_bytes", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)),
+                ("num_attrs", ctypes.c_uint)]
+
+
+@lru_cache(maxsize=None)
+def _launch_kernel_ex():
+    f = ctypes.CDLL("libcuda.so.1").cuLaunchKernelEx
+    f.restype = ctypes.c_int
+    f.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
+    return f
+
+
+@lru_cache(maxsize=None)
+def _device_has_pdl(device_id: int) -> bool:
+    cp = get_xp("cuda")
+    return int(cp.cuda.Device(device_id).compute_capability) >= 90
+
+
+def enabled() -> bool:
+    """PDL on: a Hopper-or-later GPU and MINILLM_PDL not "0" (read at every launch, so benchmarks can
+    capture the step both ways in one process)."""
+    if os.environ.get("MINILLM_PDL", "1") == "0":
+        return False
+    return _device_has_pdl(get_xp("cuda").cuda.Device().id)
+
+
+def _arg_bytes(a) -> bytes:
+    """A kernel argument as the bytes CuPy would pass: arrays as device pointers, numpy scalars and
+    records as themselves, Python ints (the null pointers of optional arrays) as 64-bit integers."""
+    data = getattr(a, "data", None)
+    if hasattr(data, "ptr"):
+        return np.uint64(data.ptr).tobytes()
+    if isinstance(a, np.generic):
+        return a.tobytes()
+    if isinstance(a, int) and not isinstance(a, bool):
+        return np.int64(a).tobytes()
+    raise TypeError(f"kernel argument of type {type(a).__name__}: pass a CuPy array or a numpy scalar")
+
+
+class Kernel:
+    """A compiled kernel called as CuPy's are, `kernel(grid, block, args)`, launched with PDL when
+    enabled() on the current stream."""
+
+    def __init__(self, function, name: str):
+        self.function, self.name = function, name  # a cupy.RawKernel
+        self._handle = None
+
+    @property
+    def handle(self) -> int:
+        """The CUfunction (RawKernel.kernel is the cupy.cuda.Function under it)."""
+        if self._handle is None:
+            self._handle = self.function.kernel.ptr
+        return self._handle
+
+    def __call__(self, grid, block, args, shared_mem: int = 0):
+        if not enabled():
+            return self.function(grid, block, args, shared_mem=shared_mem)
+        bufs = [ctypes.create_string_buffer(_arg_bytes(a)) for a in args]  # alive until the call returns
+        params = (ctypes.c_void_p * max(1, len(bufs)))(*[ctypes.cast(b, ctypes.c_void_p) for b in bufs])
+        attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
+        attr.value[0] = 1  # programmaticStreamSerializationAllowed
+        dims = lambda d: (ctypes.c_uint * 3)(*(tuple(d) + (1, 1, 1))[:3])  # noqa: E731
+        stream = get_xp("cuda").cuda.get_current_stream().ptr
+        cfg = _LaunchConfig(dims(grid), dims(block), shared_mem, stream, ctypes.pointer(attr), 1)
+        rc = _launch_kernel_ex()(ctypes.byref(cfg), self.handle, params, None)
+        if rc != 0:
+            raise RuntimeError(f"cuLaunchKernelEx({self.name}) failed with CUresult {rc}")

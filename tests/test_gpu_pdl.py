@@ -1,0 +1,92 @@
+"""Programmatic dependent launch (minillm/gpu/launch.py): a kernel may start before the one before it
+has finished, so every kernel must wait (cuda_kernels/common.cuh pdl_begin) before it reads or
+writes anything an earlier kernel writes. The source check runs everywhere; the GPU tests compare the
+decode step launched with and without PDL, bit for bit (the arithmetic is the same, only the launch
+differs, so any race shows up as a difference)."""
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+KERNELS = Path(__file__).resolve().parents[1] / "cuda_kernels"
+
+
+def _sources() -> str:
+    # Macro bodies are one logical line each: drop the continuations.
+    return "\n".join(p.read_text().replace("\\\n", "\n") for p in sorted(KERNELS.glob("*.c*")))
+
+
+def _body(text: str, start: int) -> str:
+    """The brace-matched block that opens at or after `start`."""
+    i = text.index("{", start)
+    depth = 0
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1 : j]
+    raise AssertionError("unbalanced braces")
+
+
+def _waits_first(body: str, functions: dict, seen=()) -> bool:
+    """pdl_begin() runs before any return, directly or as the first thing a called body does."""
+    begin = body.find("pdl_begin()")
+    ret = re.search(r"\breturn\b", body)
+    if begin >= 0:
+        return ret is None or ret.start() > begin
+    for name in re.findall(r"\b(\w+)\s*(?:<[^;(){}]*>)?\s*\(", body):
+        if name in functions and name not in seen:
+            return _waits_first(functions[name], functions, seen + (name,))
+    return False
+
+
+def test_every_kernel_waits_before_it_touches_the_step():
+    src = _sources()
+    functions = {m.group(1): _body(src, m.end())
+                 for m in re.finditer(r"__device__\s+__forceinline__\s+\w+\s+(\w+)\s*\([^;{]*\)\s*(?=\{)", src)}
+    kernels = list(re.finditer(r'extern "C" __global__ void (?:__launch_bounds__\([^)]*\)\s*)?(\w+)\s*\(', src))
+    assert len(kernels) >= 15  # the entry points and entry-point macros of cuda_kernels/
+    missing = [m.group(1) for m in kernels if not _waits_first(_body(src, m.end()), functions)]
+    assert not missing, f"kernels that never call pdl_begin, or return before it: {missing}"
+
+
+def test_launch_arguments_are_passed_as_cupy_passes_them():
+    from minillm.gpu import kernels as K
+    from minillm.gpu.launch import _arg_bytes
+
+    assert _arg_bytes(np.int32(-3)) == np.int32(-3).tobytes()
+    assert _arg_bytes(np.float32(0.5)) == np.float32(0.5).tobytes()
+    assert _arg_bytes(0) == bytes(8)  # a null pointer
+    assert _arg_bytes(K.NO_NORM) == bytes(64)  # common.cuh NormIO, by value
+    with pytest.raises(TypeError):
+        _arg_bytes(0.5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("weights, kv_cache, kv_heads", [("w4", "float", 16), ("fp16", "int8", 4), ("w4", "int4", 16)])
+def test_decode_step_with_pdl_equals_without(weights, kv_cache, kv_heads, monkeypatch):
+    """Several layers of a mid-sized random model (products of hundreds of blocks, attention split
+    over many blocks), decoded through the captured graph: logits identical with and without PDL."""
+    import cupy as cp
+
+    from minillm.gpu.synthetic import llama_config, random_model
+
+    cfg = llama_config(layers=4, hidden=2048, mlp=5504, heads=16, kv_heads=kv_heads, vocab=4096)
+    model = random_model(cfg, weights=weights, seed=3, kv_cache=kv_cache)
+    prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, size=70)
+    runs = []
+    for pdl in ("1", "0", "1"):
+        monkeypatch.setenv("MINILLM_PDL", pdl)
+        cache = model.new_cache(max_len=256)
+        model(prompt, cache, last_only=True)
+        tok, seq, logits = 7, [], []
+        for _ in range(24):
+            tok = model.decode_next([tok], cache)[0]
+            seq.append(tok)
+            logits.append(cp.asnumpy(model.buffers(1).logits[0]))
+        assert cache.graph is not None
+        runs.append((seq, np.stack(logits)))
+    for seq, logits in runs[1:]:
+        assert seq == runs[0][0]
+        assert np.array_equal(logits, runs[0][1])

@@ -72,12 +72,22 @@ def test_decode_step_with_pdl_equals_without(weights, kv_cache, kv_heads, monkey
 
     from minillm.gpu.synthetic import llama_config, random_model
 
+    from minillm.gpu import launch
+
     cfg = llama_config(layers=4, hidden=2048, mlp=5504, heads=16, kv_heads=kv_heads, vocab=4096)
     model = random_model(cfg, weights=weights, seed=3, kv_cache=kv_cache)
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, size=70)
+    launch_ex, launched = launch._launch_kernel_ex(), []
+
+    def counting(*args):
+        launched.append(1)
+        return launch_ex(*args)
+
+    monkeypatch.setattr(launch, "_launch_kernel_ex", lambda: counting)
     runs = []
     for pdl in ("1", "0", "1"):
         monkeypatch.setenv("MINILLM_PDL", pdl)
+        launched.clear()
         cache = model.new_cache(max_len=256)
         model(prompt, cache, last_only=True)
         tok, seq, logits = 7, [], []
@@ -86,6 +96,8 @@ def test_decode_step_with_pdl_equals_without(weights, kv_cache, kv_heads, monkey
             seq.append(tok)
             logits.append(cp.asnumpy(model.buffers(1).logits[0]))
         assert cache.graph is not None
+        # PDL launches happen only while the step is captured, and only with PDL on.
+        assert len(launched) >= 4 * cfg.num_layers if pdl == "1" else not launched, len(launched)
         runs.append((seq, np.stack(logits)))
     for seq, logits in runs[1:]:
         assert seq == runs[0][0]

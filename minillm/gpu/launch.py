@@ -9,14 +9,16 @@ Programming Guide, "Programmatic Dependent Launch and Synchronization"), kernel 
 as soon as every block of kernel N has exited, and its blocks run `griddepcontrol.wait`
 (cuda_kernels/common.cuh pdl_begin) before they touch memory, which returns once kernel N's writes
 are visible: the launch overlaps the completion. Stream capture records the attribute as a
-programmatic edge, so the replayed step keeps it. H100, 7B decode step: W4 408 -> 430 tok/s, fp16
-182 -> 185.
+programmatic edge, so the replayed step keeps it; launches outside a capture go through CuPy as
+before. H100, 7B decode step (three runs, each alternating off/on in one process): W4 404-411 ->
+417-431 tok/s, fp16 176-182 -> 179-186.
 
 What did not pay (same device, bench/NOTES.md session 6): letting kernel N + 1 launch earlier, by
 `griddepcontrol.launch_dependents` at the start of every block (W4 414 -> 378 tok/s; not profiled:
 presumably the waiting blocks' SM slots) or after each block's main loop (+1%), and having each
 product ask L2 for its weights before waiting (`prefetch.global.L2`; 10-15% slower with or
-without PDL).
+without PDL), or load its first steps' weights into registers before waiting, with or without
+attention triggering at its start so that o_proj's blocks could load during it (no gain).
 
 CuPy's RawKernel launches through cuLaunchKernel, which takes no attributes, so this module calls
 the driver's cuLaunchKernelEx through ctypes with the bytes CuPy would pass. Every kernel in
@@ -56,6 +58,20 @@ def _launch_kernel_ex():
 
 
 @lru_cache(maxsize=None)
+def _stream_is_capturing_fn():
+    f = ctypes.CDLL("libcuda.so.1").cuStreamIsCapturing
+    f.restype = ctypes.c_int
+    f.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int)]
+    return f
+
+
+def _capturing(stream_ptr: int) -> bool:
+    status = ctypes.c_int(0)
+    rc = _stream_is_capturing_fn()(stream_ptr, ctypes.byref(status))
+    return rc == 0 and status.value == 1  # CU_STREAM_CAPTURE_STATUS_ACTIVE
+
+
+@lru_cache(maxsize=None)
 def _device_has_pdl(device_id: int) -> bool:
     cp = get_xp("cuda")
     return int(cp.cuda.Device(device_id).compute_capability) >= 90
@@ -83,8 +99,8 @@ def _arg_bytes(a) -> bytes:
 
 
 class Kernel:
-    """A compiled kernel called as CuPy's are, `kernel(grid, block, args)`, launched with PDL when
-    enabled() on the current stream."""
+    """A compiled kernel called as CuPy's are, `kernel(grid, block, args)`, on the current stream;
+    with PDL when enabled() and the stream is being captured into a graph."""
 
     def __init__(self, function, name: str):
         self.function, self.name = function, name  # a cupy.RawKernel
@@ -98,14 +114,17 @@ class Kernel:
         return self._handle
 
     def __call__(self, grid, block, args, shared_mem: int = 0):
-        if not enabled():
+        stream = get_xp("cuda").cuda.get_current_stream().ptr
+        # Only into a graph being captured: launched one by one from Python, the GPU waits for the
+        # host anyway, and building the arguments through ctypes costs more host time than CuPy's
+        # own launch (prefill, eager decoding, MINILLM_CUDA_GRAPH=0).
+        if not (enabled() and _capturing(stream)):
             return self.function(grid, block, args, shared_mem=shared_mem)
         bufs = [ctypes.create_string_buffer(_arg_bytes(a)) for a in args]  # alive until the call returns
         params = (ctypes.c_void_p * max(1, len(bufs)))(*[ctypes.cast(b, ctypes.c_void_p) for b in bufs])
         attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
         attr.value[0] = 1  # programmaticStreamSerializationAllowed
         dims = lambda d: (ctypes.c_uint * 3)(*(tuple(d) + (1, 1, 1))[:3])  # noqa: E731
-        stream = get_xp("cuda").cuda.get_current_stream().ptr
         cfg = _LaunchConfig(dims(grid), dims(block), shared_mem, stream, ctypes.pointer(attr), 1)
         rc = _launch_kernel_ex()(ctypes.byref(cfg), self.handle, params, None)
         if rc != 0:

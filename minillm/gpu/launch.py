@@ -10,8 +10,8 @@ as soon as every block of kernel N has exited, and its blocks run `griddepcontro
 (cuda_kernels/common.cuh pdl_begin) before they touch memory, which returns once kernel N's writes
 are visible: the launch overlaps the completion. Stream capture records the attribute as a
 programmatic edge, so the replayed step keeps it; launches outside a capture go through CuPy as
-before. H100, 7B decode step (three runs, each alternating off/on in one process): W4 404-411 ->
-417-431 tok/s, fp16 176-182 -> 179-186.
+before. H100, 7B decode step (alternating off/on in one process): W4 404-411 -> 417-431 tok/s on
+three machines, 407-409 -> 414.5 on a fourth; fp16 176-182 -> 179-186.
 
 What did not pay (same device, bench/NOTES.md session 6): letting kernel N + 1 launch earlier, by
 `griddepcontrol.launch_dependents` at the start of every block (W4 414 -> 378 tok/s; not profiled:
@@ -58,31 +58,15 @@ def _launch_kernel_ex():
 
 
 @lru_cache(maxsize=None)
-def _stream_is_capturing_fn():
-    f = ctypes.CDLL("libcuda.so.1").cuStreamIsCapturing
-    f.restype = ctypes.c_int
-    f.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int)]
-    return f
-
-
-def _capturing(stream_ptr: int) -> bool:
-    status = ctypes.c_int(0)
-    rc = _stream_is_capturing_fn()(stream_ptr, ctypes.byref(status))
-    return rc == 0 and status.value == 1  # CU_STREAM_CAPTURE_STATUS_ACTIVE
-
-
-@lru_cache(maxsize=None)
-def _device_has_pdl(device_id: int) -> bool:
-    cp = get_xp("cuda")
-    return int(cp.cuda.Device(device_id).compute_capability) >= 90
+def _device_has_pdl() -> bool:
+    """Whether the GPU in use is a Hopper or later (minillm runs on one GPU per process)."""
+    return int(get_xp("cuda").cuda.Device().compute_capability) >= 90
 
 
 def enabled() -> bool:
     """PDL on: a Hopper-or-later GPU and MINILLM_PDL not "0" (read at every launch, so benchmarks can
     capture the step both ways in one process)."""
-    if os.environ.get("MINILLM_PDL", "1") == "0":
-        return False
-    return _device_has_pdl(get_xp("cuda").cuda.Device().id)
+    return os.environ.get("MINILLM_PDL", "1") != "0" and _device_has_pdl()
 
 
 def _arg_bytes(a) -> bytes:
@@ -114,12 +98,16 @@ class Kernel:
         return self._handle
 
     def __call__(self, grid, block, args, shared_mem: int = 0):
-        stream = get_xp("cuda").cuda.get_current_stream().ptr
         # Only into a graph being captured: launched one by one from Python, the GPU waits for the
         # host anyway, and building the arguments through ctypes costs more host time than CuPy's
-        # own launch (prefill, eager decoding, MINILLM_CUDA_GRAPH=0).
-        if not (enabled() and _capturing(stream)):
-            return self.function(grid, block, args, shared_mem=shared_mem)
+        # own launch (prefill, eager decoding, MINILLM_CUDA_GRAPH=0), which must stay as cheap as it was.
+        if enabled():
+            stream = get_xp("cuda").cuda.get_current_stream()
+            if stream.is_capturing():
+                return self._launch_pdl(grid, block, args, shared_mem, stream.ptr)
+        return self.function(grid, block, args, shared_mem=shared_mem)
+
+    def _launch_pdl(self, grid, block, args, shared_mem: int, stream: int):
         bufs = [ctypes.create_string_buffer(_arg_bytes(a)) for a in args]  # alive until the call returns
         params = (ctypes.c_void_p * max(1, len(bufs)))(*[ctypes.cast(b, ctypes.c_void_p) for b in bufs])
         attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION)

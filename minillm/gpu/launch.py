@@ -58,9 +58,14 @@ def _launch_kernel_ex():
 
 
 @lru_cache(maxsize=None)
+def _cupy():
+    return get_xp("cuda")  # checked once: get_xp asks the driver for the device count every call
+
+
+@lru_cache(maxsize=None)
 def _device_has_pdl() -> bool:
     """Whether the GPU in use is a Hopper or later (minillm runs on one GPU per process)."""
-    return int(get_xp("cuda").cuda.Device().compute_capability) >= 90
+    return int(_cupy().cuda.Device().compute_capability) >= 90
 
 
 def enabled() -> bool:
@@ -102,7 +107,7 @@ class Kernel:
         # host anyway, and building the arguments through ctypes costs more host time than CuPy's
         # own launch (prefill, eager decoding, MINILLM_CUDA_GRAPH=0), which must stay as cheap as it was.
         if enabled():
-            stream = get_xp("cuda").cuda.get_current_stream()
+            stream = _cupy().cuda.get_current_stream()
             if stream.is_capturing():
                 return self._launch_pdl(grid, block, args, shared_mem, stream.ptr)
         return self.function(grid, block, args, shared_mem=shared_mem)

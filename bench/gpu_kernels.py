@@ -10,11 +10,11 @@ rotated among enough copies to exceed the L2 cache, so every timing reads HBM.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import statistics
 import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 
@@ -152,19 +152,6 @@ def torch_int4(k, n, m, copies):
     return time_torch(lambda x, p, sz: torch.ops.aten._weight_int4pack_mm(x, p, GROUP, sz), args)
 
 
-@contextlib.contextmanager
-def _env(name, value):
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = old
-
-
 def main():
     import argparse
 
@@ -207,7 +194,7 @@ def main():
             # minillm's own launch uses programmatic dependent launch (minillm/gpu/launch.py): back to
             # back, a launch overlaps the previous one's completion, as in the decode step. The peers
             # below launch as their libraries do; the plain launch is shown beside it.
-            with _env("MINILLM_PDL", "0"):
+            with mock.patch.dict(os.environ, {"MINILLM_PDL": "0"}):
                 options["PDL off"] = time_cupy(lambda w: w4a16_matmul(x, w, out=y), [(w,) for w in weights])
             print(f"  {k}x{n} m={m}: " + ", ".join(f"{o} {t:.1f} us" for o, t in options.items()))
             ours = time_cupy(lambda w: w4a16_matmul(x, w, out=y), [(w,) for w in weights])

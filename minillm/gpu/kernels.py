@@ -30,8 +30,8 @@ def module(name: str):
 
 @lru_cache(maxsize=None)
 def fn(file: str, name: str) -> Kernel:
-    """Kernel `name` of cuda_kernels/`file`.cu, launched with programmatic dependent launch where the
-    GPU has it (launch.py)."""
+    """Kernel `name` of cuda_kernels/`file`.cu; launched with programmatic dependent launch when it is
+    captured into a graph on a GPU that has it (launch.py), through CuPy otherwise."""
     return Kernel(module(file).get_function(name), name)
 
 

@@ -108,16 +108,20 @@ def test_appending_in_pieces_equals_quantizing_at_once(kind, s, chunk, seed):
 def test_fp8_offsets_shrink_the_error_of_constant_channels(s, level, seed):
     """Keys whose channels sit at large, nearly constant values (the outlier pattern): centred by
     their mean, FP8's relative rounding applies to the small deviations, and attention's error
-    drops — though the offset is invisible to attention in exact arithmetic."""
+    drops — though the offset is invisible to attention in exact arithmetic. The error is averaged
+    over 8 queries: for one query its maximum is a noisy statistic, and hypothesis found a case
+    (s=40, level 5, seed 0) where centring left it 1% higher; averaged, centring at least halves it
+    over 2700 checked draws."""
     rng = np.random.default_rng(seed)
     k = (rng.normal(size=(1, 2, 1, 32)) * level + rng.normal(size=(1, 2, s, 32))).astype(np.float32)
     v = rng.normal(size=(1, 2, s, 32)).astype(np.float32)
-    q = rng.normal(size=(1, 2, 1, 32)).astype(np.float32)
-    ref = attention(np, q, k, v, start=s - 1, window=None)
+    queries = rng.normal(size=(8, 1, 2, 1, 32)).astype(np.float32)
+    refs = [attention(np, q, k, v, start=s - 1, window=None) for q in queries]
     errs = []
     for offsets in (None, (k.mean(axis=2), v.mean(axis=2))):  # [1, KV, hd]: one layer
         kq, vq = new_kv_cache("fp8", 1, 1, 2, 32, max_len=s, offsets=offsets).update(0, k, v)
-        errs.append(np.abs(attention(np, q, kq, vq, start=s - 1, window=None) - ref).max())
+        errs.append(np.mean([np.abs(attention(np, q, kq, vq, start=s - 1, window=None) - ref).mean()
+                             for q, ref in zip(queries, refs)]))
         assert np.abs(kq - k).max() <= (np.abs(k - (0 if offsets is None else offsets[0][:, :, None])).max()
                                         * 2.0**-4 * (1 + 1e-5) + 1e-6)
     assert errs[1] < errs[0]

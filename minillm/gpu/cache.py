@@ -16,6 +16,7 @@ from .kernels import KV_FORMATS
 
 CODE_BYTES = {"float": 2, "int8": 1, "fp8": 1}
 KIVI_BLOCK = 32  # INT4: positions per key block, and the fp16 window's slots
+INT4_HEAD_DIMS = (16, 32, 64, 96, 128)  # cuda_kernels/attention_int4.cu's instances
 
 
 def kivi_group(head_dim: int) -> int:
@@ -58,9 +59,9 @@ class GpuKVCache:
         layers, kv, hd = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
         if kind in ("int8", "fp8") and hd % 16:
             raise MinillmError(f"the {kind} KV cache on the GPU needs a head_dim that is a multiple of 16, not {hd}")
-        if kind == "int4" and (hd % 16 or hd > 128):
-            raise MinillmError(f"the int4 KV cache on the GPU needs a head_dim that is a multiple of 16 and at "
-                               f"most 128, not {hd}")
+        if kind == "int4" and hd not in INT4_HEAD_DIMS:
+            raise MinillmError(f"the int4 KV cache on the GPU needs a head_dim that is a multiple of 16 and of its "
+                               f"value group (32), at most 128 (16, 32, 64, 96 or 128), not {hd}")
         check_fits(f"a {kind} KV cache of {max_len} tokens x batch {batch}",
                    cache_bytes(kind, layers, batch, kv, hd, max_len))
         self.kind, self.fmt, self.batch, self.max_len = kind, KV_FORMATS[kind], batch, max_len

@@ -228,13 +228,23 @@ def kivi_flush(kivi, pos, batch: int, t: int, cfg):
 
 def decode_attention_int4(q, kivi, pos, rows, t, cfg, window, parts, out, plan):
     """Attention over an INT4 (KIVI) cache, quantized blocks and the fp16 window, on tensor cores
-    (attention_mma.cu)."""
+    (attention_int4.cu): blocks of (kv head, 8 query heads) x splits x rows."""
     kq, vq, ks, kz, vs, vz, wk, wv, max_len, block, group = kivi
-    _attention_mma("int4", q, (kq, vq, ks, kz, vs, vz, wk, wv), pos, rows, t, cfg, max_len, group, window, parts,
-                   out, plan)
+    chunk, splits, _ = plan
+    h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    if kv * rows <= 16:
+        # Half the plan's splits with few (kv head, row) pairs, so each warp takes more key blocks
+        # (32k, 8 kv heads, batch 1: 2.01x fp16 vs 1.51x; bench/NOTES.md, waves sweep).
+        chunk = 2 * chunk
+        splits = -(-max_len // chunk)
+    qtiles = -(-(h // kv) // 8)
+    acc, m, l, counter = parts
+    fn("attention_int4", f"attn_int4_hd{hd}")((kv * qtiles, splits, rows), (32 * MMA_WARPS,), (
+        q, kq, vq, ks, kz, vs, vz, wk, wv, pos, i32(t), i32(h), i32(kv), i32(max_len), i32(chunk), i32(window or 0),
+        np.float32(math.log2(math.e) / math.sqrt(hd)), acc, m, l, counter, out, i32(out.shape[1])))
 
 
-MMA_WARPS = 4  # NW in attention_mma.cu
+MMA_WARPS = 4  # NW in attention_mma.cu and attention_int4.cu
 
 
 def _attention_mma(fmt: str, q, arrays, pos, rows, t, cfg, max_len, group, window, parts, out, plan, v_off=None):

@@ -1,0 +1,437 @@
+// Decode attention over the INT4 (KIVI) cache on tensor cores, with the dequantization folded into
+// the products so that a code costs about one instruction: the scores and the weighted sum of
+// values are mma.sync.m16n8k16 products of fp16 fragments built from the codes in registers.
+//
+// ================================================================================================
+// Layout (minillm/gpu/cache.py; the reference is kvcache.Int4KVCache)
+// ================================================================================================
+//   q        fp16 [R, H, HD], rotated; row r = (b, t) = (r / T, r % T) attends to [lo, pos[b] + t]
+//   kq, vq   uint8 [B, KV, L, HD / 2]: codes, dim d in the low (d even) or high nibble of byte d / 2
+//   ks, kz   fp16 [B, KV, L / 32, HD]: keys per channel over blocks of 32 positions, k = s (c - z)
+//   vs, vz   fp16 [B, KV, L, NG]: values per token in NG groups of GROUP dims, v = s (c - z)
+//   wk, wv   fp16 [B, KV, 32, HD]: the float window, position j in slot j % 32, holding the block
+//            that is not complete yet; positions below (len / 32) * 32 are read quantized
+//   partials and out as attention.cu (merged by attention_merge.cuh)
+//
+// ================================================================================================
+// Arithmetic (FlashAttention-2's two products for one query row, Dao 2023, sec. 3.1)
+// ================================================================================================
+//   Scores, a block of 32 positions: S = Q' C^T with q'_d = q_d s_d (the block's per-channel
+//   scales, one fp16 multiply per pair of dims) and C the codes as they come out of a mask: a
+//   code c under the exponent of 1024 reads as the fp16 number 1024 + c (low nibble, mask
+//   0x000F) or, shifted by 4 bits, under the exponent of 64 as 64 + c (high nibble, mask 0x00F0,
+//   where the mantissa's step is 1/16). No subtraction per code: the offsets are the same for
+//   every position, so they join the zero point in one bias per (query, block),
+//       q . k = sum_d q'_d (o_d + c_d) - sum_d q'_d (z_d + o_d),   o_d in {1024, 64},
+//   and the bias is itself one more product on the tensor cores: its B operand holds z in
+//   columns 0-3 and the offsets in columns 4-7, the two sums land in columns 0 and 4, exact
+//   (fp16 products, fp32 sums). The score accumulators start at minus the bias.
+//   Values: O^T += V^T P^T, A = V^T dequantized as s c by one fused multiply-add per pair,
+//   (o + c) s - o s (o s exact in fp16; one rounding, that of s c), and the zero points left out:
+//   sum_j p_j s_j (c_j - z_j) = sum_j p_j s_j c_j - sum_j p_j (s_j z_j), the second sum one
+//   number per (group, query), which a fifth product per 16 positions accumulates (A rows =
+//   groups, A = s z) and the end subtracts.
+//   The m16n8k16 fragments (PTX ISA, "Matrix Fragments for mma.m16n8k16"), lane = 4g + t:
+//     A rows g, g+8, k = 2t, 2t+1 (a0, a1) and 2t+8, 2t+9 (a2, a3); B k = 2t, 2t+1 (b0) and
+//     2t+8, 2t+9 (b1), col g; C/D rows g, g+8, cols 2t, 2t+1.
+//   Score MMA: A = the queries (row g = query g of the tile; rows g+8 zero), k = head dims mapped
+//   onto what lane t loads (KD consecutive dims of position g of the n-tile; the masks' natural
+//   pairs, dims (i, i+4) of a 32-bit word, sit at k = (2t, 2t+1)). The score accumulator of lane
+//   (g, t) then holds positions 2t, 2t+1 of its n-tile for query g: exactly the B fragment P^T
+//   of the value MMA (no shuffle). Value MMA: m-tile md = dims vd0 + 2 md (rows g: low nibbles of
+//   byte md of the lane's value codes) and vd0 + 2 md + 1 (rows g+8: high nibbles); a byte
+//   permute pairs the same byte of two positions into one register.
+//
+// ================================================================================================
+// Work decomposition
+// ================================================================================================
+//   grid (KV x query tiles of 8 heads, S splits of `chunk` positions, R rows); NW warps per block,
+//   warp w takes key blocks w, w + NW, ... of its chunk, keeps an online softmax per query
+//   (Milakov & Gimelshein 2018; scores in the log2 domain), and the warps merge in a fixed order
+//   in shared memory. The split containing the row's last positions also reads the float window
+//   (fp16 keys and values, the same two products). HD is a template parameter (16, 32, 64, 96,
+//   128): every offset inside a block is then a constant of the instruction.
+
+#include "common.cuh"
+#include "attention_merge.cuh"
+
+namespace kivi {
+
+constexpr int RB = 32;  // positions per quantized key block (KIVI_BLOCK)
+constexpr int NW = 4;   // warps per block
+
+template <int HD> struct Shape {
+    static constexpr int HDP = HD <= 64 ? 64 : 128;  // head_dim padded: 4 key lanes x KD dims
+    static constexpr int KD = HDP / 4;              // key dims of lane t
+    static constexpr int KW = KD / 8;               // 32-bit words of key codes per lane and position
+    static constexpr int KSTEPS = HDP / 16;         // k16 steps of the score product
+    static constexpr int VD = HDP / 8;              // value dims of lane g
+    static constexpr int VW = VD / 8;               // 32-bit words of value codes per lane and position
+    static constexpr int MT = HDP / 16;             // m-tiles of the value product (16 dims each)
+    static constexpr int GROUP = HD < 32 ? HD : 32; // value group (minillm/gpu/cache.py kivi_group)
+    static constexpr int NG = HD / GROUP;           // value groups per head
+};
+
+__device__ __forceinline__ uint32_t h2mul(uint32_t a, uint32_t b) {
+    __half2 r = __hmul2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&b));
+    return *reinterpret_cast<uint32_t*>(&r);
+}
+
+__device__ __forceinline__ uint32_t h2fma(uint32_t a, uint32_t b, uint32_t c) {
+    __half2 r = __hfma2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&b),
+                        *reinterpret_cast<__half2*>(&c));
+    return *reinterpret_cast<uint32_t*>(&r);
+}
+
+__device__ __forceinline__ uint32_t h2pack(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+}
+
+__device__ __forceinline__ uint32_t h2pack(__half lo, __half hi) {
+    __half2 h = __halves2half2(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+}
+
+constexpr uint32_t LO_MASK = 0x000F000Fu, HI_MASK = 0x00F000F0u;
+constexpr uint32_t LO_EXP = 0x64006400u;  // half2(1024, 1024): the low nibble reads 1024 + c
+constexpr uint32_t HI_EXP = 0x54005400u;  // half2(64, 64): bits 4-7 read 64 + c
+
+// (x & mask) | bits in one LOP3 (written out: from C, the compiler emits an AND and an OR).
+template <uint32_t mask, uint32_t bits>
+__device__ __forceinline__ uint32_t under(uint32_t x) {
+    uint32_t r;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(x), "n"(mask), "n"(bits));  // (a & b) | c
+    return r;
+}
+
+// N 32-bit words from an address aligned to 4N bytes.
+template <int N>
+__device__ __forceinline__ void load_words(const uint8_t* p, uint32_t* w) {
+    if constexpr (N == 4) {
+        const uint4 x = __ldg(reinterpret_cast<const uint4*>(p));
+        w[0] = x.x, w[1] = x.y, w[2] = x.z, w[3] = x.w;
+    } else if constexpr (N == 2) {
+        const uint2 x = __ldg(reinterpret_cast<const uint2*>(p));
+        w[0] = x.x, w[1] = x.y;
+    } else {
+        w[0] = __ldg(reinterpret_cast<const uint32_t*>(p));
+    }
+}
+
+template <int HD>
+__device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const uint8_t* __restrict__ kq,
+                                          const uint8_t* __restrict__ vq, const __half* __restrict__ ks,
+                                          const __half* __restrict__ kz, const __half* __restrict__ vs,
+                                          const __half* __restrict__ vz, const __half* __restrict__ wk,
+                                          const __half* __restrict__ wv, const int* __restrict__ pos, int T, int H,
+                                          int KV, int L, int chunk, int window, float qscale,
+                                          float* __restrict__ part_acc, float* __restrict__ part_m,
+                                          float* __restrict__ part_l, int* __restrict__ counter,
+                                          __half* __restrict__ out, int ld_out) {
+    using S = Shape<HD>;
+    constexpr int HDP = S::HDP, KD = S::KD, KW = S::KW, KSTEPS = S::KSTEPS, VD = S::VD, VW = S::VW, MT = S::MT;
+    constexpr int GROUP = S::GROUP, NG = S::NG, ROWB = HD / 2;  // bytes of codes per position
+    __shared__ float sm_acc[NW][8][HDP];
+    __shared__ float sm_m[NW][8], sm_l[NW][8];
+
+    const int G = H / KV, qtiles = (G + 7) / 8;
+    const int kvh = blockIdx.x / qtiles, qt = blockIdx.x % qtiles;
+    const int split = blockIdx.y, nsplit = gridDim.y, r = blockIdx.z;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int qi = qt * 8 + g;  // this lane's query head (A row g of the score product) among the G
+    const RowSpan span = row_span(pos, r, T, window, split, nsplit, chunk);
+    const int b = span.b, len = span.len, c0 = span.c0, c1 = span.c1;
+    const int qlen = (len / RB) * RB;  // positions read quantized (the rest: the window)
+    const int qend = min(c1, qlen);
+    const size_t bk = (size_t)b * KV + kvh;
+    const int nb = (L + RB - 1) / RB;
+    const int kd0 = KD * t, vd0 = VD * g;  // the lane's first key dim, first value dim
+    const bool k_in = kd0 < HD, v_in = vd0 < HD;  // HD % KD == HD % VD == 0: a lane is all in or out
+
+    // The query at this lane's key dims as the score product's A fragments, step s: dims
+    // 8(s/2) + 2(s%2) + {0, 4} (a0, matching the low nibbles) and + {1, 5} (a2, high nibbles).
+    uint32_t qa0[KSTEPS], qa2[KSTEPS];
+    {
+        float qf[KD];
+#pragma unroll
+        for (int i = 0; i < KD; i += 8) {
+            float tmp[8];
+            const bool in = qi < G && k_in;
+            if (in) half8_to_float(*reinterpret_cast<const uint4*>(q + ((size_t)r * H + kvh * G + qi) * HD + kd0 + i), tmp);
+#pragma unroll
+            for (int j = 0; j < 8; j++) qf[i + j] = in ? tmp[j] : 0.0f;
+        }
+#pragma unroll
+        for (int s = 0; s < KSTEPS; s++) {
+            const int d = 8 * (s >> 1) + 2 * (s & 1);
+            qa0[s] = h2pack(qf[d], qf[d + 4]);
+            qa2[s] = h2pack(qf[d + 1], qf[d + 5]);
+        }
+    }
+
+    float acc[MT][4], zacc[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // zacc: rows g = value group g
+#pragma unroll
+    for (int md = 0; md < MT; md++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) acc[md][e] = 0.0f;
+    float m = NEG_INF, l = 0.0f;  // of query g (the score layout)
+
+    // One online-softmax step over this lane's 8 scores (positions nt * 8 + 2t + e): updates m, l,
+    // rescales the accumulators, and returns P as the value product's B fragments (k-tile i:
+    // b[i][0] positions 16i + 2t, +1; b[i][1] positions 16i + 8 + 2t, +1).
+    auto softmax = [&](const float (&sc)[4][2], uint32_t (&bp)[2][2]) {
+        float mb = NEG_INF;
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++) mb = fmaxf(mb, fmaxf(sc[nt][0], sc[nt][1]));
+        mb = fmaxf(mb, __shfl_xor_sync(FULL_MASK, mb, 1));
+        mb = fmaxf(mb, __shfl_xor_sync(FULL_MASK, mb, 2));
+        const float mn = fmaxf(m, mb);
+        const float corr = m == NEG_INF ? 0.0f : exp2f(m - mn);
+        l *= corr;
+        float p[4][2];
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                p[nt][e] = sc[nt][e] == NEG_INF ? 0.0f : exp2f(sc[nt][e] - mn);
+                l += p[nt][e];
+            }
+        m = mn;
+        // The accumulator columns are queries 2t and 2t + 1: their factors come from those lanes.
+        // Once the maxima settle, most steps change none of them: the rescale is skipped then.
+        if (__any_sync(FULL_MASK, corr != 1.0f)) {
+            const float f0 = __shfl_sync(FULL_MASK, corr, 8 * t), f1 = __shfl_sync(FULL_MASK, corr, 8 * t + 4);
+#pragma unroll
+            for (int md = 0; md < MT; md++) {
+                acc[md][0] *= f0, acc[md][2] *= f0;
+                acc[md][1] *= f1, acc[md][3] *= f1;
+            }
+            zacc[0] *= f0, zacc[1] *= f1;
+        }
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            bp[i][0] = h2pack(p[2 * i][0], p[2 * i][1]);
+            bp[i][1] = h2pack(p[2 * i + 1][0], p[2 * i + 1][1]);
+        }
+    };
+
+    // ---------------------------------------------------------------------------------------------
+    // Quantized blocks
+    // ---------------------------------------------------------------------------------------------
+    const int zsrc = 4 * min(g * GROUP / VD, 7) + t;  // the lane holding group g's value scales
+    for (int blk = c0 / RB + warp; blk * RB < qend; blk += NW) {
+        const int j0 = blk * RB;
+        const size_t row0 = bk * L + j0;  // the block's first cache row
+        // Loads first. Keys: position nt * 8 + g, the lane's KD dims; values: positions
+        // 16i + 2t + {0, 1, 8, 9} (k = 0..3), the lane's VD dims, and their group's scale, zero.
+        uint32_t kw[4][KW], sw[KD / 2], zw[KD / 2], vw[2][4][VW];
+        __half vsc[2][4], vzr[2][4];
+        {
+            const uint8_t* kp = kq + (row0 + g) * ROWB + kd0 / 2;
+            const __half* sp = ks + (bk * nb + blk) * HD + kd0;
+            const __half* zp = kz + (bk * nb + blk) * HD + kd0;
+#pragma unroll
+            for (int nt = 0; nt < 4; nt++) {
+                if (k_in) load_words<KW>(kp + nt * 8 * ROWB, kw[nt]);
+                else
+#pragma unroll
+                    for (int w = 0; w < KW; w++) kw[nt][w] = 0u;
+            }
+#pragma unroll
+            for (int i = 0; i < KD / 8; i++) {
+                const uint4 a = k_in ? __ldg(reinterpret_cast<const uint4*>(sp) + i) : make_uint4(0, 0, 0, 0);
+                const uint4 c = k_in ? __ldg(reinterpret_cast<const uint4*>(zp) + i) : make_uint4(0, 0, 0, 0);
+                sw[4 * i] = a.x, sw[4 * i + 1] = a.y, sw[4 * i + 2] = a.z, sw[4 * i + 3] = a.w;
+                zw[4 * i] = c.x, zw[4 * i + 1] = c.y, zw[4 * i + 2] = c.z, zw[4 * i + 3] = c.w;
+            }
+            const uint8_t* vp = vq + (row0 + 2 * t) * ROWB + vd0 / 2;
+            const size_t srow = (row0 + 2 * t) * NG + (v_in ? vd0 / GROUP : 0);
+#pragma unroll
+            for (int i = 0; i < 2; i++)
+#pragma unroll
+                for (int k = 0; k < 4; k++) {
+                    const int dj = 16 * i + (k & 1) + 8 * (k >> 1);
+                    if (v_in) load_words<VW>(vp + dj * ROWB, vw[i][k]);
+                    else
+#pragma unroll
+                        for (int w = 0; w < VW; w++) vw[i][k][w] = 0u;
+                    vsc[i][k] = __ldg(vs + srow + dj * NG);
+                    vzr[i][k] = __ldg(vz + srow + dj * NG);
+                }
+        }
+
+        // q' = q s for this block (a0 / a2 of the score product) and the bias product: B column
+        // g < 4 holds the zero points, g >= 4 the nibble offsets, in the order the codes take.
+        // (rows g + 8 of A are zero: kept as registers of the fragment, so the four sit together)
+        uint32_t af[KSTEPS][4];
+        float bias;
+        {
+            float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+            for (int s = 0; s < KSTEPS; s++) {
+                const int w = 4 * (s >> 1) + (s & 1);  // the words holding dims d, d + 1 and d + 4, d + 5
+                af[s][0] = h2mul(qa0[s], __byte_perm(sw[w], sw[w + 2], 0x5410));
+                af[s][2] = h2mul(qa2[s], __byte_perm(sw[w], sw[w + 2], 0x7632));
+                af[s][1] = af[s][3] = 0u;
+                const uint32_t z0 = __byte_perm(zw[w], zw[w + 2], 0x5410), z1 = __byte_perm(zw[w], zw[w + 2], 0x7632);
+                mma_m16n8k16(d, af[s][0], af[s][1], af[s][2], af[s][3], g < 4 ? z0 : LO_EXP, g < 4 ? z1 : HI_EXP);
+            }
+            bias = __shfl_sync(FULL_MASK, d[0], lane & ~3) + __shfl_sync(FULL_MASK, d[0], (lane & ~3) | 2);
+        }
+
+        float sc[4][2];
+        const bool whole = j0 >= c0 && j0 + RB <= qend;  // warp-uniform: no position to mask
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++) {
+            float d[4] = {-bias, -bias, 0.0f, 0.0f};
+#pragma unroll
+            for (int w = 0; w < KW; w++) {
+                const uint32_t x = kw[nt][w], y = x >> 8;  // nibbles (0, 4), (1, 5) of x; (2, 6), (3, 7) of y
+                const uint32_t* a = af[2 * w];
+                const uint32_t* c = af[2 * w + 1];
+                mma_m16n8k16(d, a[0], a[1], a[2], a[3], under<LO_MASK, LO_EXP>(x), under<HI_MASK, HI_EXP>(x));
+                mma_m16n8k16(d, c[0], c[1], c[2], c[3], under<LO_MASK, LO_EXP>(y), under<HI_MASK, HI_EXP>(y));
+            }
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const int j = j0 + nt * 8 + 2 * t + e;
+                sc[nt][e] = whole || (j >= c0 && j < qend) ? d[e] * qscale : NEG_INF;
+            }
+        }
+        uint32_t bp[2][2];
+        softmax(sc, bp);
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            // scale pairs of positions (2t, 2t+1) and (2t+8, 2t+9), and minus 64 times them
+            const uint32_t s01 = h2pack(vsc[i][0], vsc[i][1]), s23 = h2pack(vsc[i][2], vsc[i][3]);
+            const uint32_t m01 = h2mul(s01, 0xD400D400u), m23 = h2mul(s23, 0xD400D400u);  // half2(-64, -64)
+#pragma unroll
+            for (int md = 0; md < MT; md++) {
+                const int u = md >> 2, bt = md & 3;  // word, byte of the lane's value codes
+                const uint32_t sel = bt | (bt << 4) | ((4 + bt) << 8) | ((4 + bt) << 12);
+                const uint32_t x01 = __byte_perm(vw[i][0][u], vw[i][1][u], sel);
+                const uint32_t x23 = __byte_perm(vw[i][2][u], vw[i][3][u], sel);
+                mma_m16n8k16(acc[md], h2fma(under<HI_MASK, HI_EXP>(x01 << 4), s01, m01),
+                             h2fma(under<HI_MASK, HI_EXP>(x01), s01, m01), h2fma(under<HI_MASK, HI_EXP>(x23 << 4), s23, m23),
+                             h2fma(under<HI_MASK, HI_EXP>(x23), s23, m23), bp[i][0], bp[i][1]);
+            }
+            // the zero points' sums: A row g = value group g, s z of the four positions
+            const uint32_t sz01 = h2mul(s01, h2pack(vzr[i][0], vzr[i][1]));
+            const uint32_t sz23 = h2mul(s23, h2pack(vzr[i][2], vzr[i][3]));
+            const uint32_t za0 = __shfl_sync(FULL_MASK, sz01, zsrc), za2 = __shfl_sync(FULL_MASK, sz23, zsrc);
+            mma_m16n8k16(zacc, g < NG ? za0 : 0u, 0u, g < NG ? za2 : 0u, 0u, bp[i][0], bp[i][1]);
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // The float window: the row's own, incomplete block (fewer than 32 positions), one warp
+    // ---------------------------------------------------------------------------------------------
+    const int w0 = max(c0, qlen);
+    if (w0 < c1 && warp == NW - 1) {
+        float sc[4][2];
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++) {
+            const int j = qlen + nt * 8 + g;
+            const __half* krow = wk + (bk * RB + j % RB) * HD + kd0;
+            float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+            for (int w = 0; w < KD / 8; w++) {
+                const uint4 x = k_in ? *reinterpret_cast<const uint4*>(krow + 8 * w) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+                for (int p = 0; p < 2; p++) {  // dims (8w + 2p, +4) and (8w + 2p + 1, +5), as the codes
+                    const uint32_t lo = p ? x.y : x.x, hi = p ? x.w : x.z;
+                    mma_m16n8k16(d, qa0[2 * w + p], 0u, qa2[2 * w + p], 0u, __byte_perm(lo, hi, 0x5410),
+                                 __byte_perm(lo, hi, 0x7632));
+                }
+            }
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const int jj = qlen + nt * 8 + 2 * t + e;
+                sc[nt][e] = jj >= c0 && jj < c1 ? d[e] * qscale : NEG_INF;
+            }
+        }
+        uint32_t bp[2][2];
+        softmax(sc, bp);
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            uint32_t x[4][VD / 2];  // the lane's VD values of each position, as pairs
+#pragma unroll
+            for (int k = 0; k < 4; k++) {  // positions 16i + 2t + {0, 1, 8, 9}
+                const int j = qlen + 16 * i + 2 * t + (k & 1) + 8 * (k >> 1);
+                const bool ok = v_in && j < c1;  // slots past the length may hold anything
+                const __half* row = wv + (bk * RB + j % RB) * HD + vd0;
+#pragma unroll
+                for (int w = 0; w < VD / 2; w++) x[k][w] = ok ? reinterpret_cast<const uint32_t*>(row)[w] : 0u;
+            }
+#pragma unroll
+            for (int md = 0; md < MT; md++)  // dims vd0 + 2 md (rows g), vd0 + 2 md + 1 (rows g + 8)
+                mma_m16n8k16(acc[md], __byte_perm(x[0][md], x[1][md], 0x5410), __byte_perm(x[0][md], x[1][md], 0x7632),
+                             __byte_perm(x[2][md], x[3][md], 0x5410), __byte_perm(x[2][md], x[3][md], 0x7632),
+                             bp[i][0], bp[i][1]);
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // The zero points' sums subtracted; the warps' results merged in warp order, written as this
+    // split's partials, then the splits
+    // ---------------------------------------------------------------------------------------------
+    const int zlane = 4 * (v_in ? vd0 / GROUP : 0) + t;  // holds this lane's group's sums
+    const float zq0 = __shfl_sync(FULL_MASK, zacc[0], zlane), zq1 = __shfl_sync(FULL_MASK, zacc[1], zlane);
+    l += __shfl_xor_sync(FULL_MASK, l, 1);
+    l += __shfl_xor_sync(FULL_MASK, l, 2);
+    if (t == 0) {
+        sm_m[warp][g] = m;
+        sm_l[warp][g] = l;
+    }
+#pragma unroll
+    for (int md = 0; md < MT; md++) {
+        const int dim = vd0 + 2 * md;
+        sm_acc[warp][2 * t][dim] = acc[md][0] - zq0;
+        sm_acc[warp][2 * t + 1][dim] = acc[md][1] - zq1;
+        sm_acc[warp][2 * t][dim + 1] = acc[md][2] - zq0;
+        sm_acc[warp][2 * t + 1][dim + 1] = acc[md][3] - zq1;
+    }
+    __syncthreads();
+    const size_t part0 = ((size_t)r * H + kvh * G) * nsplit + split;  // (r, head kvh * G, split)
+    for (int i = threadIdx.x; i < 8 * HD; i += blockDim.x) {
+        const int gg = i / HD, d = i % HD, qh = qt * 8 + gg;
+        if (qh >= G) continue;
+        float M = NEG_INF;
+#pragma unroll
+        for (int w = 0; w < NW; w++) M = fmaxf(M, sm_m[w][gg]);
+        float sum = 0.0f, lsum = 0.0f;
+#pragma unroll
+        for (int w = 0; w < NW; w++) {
+            const float f = sm_m[w][gg] == NEG_INF ? 0.0f : exp2f(sm_m[w][gg] - M);
+            sum += f * sm_acc[w][gg][d];
+            lsum += f * sm_l[w][gg];
+        }
+        part_acc[(part0 + (size_t)qh * nsplit) * HD + d] = sum;
+        if (d == 0) {
+            part_m[part0 + (size_t)qh * nsplit] = M;
+            part_l[part0 + (size_t)qh * nsplit] = lsum;
+        }
+    }
+    merge_splits(r, H, KV, kvh, G, nsplit, nsplit * qtiles, len, span.chunk, HD, part_acc, part_m, part_l, counter,
+                 out, ld_out, nullptr);
+}
+
+}  // namespace kivi
+
+#define ATTN_INT4(HD)                                                                                          \
+    extern "C" __global__ void __launch_bounds__(32 * kivi::NW, 4) attn_int4_hd##HD(                            \
+        const __half* q, const uint8_t* kq, const uint8_t* vq, const __half* ks, const __half* kz,                 \
+        const __half* vs, const __half* vz, const __half* wk, const __half* wv, const int* pos, int T, int H,      \
+        int KV, int L, int chunk, int window, float qscale, float* part_acc, float* part_m, float* part_l,        \
+        int* counter, __half* out, int ld_out) {                                                               \
+        pdl_begin();                                                                                           \
+        kivi::attn_int4<HD>(q, kq, vq, ks, kz, vs, vz, wk, wv, pos, T, H, KV, L, chunk, window, qscale, part_acc, \
+                            part_m, part_l, counter, out, ld_out);                                             \
+    }
+
+ATTN_INT4(16)
+ATTN_INT4(32)
+ATTN_INT4(64)
+ATTN_INT4(96)
+ATTN_INT4(128)

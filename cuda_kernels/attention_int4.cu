@@ -220,24 +220,41 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
     // Quantized blocks
     // ---------------------------------------------------------------------------------------------
     const int zsrc = 4 * min(g * GROUP / VD, 7) + t;  // the lane holding group g's value scales
+    // A block's codes. Keys: position nt * 8 + g, the lane's KD dims; values: positions
+    // 16i + 2t + {0, 1, 8, 9} (k = 0..3), the lane's VD dims.
+    auto load_codes = [&](int blk, uint32_t (&kw)[4][KW], uint32_t (&vw)[2][4][VW]) {
+        const size_t row0 = bk * L + blk * RB;
+        const uint8_t* kp = kq + (row0 + g) * ROWB + kd0 / 2;
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++) {
+            if (k_in) load_words<KW>(kp + nt * 8 * ROWB, kw[nt]);
+            else
+#pragma unroll
+                for (int w = 0; w < KW; w++) kw[nt][w] = 0u;
+        }
+        const uint8_t* vp = vq + (row0 + 2 * t) * ROWB + vd0 / 2;
+#pragma unroll
+        for (int i = 0; i < 2; i++)
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                if (v_in) load_words<VW>(vp + (16 * i + (k & 1) + 8 * (k >> 1)) * ROWB, vw[i][k]);
+                else
+#pragma unroll
+                    for (int w = 0; w < VW; w++) vw[i][k][w] = 0u;
+            }
+    };
+    uint32_t kw[4][KW], vw[2][4][VW];
     for (int blk = c0 / RB + warp; blk * RB < qend; blk += NW) {
         const int j0 = blk * RB;
         const size_t row0 = bk * L + j0;  // the block's first cache row
-        // Loads first. Keys: position nt * 8 + g, the lane's KD dims; values: positions
-        // 16i + 2t + {0, 1, 8, 9} (k = 0..3), the lane's VD dims, and their group's scale, zero.
-        uint32_t kw[4][KW], sw[KD / 2], zw[KD / 2], vw[2][4][VW];
+        load_codes(blk, kw, vw);
+        // The block's key scales and zeros (the lane's KD channels), and its values' of the lane's
+        // group at the four positions.
+        uint32_t sw[KD / 2], zw[KD / 2];
         __half vsc[2][4], vzr[2][4];
         {
-            const uint8_t* kp = kq + (row0 + g) * ROWB + kd0 / 2;
             const __half* sp = ks + (bk * nb + blk) * HD + kd0;
             const __half* zp = kz + (bk * nb + blk) * HD + kd0;
-#pragma unroll
-            for (int nt = 0; nt < 4; nt++) {
-                if (k_in) load_words<KW>(kp + nt * 8 * ROWB, kw[nt]);
-                else
-#pragma unroll
-                    for (int w = 0; w < KW; w++) kw[nt][w] = 0u;
-            }
 #pragma unroll
             for (int i = 0; i < KD / 8; i++) {
                 const uint4 a = k_in ? __ldg(reinterpret_cast<const uint4*>(sp) + i) : make_uint4(0, 0, 0, 0);
@@ -245,17 +262,12 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
                 sw[4 * i] = a.x, sw[4 * i + 1] = a.y, sw[4 * i + 2] = a.z, sw[4 * i + 3] = a.w;
                 zw[4 * i] = c.x, zw[4 * i + 1] = c.y, zw[4 * i + 2] = c.z, zw[4 * i + 3] = c.w;
             }
-            const uint8_t* vp = vq + (row0 + 2 * t) * ROWB + vd0 / 2;
             const size_t srow = (row0 + 2 * t) * NG + (v_in ? vd0 / GROUP : 0);
 #pragma unroll
             for (int i = 0; i < 2; i++)
 #pragma unroll
                 for (int k = 0; k < 4; k++) {
                     const int dj = 16 * i + (k & 1) + 8 * (k >> 1);
-                    if (v_in) load_words<VW>(vp + dj * ROWB, vw[i][k]);
-                    else
-#pragma unroll
-                        for (int w = 0; w < VW; w++) vw[i][k][w] = 0u;
                     vsc[i][k] = __ldg(vs + srow + dj * NG);
                     vzr[i][k] = __ldg(vz + srow + dj * NG);
                 }

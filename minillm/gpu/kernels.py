@@ -230,14 +230,17 @@ def decode_attention_int4(q, kivi, pos, rows, t, cfg, window, parts, out, plan):
     """Attention over an INT4 (KIVI) cache, quantized blocks and the fp16 window, on tensor cores
     (attention_int4.cu): blocks of (kv head, 8 query heads) x splits x rows."""
     kq, vq, ks, kz, vs, vz, wk, wv, max_len, block, group = kivi
-    chunk, splits, _ = plan
     h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    if kv * rows <= 16:
-        # Half the plan's splits with few (kv head, row) pairs, so each warp takes more key blocks
-        # (32k, 8 kv heads, batch 1: 2.01x fp16 vs 1.51x; bench/NOTES.md, waves sweep).
-        chunk = 2 * chunk
-        splits = -(-max_len // chunk)
     qtiles = -(-(h // kv) // 8)
+    # One wave: as many splits as keep every (kv head, query tile, row) at most INT4_BLOCKS_PER_SM
+    # blocks a SM together; a second, partial wave would leave the GPU to its stragglers (H100,
+    # 32k positions, 32 kv heads x batch 8: 2 splits 494 us, 3 splits 591; bench/NOTES.md).
+    pairs = kv * qtiles * rows
+    # At least a key block for each warp of a split (4k positions, 8 kv heads, batch 1: 13.3 us
+    # against 20.7 with 64-position splits).
+    splits = max(1, min(-(-max_len // (32 * MMA_WARPS)), INT4_BLOCKS_PER_SM * sm_count() // pairs, plan[1]))
+    chunk = round_up(-(-max_len // splits), 64)
+    splits = -(-max_len // chunk)
     acc, m, l, counter = parts
     fn("attention_int4", f"attn_int4_hd{hd}")((kv * qtiles, splits, rows), (32 * MMA_WARPS,), (
         q, kq, vq, ks, kz, vs, vz, wk, wv, pos, i32(t), i32(h), i32(kv), i32(max_len), i32(chunk), i32(window or 0),
@@ -245,6 +248,7 @@ def decode_attention_int4(q, kivi, pos, rows, t, cfg, window, parts, out, plan):
 
 
 MMA_WARPS = 4  # NW in attention_mma.cu and attention_int4.cu
+INT4_BLOCKS_PER_SM = 4  # attention_int4.cu's launch bounds (128 registers, 34 KB of shared memory)
 
 
 def _attention_mma(fmt: str, q, arrays, pos, rows, t, cfg, max_len, group, window, parts, out, plan, v_off=None):

@@ -119,7 +119,7 @@ __device__ __forceinline__ void load_words(const uint8_t* p, uint32_t* w) {
     }
 }
 
-template <int HD>
+template <int HD, bool MHA>
 __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const uint8_t* __restrict__ kq,
                                           const uint8_t* __restrict__ vq, const __half* __restrict__ ks,
                                           const __half* __restrict__ kz, const __half* __restrict__ vs,
@@ -139,7 +139,9 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
     const int kvh = blockIdx.x / qtiles, qt = blockIdx.x % qtiles;
     const int split = blockIdx.y, nsplit = gridDim.y, r = blockIdx.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const int qi = qt * 8 + g;  // this lane's query head (A row g of the score product) among the G
+    // This lane's query head (A row g of the score product) among the G; with one query head per
+    // key/value head (MHA) every row holds it, so every lane has the softmax weights.
+    const int qi = MHA ? 0 : qt * 8 + g;
     const RowSpan span = row_span(pos, r, T, window, split, nsplit, chunk);
     const int b = span.b, len = span.len, c0 = span.c0, c1 = span.c1;
     const int qlen = (len / RB) * RB;  // positions read quantized (the rest: the window)
@@ -201,7 +203,8 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
         // The accumulator columns are queries 2t and 2t + 1: their factors come from those lanes.
         // Once the maxima settle, most steps change none of them: the rescale is skipped then.
         if (__any_sync(FULL_MASK, corr != 1.0f)) {
-            const float f0 = __shfl_sync(FULL_MASK, corr, 8 * t), f1 = __shfl_sync(FULL_MASK, corr, 8 * t + 4);
+            const float f0 = MHA ? corr : __shfl_sync(FULL_MASK, corr, 8 * t);
+            const float f1 = MHA ? corr : __shfl_sync(FULL_MASK, corr, 8 * t + 4);
 #pragma unroll
             for (int md = 0; md < MT; md++) {
                 acc[md][0] *= f0, acc[md][2] *= f0;
@@ -262,7 +265,9 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
                 sw[4 * i] = a.x, sw[4 * i + 1] = a.y, sw[4 * i + 2] = a.z, sw[4 * i + 3] = a.w;
                 zw[4 * i] = c.x, zw[4 * i + 1] = c.y, zw[4 * i + 2] = c.z, zw[4 * i + 3] = c.w;
             }
-            const size_t srow = (row0 + 2 * t) * NG + (v_in ? vd0 / GROUP : 0);
+            // MHA: the group of this lane's B column (below); else that of its value dims
+            const int vg = MHA ? (g < NG ? g : g < 2 * NG ? g - NG : 0) : (v_in ? vd0 / GROUP : 0);
+            const size_t srow = (row0 + 2 * t) * NG + vg;
 #pragma unroll
             for (int i = 0; i < 2; i++)
 #pragma unroll
@@ -313,6 +318,33 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
         }
         uint32_t bp[2][2];
         softmax(sc, bp);
+        if constexpr (MHA) {
+            // One query: B's eight columns are free for the value groups. Column c < NG takes
+            // p s_c, column NG + c takes p s_c z_c; A is the codes as read (64 + c), so row d,
+            // column group(d) accumulates sum p s (64 + c), and a row of ones (lanes g = 0 of
+            // zacc's A) gives sum p s and sum p s z per group: the end subtracts 64 times the
+            // first and the second. No per-code multiply at all.
+#pragma unroll
+            for (int i = 0; i < 2; i++) {
+                uint32_t s01 = h2pack(vsc[i][0], vsc[i][1]), s23 = h2pack(vsc[i][2], vsc[i][3]);
+                if (g >= NG) {
+                    s01 = g < 2 * NG ? h2mul(s01, h2pack(vzr[i][0], vzr[i][1])) : 0u;
+                    s23 = g < 2 * NG ? h2mul(s23, h2pack(vzr[i][2], vzr[i][3])) : 0u;
+                }
+                const uint32_t b0 = h2mul(bp[i][0], s01), b1 = h2mul(bp[i][1], s23);
+#pragma unroll
+                for (int md = 0; md < MT; md++) {
+                    const int u = md >> 2, bt = md & 3;  // word, byte of the lane's value codes
+                    const uint32_t sel = bt | (bt << 4) | ((4 + bt) << 8) | ((4 + bt) << 12);
+                    const uint32_t x01 = __byte_perm(vw[i][0][u], vw[i][1][u], sel);
+                    const uint32_t x23 = __byte_perm(vw[i][2][u], vw[i][3][u], sel);
+                    mma_m16n8k16(acc[md], under<HI_MASK, HI_EXP>(x01 << 4), under<HI_MASK, HI_EXP>(x01),
+                                 under<HI_MASK, HI_EXP>(x23 << 4), under<HI_MASK, HI_EXP>(x23), b0, b1);
+                }
+                const uint32_t ones = g == 0 ? 0x3C003C00u : 0u;  // half2(1, 1) in row 0
+                mma_m16n8k16(zacc, ones, 0u, ones, 0u, b0, b1);
+            }
+        } else {
 #pragma unroll
         for (int i = 0; i < 2; i++) {
             // scale pairs of positions (2t, 2t+1) and (2t+8, 2t+9), and minus 64 times them
@@ -333,6 +365,7 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
             const uint32_t sz23 = h2mul(s23, h2pack(vzr[i][2], vzr[i][3]));
             const uint32_t za0 = __shfl_sync(FULL_MASK, sz01, zsrc), za2 = __shfl_sync(FULL_MASK, sz23, zsrc);
             mma_m16n8k16(zacc, g < NG ? za0 : 0u, 0u, g < NG ? za2 : 0u, 0u, bp[i][0], bp[i][1]);
+        }
         }
     }
 
@@ -380,7 +413,7 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
             for (int md = 0; md < MT; md++)  // dims vd0 + 2 md (rows g), vd0 + 2 md + 1 (rows g + 8)
                 mma_m16n8k16(acc[md], __byte_perm(x[0][md], x[1][md], 0x5410), __byte_perm(x[0][md], x[1][md], 0x7632),
                              __byte_perm(x[2][md], x[3][md], 0x5410), __byte_perm(x[2][md], x[3][md], 0x7632),
-                             bp[i][0], bp[i][1]);
+                             !MHA || g < NG ? bp[i][0] : 0u, !MHA || g < NG ? bp[i][1] : 0u);  // MHA: the group columns
         }
     }
 
@@ -388,14 +421,28 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
     // The zero points' sums subtracted; the warps' results merged in warp order, written as this
     // split's partials, then the splits
     // ---------------------------------------------------------------------------------------------
-    const int zlane = 4 * (v_in ? vd0 / GROUP : 0) + t;  // holds this lane's group's sums
-    const float zq0 = __shfl_sync(FULL_MASK, zacc[0], zlane), zq1 = __shfl_sync(FULL_MASK, zacc[1], zlane);
     l += __shfl_xor_sync(FULL_MASK, l, 1);
     l += __shfl_xor_sync(FULL_MASK, l, 2);
     if (t == 0) {
         sm_m[warp][g] = m;
         sm_l[warp][g] = l;
     }
+    if constexpr (MHA) {
+        // column group(d) of row d, in lane t = group / 2; the sums of the ones row in lanes g = 0
+        const int grp = v_in ? vd0 / GROUP : 0, e = grp & 1, ze = (NG + grp) & 1;
+        const float s0 = __shfl_sync(FULL_MASK, zacc[0], grp / 2), s1 = __shfl_sync(FULL_MASK, zacc[1], grp / 2);
+        const float z0 = __shfl_sync(FULL_MASK, zacc[0], (NG + grp) / 2), z1 = __shfl_sync(FULL_MASK, zacc[1], (NG + grp) / 2);
+        const float sub = 64.0f * (e ? s1 : s0) + (ze ? z1 : z0);
+        if (t == grp / 2) {
+#pragma unroll
+            for (int md = 0; md < MT; md++) {
+                sm_acc[warp][0][vd0 + 2 * md] = (e ? acc[md][1] : acc[md][0]) - sub;
+                sm_acc[warp][0][vd0 + 2 * md + 1] = (e ? acc[md][3] : acc[md][2]) - sub;
+            }
+        }
+    } else {
+    const int zlane = 4 * (v_in ? vd0 / GROUP : 0) + t;  // holds this lane's group's sums
+    const float zq0 = __shfl_sync(FULL_MASK, zacc[0], zlane), zq1 = __shfl_sync(FULL_MASK, zacc[1], zlane);
 #pragma unroll
     for (int md = 0; md < MT; md++) {
         const int dim = vd0 + 2 * md;
@@ -403,6 +450,7 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
         sm_acc[warp][2 * t + 1][dim] = acc[md][1] - zq1;
         sm_acc[warp][2 * t][dim + 1] = acc[md][2] - zq0;
         sm_acc[warp][2 * t + 1][dim + 1] = acc[md][3] - zq1;
+    }
     }
     __syncthreads();
     const size_t part0 = ((size_t)r * H + kvh * G) * nsplit + split;  // (r, head kvh * G, split)
@@ -425,25 +473,30 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
             part_l[part0 + (size_t)qh * nsplit] = lsum;
         }
     }
-    merge_splits(r, H, KV, kvh, G, nsplit, nsplit * qtiles, len, span.chunk, HD, part_acc, part_m, part_l, counter,
+    merge_splits<!MHA>(r, H, KV, kvh, G, nsplit, nsplit * qtiles, len, span.chunk, HD, part_acc, part_m, part_l, counter,
                  out, ld_out, nullptr);
 }
 
 }  // namespace kivi
 
-#define ATTN_INT4(HD)                                                                                          \
-    extern "C" __global__ void __launch_bounds__(32 * kivi::NW, 4) attn_int4_hd##HD(                            \
+#define ATTN_INT4(NAME, HD, MHA)                                                                               \
+    extern "C" __global__ void __launch_bounds__(32 * kivi::NW, 4) NAME(                            \
         const __half* q, const uint8_t* kq, const uint8_t* vq, const __half* ks, const __half* kz,                 \
         const __half* vs, const __half* vz, const __half* wk, const __half* wv, const int* pos, int T, int H,      \
         int KV, int L, int chunk, int window, float qscale, float* part_acc, float* part_m, float* part_l,        \
         int* counter, __half* out, int ld_out) {                                                               \
         pdl_begin();                                                                                           \
-        kivi::attn_int4<HD>(q, kq, vq, ks, kz, vs, vz, wk, wv, pos, T, H, KV, L, chunk, window, qscale, part_acc, \
+        kivi::attn_int4<HD, MHA>(q, kq, vq, ks, kz, vs, vz, wk, wv, pos, T, H, KV, L, chunk, window, qscale, part_acc, \
                             part_m, part_l, counter, out, ld_out);                                             \
     }
 
-ATTN_INT4(16)
-ATTN_INT4(32)
-ATTN_INT4(64)
-ATTN_INT4(96)
-ATTN_INT4(128)
+ATTN_INT4(attn_int4_hd16, 16, false)
+ATTN_INT4(attn_int4_hd16_mha, 16, true)
+ATTN_INT4(attn_int4_hd32, 32, false)
+ATTN_INT4(attn_int4_hd32_mha, 32, true)
+ATTN_INT4(attn_int4_hd64, 64, false)
+ATTN_INT4(attn_int4_hd64_mha, 64, true)
+ATTN_INT4(attn_int4_hd96, 96, false)
+ATTN_INT4(attn_int4_hd96_mha, 96, true)
+ATTN_INT4(attn_int4_hd128, 128, false)
+ATTN_INT4(attn_int4_hd128_mha, 128, true)

@@ -242,7 +242,7 @@ def decode_attention_int4(q, kivi, pos, rows, t, cfg, window, parts, out, plan):
     chunk = round_up(-(-max_len // splits), 64)
     splits = -(-max_len // chunk)
     acc, m, l, counter = parts
-    fn("attention_int4", f"attn_int4_hd{hd}")((kv * qtiles, splits, rows), (32 * MMA_WARPS,), (
+    fn("attention_int4", f"attn_int4_hd{hd}" + ("_mha" if h == kv else ""))((kv * qtiles, splits, rows), (32 * MMA_WARPS,), (
         q, kq, vq, ks, kz, vs, vz, wk, wv, pos, i32(t), i32(h), i32(kv), i32(max_len), i32(chunk), i32(window or 0),
         np.float32(math.log2(math.e) / math.sqrt(hd)), acc, m, l, counter, out, i32(out.shape[1])))
 

@@ -1,7 +1,6 @@
-"""Decode attention over the KV cache on the GPU: fp16 vs int8 vs fp8 vs int4 caches (cuda_kernels/attention.cu
-and attention_mma.cu),
-one Llama-2-7B-shaped layer (32 query heads, head_dim 128; 32 key/value heads, and the GQA variant
-with 8), contexts 4k..64k, batch 1 and 8, one run.
+"""Decode attention over the KV cache on the GPU: fp16 vs int8 vs fp8 vs int4 caches (cuda_kernels/attention.cu,
+attention_mma.cu and attention_int4.cu), one Llama-2-7B-shaped layer (32 query heads, head_dim 128;
+32 key/value heads, and the GQA variant with 8), contexts 4k..64k, batch 1 and 8, one run.
 
 Time per call = split kernel + combine, the median of CUDA-graph replays (bench/gpu_kernels.py's
 method); GB/s counts the cache bytes read (codes and scales of every position); % is of the copy

@@ -186,8 +186,7 @@ def decode_attention(q, layer_cache, pos, rows, t, cfg, window, parts, out, plan
     want_mma = os.environ.get("MINILLM_ATTN_MMA")  # "1" / "0" force the choice (tests, benchmarks)
     use_mma = g > 1 and chunk >= 256 if want_mma is None else want_mma == "1"
     if fmt != 0 and hd <= 128 and use_mma:
-        _attention_mma(name, q, (kc, vc, ks, 0, vs, 0, 0, 0), pos, rows, t, cfg, max_len, 0, window, parts, out, plan,
-                       v_off)
+        _attention_mma(name, q, kc, vc, ks, vs, pos, rows, t, cfg, max_len, window, parts, out, plan, v_off)
         return
     # Grouped heads with many (kv head, row) pairs: one warp per key/value head serves all G queries
     # (attention.cu, attn_decode_gqa): 1.2-1.3x faster at batch 8 x 8 kv heads from 16k positions,
@@ -251,22 +250,18 @@ MMA_WARPS = 4  # NW in attention_mma.cu and attention_int4.cu
 INT4_BLOCKS_PER_SM = 4  # attention_int4.cu's launch bounds (128 registers, 34 KB of shared memory)
 
 
-def _attention_mma(fmt: str, q, arrays, pos, rows, t, cfg, max_len, group, window, parts, out, plan, v_off=None):
-    """attention_mma.cu: blocks of (kv head, 8 query heads) x the plan's splits x rows; arrays are
-    (kq, vq, ks, kz, vs, vz, wk, wv), with 0 for what the format lacks."""
-    chunk, splits, _ = plan
+def _attention_mma(fmt: str, q, kc, vc, ks, vs, pos, rows, t, cfg, max_len, window, parts, out, plan, v_off):
+    """attention_mma.cu (8-bit codes, grouped heads): blocks of (kv head, 8 query heads) x splits x rows."""
     h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    if fmt != "int4" or kv * rows <= 16:
-        # Half the plan's splits (about 2 blocks per SM), so each warp takes more key blocks: for the
-        # 8-bit codes always (H100, 8 kv heads: 32k batch 1 49 us vs 72 at the plan's 4 waves, 4k
-        # batch 8 2.30x fp16 vs 1.75x), for INT4 with few (kv head, row) pairs (32k, 8 kv heads,
-        # batch 1: 2.01x vs 1.51x; batch 8: 1.64x vs 1.81x; bench/NOTES.md, waves sweep).
-        chunk = 2 * chunk
-        splits = -(-max_len // chunk)
+    # Half the plan's splits (about 2 blocks per SM), so each warp takes more key blocks (H100, 8 kv
+    # heads: 32k batch 1 49 us vs 72 at the plan's 4 waves, 4k batch 8 2.30x fp16 vs 1.75x;
+    # bench/NOTES.md, waves sweep).
+    chunk = 2 * plan[0]
+    splits = -(-max_len // chunk)
     qtiles = -(-(h // kv) // 8)
     acc, m, l, counter = parts
     fn("attention_mma", f"attn_mma_{fmt}_hd{64 if hd <= 64 else 128}")((kv * qtiles, splits, rows), (32 * MMA_WARPS,), (
-        q, *arrays, pos, i32(t), i32(h), i32(kv), i32(hd), i32(max_len), i32(group), i32(chunk), i32(window or 0),
+        q, kc, vc, ks, vs, pos, i32(t), i32(h), i32(kv), i32(hd), i32(max_len), i32(chunk), i32(window or 0),
         np.float32(math.log2(math.e) / math.sqrt(hd)), acc, m, l, counter, out, i32(out.shape[1]), _ptr(v_off)))
 
 

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from minillm.attention import attention
@@ -432,6 +432,10 @@ def test_gate_up_with_fused_activation(f, k, m, bits, act, bias, seed):
 @settings(max_examples=EXAMPLES or 20, deadline=None)
 @given(kv=st.integers(1, 3), g=st.sampled_from([1, 2, 3, 4, 8, 9]), hd=st.sampled_from([16, 32, 64, 96, 128]),
        length=st.integers(0, 150), t=st.integers(1, 8), outliers=st.booleans(), seed=st.integers(0, 2**31))
+# attention_int4.cu's two value paths, every time: one query head per kv head (MHA) and grouped
+@example(kv=2, g=1, hd=128, length=140, t=3, outliers=True, seed=1)
+@example(kv=1, g=1, hd=64, length=64, t=1, outliers=False, seed=2)
+@example(kv=2, g=4, hd=128, length=100, t=2, outliers=True, seed=3)
 def test_int4_cache_kernels(kv, g, hd, length, t, outliers, seed):
     """The INT4 (KIVI) kernels — window append (rope_append), block flush (kivi_flush) and attention
     (attention_int4.cu) — against kvcache.Int4KVCache fed the same keys and values in the same pieces

@@ -18,19 +18,22 @@
 // ================================================================================================
 //   Scores, a block of 32 positions: S = Q' C^T with q'_d = q_d s_d (the block's per-channel
 //   scales, one fp16 multiply per pair of dims) and C the codes as they come out of a mask: a
-//   code c under the exponent of 1024 reads as the fp16 number 1024 + c (low nibble, mask
-//   0x000F) or, shifted by 4 bits, under the exponent of 64 as 64 + c (high nibble, mask 0x00F0,
-//   where the mantissa's step is 1/16). No subtraction per code: the offsets are the same for
+//   code c in the low nibble under the exponent of 1024 reads as the fp16 number 1024 + c (mask
+//   0x000F), one in the high nibble, bits 4-7, under the exponent of 64 as 64 + c (mask 0x00F0;
+//   the mantissa's step there is 1/16). No subtraction per code: the offsets are the same for
 //   every position, so they join the zero point in one bias per (query, block),
 //       q . k = sum_d q'_d (o_d + c_d) - sum_d q'_d (z_d + o_d),   o_d in {1024, 64},
 //   and the bias is itself one more product on the tensor cores: its B operand holds z in
 //   columns 0-3 and the offsets in columns 4-7, the two sums land in columns 0 and 4, exact
 //   (fp16 products, fp32 sums). The score accumulators start at minus the bias.
 //   Values: O^T += V^T P^T, A = V^T dequantized as s c by one fused multiply-add per pair,
-//   (o + c) s - o s (o s exact in fp16; one rounding, that of s c), and the zero points left out:
+//   (64 + c) s - 64 s (the low nibble shifted up to bits 4-7 first; 64 s is exact in fp16, so
+//   the one rounding is that of s c), and the zero points left out:
 //   sum_j p_j s_j (c_j - z_j) = sum_j p_j s_j c_j - sum_j p_j (s_j z_j), the second sum one
 //   number per (group, query), which a fifth product per 16 positions accumulates (A rows =
-//   groups, A = s z) and the end subtracts.
+//   groups, A = s z) and the end subtracts. With one query head per key/value head (the _mha
+//   instances) B's columns are free: they carry the value groups' p s and p s z, the codes enter
+//   the value product as read, and a row of ones sums both (no per-code multiply at all).
 //   The m16n8k16 fragments (PTX ISA, "Matrix Fragments for mma.m16n8k16"), lane = 4g + t:
 //     A rows g, g+8, k = 2t, 2t+1 (a0, a1) and 2t+8, 2t+9 (a2, a3); B k = 2t, 2t+1 (b0) and
 //     2t+8, 2t+9 (b1), col g; C/D rows g, g+8, cols 2t, 2t+1.

@@ -476,7 +476,7 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
             part_l[part0 + (size_t)qh * nsplit] = lsum;
         }
     }
-    merge_splits<!MHA>(r, H, KV, kvh, G, nsplit, nsplit * qtiles, len, span.chunk, HD, part_acc, part_m, part_l, counter,
+    merge_splits<true>(r, H, KV, kvh, G, nsplit, nsplit * qtiles, len, span.chunk, HD, part_acc, part_m, part_l, counter,
                  out, ld_out, nullptr);
 }
 

@@ -27,13 +27,13 @@ __device__ __forceinline__ RowSpan row_span(const int* __restrict__ pos, int r, 
 // The last block of a (row, key/value head) to finish merges the splits' partial results (an atomic
 // counter per (row, kv head) in device memory, reset by that block for the next step), so no second
 // kernel is launched:  m = max_s m_s,  l = sum_s l_s 2^(m_s - m),  out = sum_s acc_s 2^(m_s - m) / l.
-// `arrivals`: blocks per (row, kv head) (the splits, times the query tiles of attention_mma.cu).
+// `arrivals`: blocks per (row, kv head) (the splits, times the query tiles of attention_mma.cu and
+// attention_int4.cu). VEC: the sums four outputs at a time (below).
 // v_off: the values' offsets of a centred cache ([KV, hd], or null), added back: the softmax
 // weights sum to 1, so sum_j p_j (v_j - mu) + mu = sum_j p_j v_j.
-template <bool WIDE = false>
+template <bool VEC = false>
 __device__ __forceinline__ void merge_splits(int r, int H, int KV, int kvh, int G, int nsplit, int arrivals,
-                                             int len, int chunk,
-                                             int hd, const float* __restrict__ part_acc,
+                                             int len, int chunk, int hd, const float* __restrict__ part_acc,
                                              const float* __restrict__ part_m, const float* __restrict__ part_l,
                                              int* __restrict__ counter, __half* __restrict__ out, int ld_out,
                                              const float* __restrict__ v_off) {
@@ -71,61 +71,59 @@ __device__ __forceinline__ void merge_splits(int r, int H, int KV, int kvh, int 
         for (int s = lane; s < used; s += 32) sm_w[g * used + s] *= inv;
     }
     __syncthreads();
-    if constexpr (WIDE) {
-        // Up to 4 outputs a thread at once, 4 splits each: 16 independent loads in flight. Faster with
-        // many splits (the INT4 kernel's one-wave plan: 8 kv heads, batch 1, 32k: 66 splits, 35.7 ->
-        // 32.5 us), slower with few (the other kernels' plans: fp16 103 -> 109 us, 8.6 -> 9.3 us at
-        // 600 positions), so the INT4 kernel alone asks for it.
-        for (int i0 = threadIdx.x; i0 < G * hd; i0 += 4 * blockDim.x) {
-            const float* src[4];
-            const float* w[4];
-            bool ok[4];
-            float o[4][4];
-#pragma unroll
-            for (int k = 0; k < 4; k++) {
-                const int i = min(i0 + k * (int)blockDim.x, G * hd - 1), gg = i / hd, e = i % hd;
-                ok[k] = i0 + k * (int)blockDim.x < G * hd;
-                src[k] = part_acc + ((size_t)r * H + kvh * G + gg) * nsplit * hd + e;
-                w[k] = sm_w + gg * used;
-#pragma unroll
-                for (int u = 0; u < 4; u++) o[k][u] = 0.0f;
-            }
-            int s = 0;
-            for (; s + 4 <= used; s += 4) {
-#pragma unroll
-                for (int k = 0; k < 4; k++)
-#pragma unroll
-                    for (int u = 0; u < 4; u++) o[k][u] += __ldcg(src[k] + (size_t)(s + u) * hd) * w[k][s + u];
-            }
-            for (; s < used; s++)
-#pragma unroll
-                for (int k = 0; k < 4; k++) o[k][0] += __ldcg(src[k] + (size_t)s * hd) * w[k][s];
-#pragma unroll
-            for (int k = 0; k < 4; k++) {
-                if (!ok[k]) continue;
-                const int i = i0 + k * blockDim.x, gg = i / hd, e = i % hd;
-                const float sum = (o[k][0] + o[k][1]) + (o[k][2] + o[k][3]) + (v_off ? v_off[(size_t)kvh * hd + e] : 0.0f);
-                out[(size_t)r * ld_out + (kvh * G + gg) * hd + e] = __float2half(sum);
-            }
-        }
-    } else {
-        for (int i = threadIdx.x; i < G * hd; i += blockDim.x) {
-            const int gg = i / hd, e = i % hd;
-            const float* src = part_acc + ((size_t)r * H + kvh * G + gg) * nsplit * hd + e;
+    if (VEC && hd % 4 == 0) {
+        // Four consecutive outputs a thread, one 16-byte load per split, 8 splits in flight. Faster
+        // for the tensor-core kernels (8 kv heads, batch 1, 32k: int8 38.3 -> 36.7 us, INT4 32.8 ->
+        // 29.6), slower for attention.cu's (fp16 103.8 -> 109.5: its registers are the main loop's
+        // occupancy), so each kernel says which it wants. Summed in a fixed order, as below.
+        for (int i = threadIdx.x; i < G * hd / 4; i += blockDim.x) {
+            const int gg = 4 * i / hd, e = 4 * i % hd;
+            const float4* src = reinterpret_cast<const float4*>(part_acc + ((size_t)r * H + kvh * G + gg) * nsplit * hd + e);
             const float* w = sm_w + gg * used;
-            // 8 independent loads in flight: this loop runs in one block while the rest of the GPU
-            // idles, so its L2 latency is the tail of the whole kernel (G x splits loads a thread with
-            // grouped heads). Summed in a fixed order: deterministic.
-            float o[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+            float4 o[8];
+#pragma unroll
+            for (int u = 0; u < 8; u++) o[u] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
             int s = 0;
             for (; s + 8 <= used; s += 8) {
 #pragma unroll
-                for (int u = 0; u < 8; u++) o[u] += __ldcg(src + (size_t)(s + u) * hd) * w[s + u];
+                for (int u = 0; u < 8; u++) {
+                    const float4 a = __ldcg(src + (size_t)(s + u) * (hd / 4));
+                    const float ww = w[s + u];
+                    o[u].x += a.x * ww, o[u].y += a.y * ww, o[u].z += a.z * ww, o[u].w += a.w * ww;
+                }
             }
-            for (; s < used; s++) o[0] += __ldcg(src + (size_t)s * hd) * w[s];
-            const float sum = ((o[0] + o[1]) + (o[2] + o[3])) + ((o[4] + o[5]) + (o[6] + o[7])) +
-                              (v_off ? v_off[(size_t)kvh * hd + e] : 0.0f);
-            out[(size_t)r * ld_out + (kvh * G + gg) * hd + e] = __float2half(sum);
+            for (; s < used; s++) {
+                const float4 a = __ldcg(src + (size_t)s * (hd / 4));
+                o[0].x += a.x * w[s], o[0].y += a.y * w[s], o[0].z += a.z * w[s], o[0].w += a.w * w[s];
+            }
+            float res[4];
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+                auto at = [&](int u) { return c == 0 ? o[u].x : c == 1 ? o[u].y : c == 2 ? o[u].z : o[u].w; };
+                res[c] = ((at(0) + at(1)) + (at(2) + at(3))) + ((at(4) + at(5)) + (at(6) + at(7))) +
+                         (v_off ? v_off[(size_t)kvh * hd + e + c] : 0.0f);
+            }
+#pragma unroll
+            for (int c = 0; c < 4; c++) out[(size_t)r * ld_out + (kvh * G + gg) * hd + e + c] = __float2half(res[c]);
         }
+        return;
+    }
+    for (int i = threadIdx.x; i < G * hd; i += blockDim.x) {
+        const int gg = i / hd, e = i % hd;
+        const float* src = part_acc + ((size_t)r * H + kvh * G + gg) * nsplit * hd + e;
+        const float* w = sm_w + gg * used;
+        // 8 independent loads in flight: this loop runs in one block while the rest of the GPU
+        // idles, so its L2 latency is the tail of the whole kernel (G x splits loads a thread with
+        // grouped heads). Summed in a fixed order: deterministic.
+        float o[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+        int s = 0;
+        for (; s + 8 <= used; s += 8) {
+#pragma unroll
+            for (int u = 0; u < 8; u++) o[u] += __ldcg(src + (size_t)(s + u) * hd) * w[s + u];
+        }
+        for (; s < used; s++) o[0] += __ldcg(src + (size_t)s * hd) * w[s];
+        const float sum = ((o[0] + o[1]) + (o[2] + o[3])) + ((o[4] + o[5]) + (o[6] + o[7])) +
+                          (v_off ? v_off[(size_t)kvh * hd + e] : 0.0f);
+        out[(size_t)r * ld_out + (kvh * G + gg) * hd + e] = __float2half(sum);
     }
 }

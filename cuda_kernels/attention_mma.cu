@@ -292,7 +292,7 @@ __device__ __forceinline__ void attn_mma(const __half* __restrict__ q, const uin
             part_l[part0 + (size_t)qh * nsplit] = lsum;
         }
     }
-    merge_splits(r, H, KV, kvh, G, nsplit, nsplit * qtiles, len, span.chunk, hd, part_acc, part_m, part_l, counter, out,
+    merge_splits<true>(r, H, KV, kvh, G, nsplit, nsplit * qtiles, len, span.chunk, hd, part_acc, part_m, part_l, counter, out,
                  ld_out, v_off);
 }
 

@@ -100,14 +100,6 @@ constexpr uint32_t LO_MASK = 0x000F000Fu, HI_MASK = 0x00F000F0u;
 constexpr uint32_t LO_EXP = 0x64006400u;  // half2(1024, 1024): the low nibble reads 1024 + c
 constexpr uint32_t HI_EXP = 0x54005400u;  // half2(64, 64): bits 4-7 read 64 + c
 
-// (x & mask) | bits in one LOP3 (written out: from C, the compiler emits an AND and an OR).
-template <uint32_t mask, uint32_t bits>
-__device__ __forceinline__ uint32_t under(uint32_t x) {
-    uint32_t r;
-    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(x), "n"(mask), "n"(bits));  // (a & b) | c
-    return r;
-}
-
 // N 32-bit words from an address aligned to 4N bytes.
 template <int N>
 __device__ __forceinline__ void load_words(const uint8_t* p, uint32_t* w) {
@@ -310,8 +302,8 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
                 const uint32_t x = kw[nt][w], y = x >> 8;  // nibbles (0, 4), (1, 5) of x; (2, 6), (3, 7) of y
                 const uint32_t* a = af[2 * w];
                 const uint32_t* c = af[2 * w + 1];
-                mma_m16n8k16(d, a[0], a[1], a[2], a[3], under<LO_MASK, LO_EXP>(x), under<HI_MASK, HI_EXP>(x));
-                mma_m16n8k16(d, c[0], c[1], c[2], c[3], under<LO_MASK, LO_EXP>(y), under<HI_MASK, HI_EXP>(y));
+                mma_m16n8k16(d, a[0], a[1], a[2], a[3], and_or(x, LO_MASK, LO_EXP), and_or(x, HI_MASK, HI_EXP));
+                mma_m16n8k16(d, c[0], c[1], c[2], c[3], and_or(y, LO_MASK, LO_EXP), and_or(y, HI_MASK, HI_EXP));
             }
 #pragma unroll
             for (int e = 0; e < 2; e++) {
@@ -341,8 +333,8 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
                     const uint32_t sel = bt | (bt << 4) | ((4 + bt) << 8) | ((4 + bt) << 12);
                     const uint32_t x01 = __byte_perm(vw[i][0][u], vw[i][1][u], sel);
                     const uint32_t x23 = __byte_perm(vw[i][2][u], vw[i][3][u], sel);
-                    mma_m16n8k16(acc[md], under<HI_MASK, HI_EXP>(x01 << 4), under<HI_MASK, HI_EXP>(x01),
-                                 under<HI_MASK, HI_EXP>(x23 << 4), under<HI_MASK, HI_EXP>(x23), b0, b1);
+                    mma_m16n8k16(acc[md], and_or(x01 << 4, HI_MASK, HI_EXP), and_or(x01, HI_MASK, HI_EXP),
+                                 and_or(x23 << 4, HI_MASK, HI_EXP), and_or(x23, HI_MASK, HI_EXP), b0, b1);
                 }
                 const uint32_t ones = g == 0 ? 0x3C003C00u : 0u;  // half2(1, 1) in row 0
                 mma_m16n8k16(zacc, ones, 0u, ones, 0u, b0, b1);
@@ -359,9 +351,9 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
                 const uint32_t sel = bt | (bt << 4) | ((4 + bt) << 8) | ((4 + bt) << 12);
                 const uint32_t x01 = __byte_perm(vw[i][0][u], vw[i][1][u], sel);
                 const uint32_t x23 = __byte_perm(vw[i][2][u], vw[i][3][u], sel);
-                mma_m16n8k16(acc[md], h2fma(under<HI_MASK, HI_EXP>(x01 << 4), s01, m01),
-                             h2fma(under<HI_MASK, HI_EXP>(x01), s01, m01), h2fma(under<HI_MASK, HI_EXP>(x23 << 4), s23, m23),
-                             h2fma(under<HI_MASK, HI_EXP>(x23), s23, m23), bp[i][0], bp[i][1]);
+                mma_m16n8k16(acc[md], h2fma(and_or(x01 << 4, HI_MASK, HI_EXP), s01, m01),
+                             h2fma(and_or(x01, HI_MASK, HI_EXP), s01, m01), h2fma(and_or(x23 << 4, HI_MASK, HI_EXP), s23, m23),
+                             h2fma(and_or(x23, HI_MASK, HI_EXP), s23, m23), bp[i][0], bp[i][1]);
             }
             // the zero points' sums: A row g = value group g, s z of the four positions
             const uint32_t sz01 = h2mul(s01, h2pack(vzr[i][0], vzr[i][1]));

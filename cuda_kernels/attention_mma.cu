@@ -75,12 +75,10 @@ __device__ __forceinline__ uint32_t byte_pair(uint32_t lo, uint32_t hi, int k) {
     if (FMT == KV_INT8) {
         // byte k of each into the low byte of a half; XOR 0x80 makes c + 128 (unsigned), and under
         // 0x64 it reads 1024 + c + 128: one subtraction of 1152 leaves c exactly.
-        // (x & 0x00FF00FF) ^ 0x64806480 in one LOP3, written out: from C the compiler emits an AND
-        // and an XOR (1,130 -> 1,017 instructions a block of 32 positions, head_dim 128).
+        // (and_xor: one LOP3 where the compiler emitted an AND and an XOR, 1,130 -> 1,017
+        // instructions a block of 32 positions at head_dim 128)
         const uint32_t x = __byte_perm(lo, hi, k | ((4 + k) << 8));
-        uint32_t h;
-        asm("lop3.b32 %0, %1, 0x00FF00FF, 0x64806480, 0x6A;" : "=r"(h) : "r"(x));  // (a & b) ^ c
-        return hsub_u32(h, 0x64806480u);  // half2(1152, 1152)
+        return hsub_u32(and_xor(x, 0x00FF00FFu, 0x64806480u), 0x64806480u);  // half2(1152, 1152)
     } else {
         const uint32_t two = __byte_perm(lo, hi, k | ((4 + k) << 4));  // low 16 bits: (lo_k, hi_k)
         uint32_t h2;

@@ -80,6 +80,14 @@ __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t mask, uint32_t m
     return d;
 }
 
+// (a & mask) ^ bits in one LOP3, for the same reason (the int8 codes' byte under an fp16 exponent
+// with its sign flipped: attention_mma.cu).
+__device__ __forceinline__ uint32_t and_xor(uint32_t a, uint32_t mask, uint32_t bits) {
+    uint32_t d;
+    asm("lop3.b32 %0, %1, %2, %3, 0x6a;\n" : "=r"(d) : "r"(a), "r"(mask), "r"(bits));  // (a & b) ^ c
+    return d;
+}
+
 // The quantization group of 32-code chunk c: a shift when chunks_per_group is a power of two
 // (cpg_shift = its log2; every common group size), else a division (cpg_shift = -1).
 __device__ __forceinline__ int group_of(int c, int chunks_per_group, int cpg_shift) {

@@ -155,7 +155,7 @@ def attention_plan(cfg, max_len: int, rows: int, sms: int = 132):
     A block holds the G query heads of one key/value head x W token streams; splits give enough
     (kv head, split, row) blocks to fill the GPU several times over, in chunks of at least 64
     positions. MINILLM_ATTN_STREAMS / MINILLM_ATTN_WAVES override the two choices (bench/gpu_kv.py
-    --sweep measures them)."""
+    --sweep measures them). The INT4 kernel takes only its splits bound from here."""
     g = cfg.num_heads // cfg.num_kv_heads
     # Measured on an H100 at 32k positions (bench/gpu_kv.py --sweep): 4 warps for one query head per
     # key/value head, 2 streams of G warps for grouped heads, 4 x SMs blocks.

@@ -313,6 +313,16 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
         }
         uint32_t bp[2][2];
         softmax(sc, bp);
+        // The value codes of m-tile md, k-tile i, as the product reads them: 64 + c (low nibbles
+        // shifted up to bits 4-7) for rows g / g + 8 and positions (2t, 2t+1) / (2t+8, 2t+9).
+        auto value_codes = [&](int i, int md, uint32_t (&a)[4]) {
+            const int u = md >> 2, bt = md & 3;  // word, byte of the lane's value codes
+            const uint32_t sel = bt | (bt << 4) | ((4 + bt) << 8) | ((4 + bt) << 12);
+            const uint32_t x01 = __byte_perm(vw[i][0][u], vw[i][1][u], sel);
+            const uint32_t x23 = __byte_perm(vw[i][2][u], vw[i][3][u], sel);
+            a[0] = and_or(x01 << 4, HI_MASK, HI_EXP), a[1] = and_or(x01, HI_MASK, HI_EXP);
+            a[2] = and_or(x23 << 4, HI_MASK, HI_EXP), a[3] = and_or(x23, HI_MASK, HI_EXP);
+        };
         if constexpr (MHA) {
             // One query: B's eight columns are free for the value groups. Column c < NG takes
             // p s_c, column NG + c takes p s_c z_c; A is the codes as read (64 + c), so row d,
@@ -329,12 +339,9 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
                 const uint32_t b0 = h2mul(bp[i][0], s01), b1 = h2mul(bp[i][1], s23);
 #pragma unroll
                 for (int md = 0; md < MT; md++) {
-                    const int u = md >> 2, bt = md & 3;  // word, byte of the lane's value codes
-                    const uint32_t sel = bt | (bt << 4) | ((4 + bt) << 8) | ((4 + bt) << 12);
-                    const uint32_t x01 = __byte_perm(vw[i][0][u], vw[i][1][u], sel);
-                    const uint32_t x23 = __byte_perm(vw[i][2][u], vw[i][3][u], sel);
-                    mma_m16n8k16(acc[md], and_or(x01 << 4, HI_MASK, HI_EXP), and_or(x01, HI_MASK, HI_EXP),
-                                 and_or(x23 << 4, HI_MASK, HI_EXP), and_or(x23, HI_MASK, HI_EXP), b0, b1);
+                    uint32_t a[4];
+                    value_codes(i, md, a);
+                    mma_m16n8k16(acc[md], a[0], a[1], a[2], a[3], b0, b1);
                 }
                 const uint32_t ones = g == 0 ? 0x3C003C00u : 0u;  // half2(1, 1) in row 0
                 mma_m16n8k16(zacc, ones, 0u, ones, 0u, b0, b1);
@@ -347,13 +354,10 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
             const uint32_t m01 = h2mul(s01, 0xD400D400u), m23 = h2mul(s23, 0xD400D400u);  // half2(-64, -64)
 #pragma unroll
             for (int md = 0; md < MT; md++) {
-                const int u = md >> 2, bt = md & 3;  // word, byte of the lane's value codes
-                const uint32_t sel = bt | (bt << 4) | ((4 + bt) << 8) | ((4 + bt) << 12);
-                const uint32_t x01 = __byte_perm(vw[i][0][u], vw[i][1][u], sel);
-                const uint32_t x23 = __byte_perm(vw[i][2][u], vw[i][3][u], sel);
-                mma_m16n8k16(acc[md], h2fma(and_or(x01 << 4, HI_MASK, HI_EXP), s01, m01),
-                             h2fma(and_or(x01, HI_MASK, HI_EXP), s01, m01), h2fma(and_or(x23 << 4, HI_MASK, HI_EXP), s23, m23),
-                             h2fma(and_or(x23, HI_MASK, HI_EXP), s23, m23), bp[i][0], bp[i][1]);
+                uint32_t a[4];
+                value_codes(i, md, a);
+                mma_m16n8k16(acc[md], h2fma(a[0], s01, m01), h2fma(a[1], s01, m01), h2fma(a[2], s23, m23),
+                             h2fma(a[3], s23, m23), bp[i][0], bp[i][1]);
             }
             // the zero points' sums: A row g = value group g, s z of the four positions
             const uint32_t sz01 = h2mul(s01, h2pack(vzr[i][0], vzr[i][1]));
@@ -448,26 +452,7 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
     }
     }
     __syncthreads();
-    const size_t part0 = ((size_t)r * H + kvh * G) * nsplit + split;  // (r, head kvh * G, split)
-    for (int i = threadIdx.x; i < 8 * HD; i += blockDim.x) {
-        const int gg = i / HD, d = i % HD, qh = qt * 8 + gg;
-        if (qh >= G) continue;
-        float M = NEG_INF;
-#pragma unroll
-        for (int w = 0; w < NW; w++) M = fmaxf(M, sm_m[w][gg]);
-        float sum = 0.0f, lsum = 0.0f;
-#pragma unroll
-        for (int w = 0; w < NW; w++) {
-            const float f = sm_m[w][gg] == NEG_INF ? 0.0f : exp2f(sm_m[w][gg] - M);
-            sum += f * sm_acc[w][gg][d];
-            lsum += f * sm_l[w][gg];
-        }
-        part_acc[(part0 + (size_t)qh * nsplit) * HD + d] = sum;
-        if (d == 0) {
-            part_m[part0 + (size_t)qh * nsplit] = M;
-            part_l[part0 + (size_t)qh * nsplit] = lsum;
-        }
-    }
+    write_tile_partials<NW, HDP>(sm_acc, sm_m, sm_l, r, H, kvh, G, qt, split, nsplit, HD, part_acc, part_m, part_l);
     merge_splits<true>(r, H, KV, kvh, G, nsplit, nsplit * qtiles, len, span.chunk, HD, part_acc, part_m, part_l, counter,
                  out, ld_out, nullptr);
 }

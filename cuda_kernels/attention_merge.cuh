@@ -22,6 +22,37 @@ __device__ __forceinline__ RowSpan row_span(const int* __restrict__ pos, int r, 
     return {b, len, max(split * chunk, lo), min((split + 1) * chunk, len), chunk};
 }
 
+// The end of a split for the tensor-core kernels (a tile of up to 8 query heads, NW warps): each
+// warp left its online-softmax state per query in shared memory (sum sm_acc[w][q][:], max sm_m[w][q],
+// normaliser sm_l[w][q]); combine the warps in warp order (deterministic) and write the split's
+// partial result for query heads qt * 8 + q < G.
+template <int NW, int HDP>
+__device__ __forceinline__ void write_tile_partials(const float (*sm_acc)[8][HDP], const float (*sm_m)[8],
+                                                    const float (*sm_l)[8], int r, int H, int kvh, int G, int qt,
+                                                    int split, int nsplit, int hd, float* __restrict__ part_acc,
+                                                    float* __restrict__ part_m, float* __restrict__ part_l) {
+    const size_t part0 = ((size_t)r * H + kvh * G) * nsplit + split;  // (r, head kvh * G, split)
+    for (int i = threadIdx.x; i < 8 * hd; i += blockDim.x) {
+        const int gg = i / hd, d = i % hd, qh = qt * 8 + gg;
+        if (qh >= G) continue;
+        float M = NEG_INF;
+#pragma unroll
+        for (int w = 0; w < NW; w++) M = fmaxf(M, sm_m[w][gg]);
+        float sum = 0.0f, lsum = 0.0f;
+#pragma unroll
+        for (int w = 0; w < NW; w++) {
+            const float f = sm_m[w][gg] == NEG_INF ? 0.0f : exp2f(sm_m[w][gg] - M);
+            sum += f * sm_acc[w][gg][d];
+            lsum += f * sm_l[w][gg];
+        }
+        part_acc[(part0 + (size_t)qh * nsplit) * hd + d] = sum;
+        if (d == 0) {
+            part_m[part0 + (size_t)qh * nsplit] = M;
+            part_l[part0 + (size_t)qh * nsplit] = lsum;
+        }
+    }
+}
+
 #define MAX_MERGE 4352  // G * splits weights for the merge (8 heads x 544 splits; kernels.py keeps below)
 
 // The last block of a (row, key/value head) to finish merges the splits' partial results (an atomic

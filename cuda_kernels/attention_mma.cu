@@ -273,26 +273,7 @@ __device__ __forceinline__ void attn_mma(const __half* __restrict__ q, const uin
             sm_acc[warp][2 * t + e][dim + 4] = acc[md][2 + e];
         }
     __syncthreads();
-    const size_t part0 = ((size_t)r * H + kvh * G) * nsplit + split;  // (r, head kvh * G, split)
-    for (int i = threadIdx.x; i < 8 * hd; i += blockDim.x) {
-        const int gg = i / hd, d = i % hd, qh = qt * 8 + gg;
-        if (qh >= G) continue;
-        float M = NEG_INF;
-#pragma unroll
-        for (int w = 0; w < NW; w++) M = fmaxf(M, sm_m[w][gg]);
-        float sum = 0.0f, lsum = 0.0f;
-#pragma unroll
-        for (int w = 0; w < NW; w++) {
-            const float f = sm_m[w][gg] == NEG_INF ? 0.0f : exp2f(sm_m[w][gg] - M);
-            sum += f * sm_acc[w][gg][d];
-            lsum += f * sm_l[w][gg];
-        }
-        part_acc[(part0 + (size_t)qh * nsplit) * hd + d] = sum;
-        if (d == 0) {
-            part_m[part0 + (size_t)qh * nsplit] = M;
-            part_l[part0 + (size_t)qh * nsplit] = lsum;
-        }
-    }
+    write_tile_partials<NW, HDP>(sm_acc, sm_m, sm_l, r, H, kvh, G, qt, split, nsplit, hd, part_acc, part_m, part_l);
     merge_splits<true>(r, H, KV, kvh, G, nsplit, nsplit * qtiles, len, span.chunk, hd, part_acc, part_m, part_l, counter, out,
                  ld_out, v_off);
 }

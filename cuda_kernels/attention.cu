@@ -33,6 +33,10 @@
 //   At the end the groups of each query head merge through shared memory, and the last block of a
 //   (row, key/value head) to finish (an atomic counter) merges the S splits with the same rule:
 //       m = max_s m_s,   l = sum_s l_s 2^(m_s - m),   out = sum_s acc_s 2^(m_s - m) / l
+//   The cluster instances (fp16, many heads) launch the 8 splits of a (row, key/value head) as one
+//   thread-block cluster instead: the blocks leave their results in shared memory and block 0
+//   merges them there by the same rule (distributed shared memory), with no global partials,
+//   fence or counter.
 
 #include "common.cuh"
 #include "attention_merge.cuh"
@@ -100,7 +104,9 @@ __device__ __forceinline__ float group_sum(float v) {  // over the GROUP lanes o
 // head in a fixed order (no float atomics: the sum must not depend on which warp finishes first, or
 // greedy decoding would vary from run to run) and write the split's partial result (acc, m, l). Each
 // lane holds E values per 128-wide slice, ITERS slices; GROUP lanes share a position.
-template <int E, int ITERS, int GROUP>
+// TO_SMEM (the cluster kernels): the block's result per head goes to shared memory instead, part_acc
+// [G * hd], part_m / part_l [G], for the cluster's merge.
+template <int E, int ITERS, int GROUP, bool TO_SMEM = false>
 __device__ __forceinline__ void write_split(float* acc, float m, float l, int hd, int G, int g, int stream, int r,
                                             int H, int kvh, int split, int nsplit, float* sm_part, float* sm_m,
                                             float* sm_lw, float* __restrict__ part_acc, float* __restrict__ part_m,
@@ -139,17 +145,52 @@ __device__ __forceinline__ void write_split(float* acc, float m, float l, int hd
         const int gg = i / hd, e = i % hd;
         float sum = 0.0f;
         for (int w = gg; w < NW; w += G) sum += sm_part[w * hd + e];
-        part_acc[(part0 + (size_t)gg * nsplit) * hd + e] = sum;
+        part_acc[TO_SMEM ? i : (part0 + (size_t)gg * nsplit) * hd + e] = sum;
     }
     if (lane == 0 && stream == 0) {  // one warp per query head writes its m and l
         float lsum = 0.0f;
         for (int w = g; w < NW; w += G) lsum += sm_lw[w];
-        part_m[part0 + (size_t)g * nsplit] = M;
-        part_l[part0 + (size_t)g * nsplit] = lsum;
+        part_m[TO_SMEM ? g : part0 + (size_t)g * nsplit] = M;
+        part_l[TO_SMEM ? g : part0 + (size_t)g * nsplit] = lsum;
     }
 }
 
-template <int FMT, int ITERS, bool PIPE>
+// The splits of a (row, key/value head) as the blocks of one thread-block cluster (CLUSTER blocks
+// along y): each block leaves its result in shared memory (write_split<..., true>), and block 0 of
+// the cluster merges them by reading the others' shared memory, with the rule of merge_splits. No
+// partials go through global memory, and no block waits on a fence, an atomic counter or L2 round
+// trips: at decode lengths (hundreds of positions) that chain was most of the kernel's time.
+#define CLUSTER 8
+#define MAX_CLUSTER_OUT 2048  // G * hd floats of a block's result (kernels.py keeps below)
+
+__device__ __forceinline__ void cluster_merge(int r, int H, int kvh, int G, int hd, const float* sm_acc,
+                                              const float* sm_m, const float* sm_l, __half* __restrict__ out,
+                                              int ld_out, const float* __restrict__ v_off) {
+    cluster_sync();  // every block's result is in its shared memory
+    if (blockIdx.y % CLUSTER == 0) {
+        for (int i = threadIdx.x; i < G * hd; i += blockDim.x) {
+            const int gg = i / hd, e = i % hd;
+            float ms[CLUSTER], M = NEG_INF;
+#pragma unroll
+            for (int s = 0; s < CLUSTER; s++) {
+                ms[s] = ld_cluster(sm_m + gg, s);
+                M = fmaxf(M, ms[s]);
+            }
+            float sum = 0.0f, lsum = 0.0f;
+#pragma unroll
+            for (int s = 0; s < CLUSTER; s++) {
+                const float f = ms[s] == NEG_INF ? 0.0f : exp2f(ms[s] - M);
+                sum += f * ld_cluster(sm_acc + i, s);
+                lsum += f * ld_cluster(sm_l + gg, s);
+            }
+            out[(size_t)r * ld_out + (kvh * G + gg) * hd + e] =
+                __float2half(sum / lsum + (v_off ? v_off[(size_t)kvh * hd + e] : 0.0f));
+        }
+    }
+    cluster_sync();  // no block leaves (and frees its shared memory) before block 0 has read it
+}
+
+template <int FMT, int ITERS, bool PIPE, bool CL = false>
 __device__ __forceinline__ void attn_decode(const __half* __restrict__ q, const void* __restrict__ kc,
                                             const void* __restrict__ vc, const float* __restrict__ k_scale,
                                             const float* __restrict__ v_scale, const int* __restrict__ pos, int T,
@@ -167,7 +208,7 @@ __device__ __forceinline__ void attn_decode(const __half* __restrict__ q, const 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = warp % G, stream = warp / G, h = kvh * G + g;
     const int grp = lane / GROUP, lig = lane % GROUP;
-    const RowSpan span = row_span(pos, r, T, window, split, nsplit, chunk);
+    const RowSpan span = CL ? cluster_span(pos, r, T, window, split) : row_span(pos, r, T, window, split, nsplit, chunk);
     const int b = span.b, len = span.len, c0 = span.c0, c1 = span.c1;
     const size_t bk = (size_t)b * KV + kvh;
     const char* kbase = reinterpret_cast<const char*>(kc);
@@ -277,9 +318,17 @@ __device__ __forceinline__ void attn_decode(const __half* __restrict__ q, const 
         }
     }
 
-    write_split<E, ITERS, GROUP>(acc, m, l, hd, G, g, stream, r, H, kvh, split, nsplit, sm_part, sm_m, sm_lw,
-                                 part_acc, part_m, part_l);
-    merge_splits(r, H, KV, kvh, G, nsplit, nsplit, len, span.chunk, hd, part_acc, part_m, part_l, counter, out, ld_out, v_off);
+    if constexpr (CL) {
+        __shared__ float sm_res[MAX_CLUSTER_OUT], sm_res_m[32], sm_res_l[32];
+        write_split<E, ITERS, GROUP, true>(acc, m, l, hd, G, g, stream, r, H, kvh, split, nsplit, sm_part, sm_m,
+                                           sm_lw, sm_res, sm_res_m, sm_res_l);
+        cluster_merge(r, H, kvh, G, hd, sm_res, sm_res_m, sm_res_l, out, ld_out, v_off);
+    } else {
+        write_split<E, ITERS, GROUP>(acc, m, l, hd, G, g, stream, r, H, kvh, split, nsplit, sm_part, sm_m, sm_lw,
+                                     part_acc, part_m, part_l);
+        merge_splits(r, H, KV, kvh, G, nsplit, nsplit, len, span.chunk, hd, part_acc, part_m, part_l, counter, out,
+                     ld_out, v_off);
+    }
 }
 
 // Grouped-query heads (G = H / KV in 2, 4, 8; head_dim <= 128): one warp serves all G query heads of
@@ -477,3 +526,24 @@ ATTN_INSTANCE(attn_decode_fp8_1, KV_FP8, 1, false)
 ATTN_INSTANCE(attn_decode_fp8_2, KV_FP8, 2, false)
 ATTN_INSTANCE(attn_decode_int8_1_pipe, KV_INT8, 1, true)
 ATTN_INSTANCE(attn_decode_fp8_1_pipe, KV_FP8, 1, true)
+
+// One cluster of CLUSTER blocks per (row, key/value head), merged in shared memory (cluster_merge),
+// 8 warps a block: for fp16 caches with kv heads x rows >= 32 (kernels.py), where CLUSTER splits
+// a pair already fill the GPU. H100, 32 kv heads: 600 positions (the 7B decode step) 8.7 -> 8.2
+// us, 32k 198.7 -> 185.3 at batch 1 and 1460 -> 1400 at batch 8 (the 7B W4 step: 2358 -> 2310 us).
+// The 8-bit caches stay with the global merge: their lanes do more per byte, and with 8 splits
+// instead of 17 they were 1.1-1.6x slower (bench/NOTES.md).
+#define CLUSTER_INSTANCE(NAME, FMT, ITERS)                                                                \
+    extern "C" __global__ void __cluster_dims__(1, CLUSTER, 1)                                           \
+        NAME(const __half* q, const void* kc, const void* vc, const float* k_scale, const float* v_scale,  \
+             const int* pos, int T, int H, int KV, int hd, int L, int chunk, int window, float qscale,      \
+             float* part_acc, float* part_m, float* part_l, int* counter, __half* out, int ld_out,         \
+             const float* v_off) {                                                                    \
+        pdl_begin();                                                                                   \
+        attn_decode<FMT, ITERS, false, true>(q, kc, vc, k_scale, v_scale, pos, T, H, KV, hd, L, chunk,     \
+                                             window, qscale, part_acc, part_m, part_l, counter, out,      \
+                                             ld_out, v_off);                                               \
+    }
+
+CLUSTER_INSTANCE(attn_cluster_fp16_1, KV_FP16, 1)
+CLUSTER_INSTANCE(attn_cluster_fp16_2, KV_FP16, 2)

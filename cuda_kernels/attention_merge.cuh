@@ -22,6 +22,15 @@ __device__ __forceinline__ RowSpan row_span(const int* __restrict__ pos, int r, 
     return {b, len, max(split * chunk, lo), min((split + 1) * chunk, len), chunk};
 }
 
+// The cluster kernels' span (attention.cu, CLUSTER splits a row, fp16 / 8-bit caches, so any
+// position can start a split): [lo, len) in equal pieces of a multiple of 16 positions.
+__device__ __forceinline__ RowSpan cluster_span(const int* __restrict__ pos, int r, int T, int window, int split) {
+    const int b = r / T, len = pos[b] + r % T + 1;
+    const int lo = window > 0 ? max(0, len - window) : 0;
+    const int chunk = 16 * ((len - lo + 16 * gridDim.y - 1) / (16 * gridDim.y));
+    return {b, len, min(lo + split * chunk, len), min(lo + (split + 1) * chunk, len), chunk};
+}
+
 // The end of a split for the tensor-core kernels (a tile of up to 8 query heads, NW warps): each
 // warp left its online-softmax state per query in shared memory (sum sm_acc[w][q][:], max sm_m[w][q],
 // normaliser sm_l[w][q]); combine the warps in warp order (deterministic) and write the split's

@@ -228,3 +228,24 @@ __device__ __forceinline__ void pdl_begin() {
     asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
 }
+
+// Thread-block clusters (sm_90): the blocks of a cluster run at once on one GPC and can read each
+// other's shared memory (distributed shared memory). cluster_sync is a barrier over the cluster's
+// threads whose release / acquire makes every block's shared-memory writes before it visible to
+// the others after it; ld_cluster reads a float at the same shared-memory offset in block `rank`.
+__device__ __forceinline__ void cluster_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ float ld_cluster(const float* p, unsigned rank) {
+    float v = 0.0f;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    const unsigned local = (unsigned)__cvta_generic_to_shared(p);
+    unsigned remote;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
+    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
+#endif
+    return v;
+}

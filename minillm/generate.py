@@ -239,34 +239,41 @@ def stream_generate(model, tokenizer, prompt_ids, params: SamplingParams, cache=
     logits = to_numpy(model(np.asarray(fresh), cache, last_only=True))[-1]
     # On a GPU model, greedy and plain temperature sampling run on the device (only the token id
     # comes back each step); the other filters run here on the logits.
-    on_device = (hasattr(model, "decode_next") and params.top_k == 0 and params.top_p >= 1.0
+    on_device = (hasattr(model, "decode_stream") and params.top_k == 0 and params.top_p >= 1.0
                  and params.min_p == 0.0 and params.repetition_penalty == 1.0)
     device_seed = int(rng.integers(2**62))
     next_id = None
     generated: list[int] = []
     ttft = t_first = 0.0
     finish = None
-    while finish is None:
-        token = next_id if next_id is not None else sample_token(logits, params, rng, history)
-        now = time.perf_counter()
-        if not generated:
-            ttft, t_first = now - t0, now
-        generated.append(token)
-        history.append(token)
-        text = "" if token in eos else stops.push(decoder.push(token))
-        if stops.stopped:
-            finish = "stop"
-        elif token in eos or len(generated) >= max_new:
-            finish = "stop" if token in eos else "length"
-            # Release what was held back: an unfinished character, or text that only looked like
-            # the start of a stop string (a stop string completed by it still cuts it).
-            text += stops.push(decoder.flush())
-            text += stops.flush()
-        steps = len(generated) - 1
-        rate = steps / (now - t_first) if steps and now > t_first else 0.0
-        yield Piece(text, token, finish, len(prompt_ids), len(generated), ttft, rate,
-                    generated if finish else [])
-        if finish is None and on_device:
-            next_id = model.decode_next([token], cache, params.temperature, device_seed)[0]
-        elif finish is None:
-            logits = to_numpy(model(np.asarray([token]), cache, last_only=True))[-1]
+    device_steps = None  # model.decode_stream, opened at the first step on the device
+    try:
+        while finish is None:
+            token = next_id if next_id is not None else sample_token(logits, params, rng, history)
+            now = time.perf_counter()
+            if not generated:
+                ttft, t_first = now - t0, now
+            generated.append(token)
+            history.append(token)
+            text = "" if token in eos else stops.push(decoder.push(token))
+            if stops.stopped:
+                finish = "stop"
+            elif token in eos or len(generated) >= max_new:
+                finish = "stop" if token in eos else "length"
+                # Release what was held back: an unfinished character, or text that only looked like
+                # the start of a stop string (a stop string completed by it still cuts it).
+                text += stops.push(decoder.flush())
+                text += stops.flush()
+            steps = len(generated) - 1
+            rate = steps / (now - t_first) if steps and now > t_first else 0.0
+            yield Piece(text, token, finish, len(prompt_ids), len(generated), ttft, rate,
+                        generated if finish else [])
+            if finish is None and on_device:
+                if device_steps is None:  # each step then feeds back the token the last chose
+                    device_steps = model.decode_stream([token], cache, params.temperature, device_seed)
+                next_id = next(device_steps)[0]
+            elif finish is None:
+                logits = to_numpy(model(np.asarray([token]), cache, last_only=True))[-1]
+    finally:
+        if device_steps is not None:
+            device_steps.close()  # waits for the step queued ahead (engine.py decode_stream)

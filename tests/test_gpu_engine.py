@@ -120,6 +120,40 @@ def test_graph_replay_equals_eager(tiny_dirs):
     assert int(np.argmax(logits[-1])) == runs[0][0]
 
 
+@pytest.mark.parametrize("kind", ["float", "int4"])
+def test_decode_stream_equals_decode_next(kind, tiny_dirs):
+    """decode_stream (a step queued ahead of the one the host reads) yields the tokens decode_next
+    gives one step at a time; closed early, the cache goes on as if only the consumed steps had run
+    (int4: the step run ahead completed a block and flushed it; the next step redoes both), and at
+    the end of the context it stops with the context error."""
+    gpu = minillm.load(tiny_dirs["llama"], device="cuda", progress=False, kv_cache=kind)
+    model = gpu.model
+
+    def prefixed(max_len=80):
+        cache = gpu.new_cache(max_len=max_len)
+        gpu(np.array([5, 6, 7]), cache)
+        return cache
+
+    cache, tok, want = prefixed(), 9, []
+    for _ in range(60):
+        tok = model.decode_next([tok], cache)[0]
+        want.append(tok)
+    cache, got = prefixed(), []
+    steps = model.decode_stream([9], cache)
+    got += [next(steps)[0] for _ in range(28)]  # positions 3..30; the step ahead writes 31, a block's end
+    steps.close()
+    assert cache.length == 31
+    steps = model.decode_stream([got[-1]], cache)
+    got += [next(steps)[0] for _ in range(32)]
+    steps.close()
+    assert got == want
+    cache = prefixed(max_len=12)
+    steps = model.decode_stream([9], cache)
+    assert [next(steps)[0] for _ in range(9)] == want[:9]  # positions 3..11: the cache is full
+    with pytest.raises(MinillmError, match="context"):
+        next(steps)
+
+
 def test_model_too_large_fails_before_allocating(tiny_dirs, monkeypatch):
     import cupy as cp
 

@@ -222,7 +222,9 @@ def test_rope_append(b, t, kv, g, hd, partial, qk_norm, fmt, seed):
 @given(b=st.integers(1, 2), t=st.integers(1, 4), kv=st.integers(1, 4), g=st.sampled_from([1, 2, 3, 4, 8]),
        hd=st.sampled_from([16, 64, 128, 256]), fmt=st.sampled_from(["float", "int8", "fp8", "fp8-offsets"]),
        max_len=st.integers(8, 3000), window=st.sampled_from([0, 0, 5, 300]), outliers=st.booleans(),
-       kernel=st.sampled_from(["plain", "pipe", "gqa", "mma"]), seed=st.integers(0, 2**31))
+       kernel=st.sampled_from(["plain", "pipe", "gqa", "mma", "cluster"]), seed=st.integers(0, 2**31))
+@example(b=2, t=1, kv=4, g=1, hd=128, fmt="float", max_len=700, window=0, outliers=False, kernel="cluster", seed=1)
+@example(b=1, t=3, kv=2, g=3, hd=64, fmt="float", max_len=900, window=300, outliers=True, kernel="cluster", seed=2)
 def test_decode_attention(b, t, kv, g, hd, fmt, max_len, window, outliers, kernel, seed):
     """Split-K attention equals softmax(q K^T / sqrt(hd)) V over the dequantized cache (causal for
     every row, sliding window where given), for any context length and GQA grouping."""
@@ -259,9 +261,10 @@ def test_decode_attention(b, t, kv, g, hd, fmt, max_len, window, outliers, kerne
     plan = K.attention_plan(cfg, max_len, b * t)
     parts = K.attention_parts(b * t, cfg, plan)
     out = poisoned(cp, (b * t, K.round_up(h * hd, 32)), cp.float16)
-    # Each kernel where the format has it: attention.cu's plain and pipelined loops and grouped-heads
-    # kernel; attention_mma.cu (8-bit codes, head_dim <= 128).
-    flags = {"MINILLM_ATTN_PIPE": kernel == "pipe", "MINILLM_ATTN_GQA": kernel == "gqa", "MINILLM_ATTN_MMA": kernel == "mma"}
+    # Each kernel where the format has it: attention.cu's plain and pipelined loops, grouped-heads
+    # kernel and cluster-merged splits; attention_mma.cu (8-bit codes, head_dim <= 128).
+    flags = {"MINILLM_ATTN_PIPE": kernel == "pipe", "MINILLM_ATTN_GQA": kernel == "gqa", "MINILLM_ATTN_MMA": kernel == "mma",
+             "MINILLM_ATTN_CLUSTER": kernel == "cluster"}
     os.environ.update({k: "1" if v else "0" for k, v in flags.items()})
     try:
         K.decode_attention(cp.asarray(q), cache.layer(0), cache.pos, b * t, t, cfg, window or None, parts, out, plan)

@@ -340,6 +340,52 @@ class GpuModel:
         cache.dev_length = cache.length
         return [int(x) for x in out]
 
+    def decode_stream(self, tokens, cache: GpuKVCache, temperature: float = 0.0, seed: int = 0):
+        """Like calling decode_next over and over, each step fed the token the last one chose: yields
+        the next token of each sequence, step after step, until closed. One step is always queued
+        ahead: step n + 1 is launched (it reads step n's token on the device) before the host waits for
+        step n's token, so the GPU does not idle while the host hands a token to its caller and comes
+        back (H100, 7B W4: 30-140 us a token, bench/NOTES.md). A step launched but never consumed wrote
+        one position past the cache's length; that position is stale, as after truncate(), and the
+        next step overwrites it."""
+        cp = self.xp
+        b = cache.batch
+        buf = self.buffers(b)
+        stream = self._stream
+        pinned = [np.frombuffer(cp.cuda.alloc_pinned_memory(4 * b), np.int32, b) for _ in range(2)]
+        done = [cp.cuda.Event(disable_timing=True) for _ in range(2)]
+        start, launched, consumed = cache.length, 0, 0
+
+        def launch():
+            nonlocal launched
+            with stream:
+                self.replay(cache, temperature, seed)
+                buf.tok[:b].get(stream=stream, out=pinned[launched % 2])  # pinned: an async copy
+                done[launched % 2].record(stream)
+            launched += 1
+
+        cache.check_room(1)
+        with stream:
+            buf.tok[:b].set(np.asarray(tokens, np.int32).reshape(b), stream=stream)
+            if cache.dev_length != cache.length:
+                cache.pos.set(np.full(b, cache.length, np.int32), stream=stream)
+        try:
+            launch()
+            while True:
+                if start + launched < cache.max_len:  # room for one more position: queue it
+                    launch()
+                elif launched == consumed:
+                    cache.check_room(1)  # raises: the context is full
+                done[consumed % 2].synchronize()
+                out = [int(x) for x in pinned[consumed % 2]]
+                consumed += 1
+                cache.advance(1)
+                cache.dev_length = start + launched
+                yield out
+        finally:
+            stream.synchronize()  # the step in flight finishes before its buffers are reused
+            cache.dev_length = start + launched  # != length when a step ran ahead: rewritten next time
+
     def replay(self, cache: GpuKVCache, temperature: float = 0.0, seed: int = 0):
         """Launch one decode step on self._stream (captured as a graph after its first, eager run).
         The step reads buf.tok and cache.pos and leaves the next token in buf.tok, pos advanced."""

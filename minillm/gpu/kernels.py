@@ -167,6 +167,9 @@ def attention_plan(cfg, max_len: int, rows: int, sms: int = 132):
     return chunk, -(-max_len // chunk), g * streams
 
 
+CLUSTER, MAX_CLUSTER_OUT = 8, 2048  # attention.cu: blocks of a cluster, a block's result in floats
+
+
 def decode_attention(q, layer_cache, pos, rows, t, cfg, window, parts, out, plan):
     """Attention of `rows` query rows over the cache (row r sees positions up to pos[b] + r % t),
     split along the sequence and merged into out [rows, ld] (fp16). parts: (acc, m, l, counter)
@@ -203,6 +206,17 @@ def decode_attention(q, layer_cache, pos, rows, t, cfg, window, parts, out, plan
     want = os.environ.get("MINILLM_ATTN_PIPE")  # "1" / "0" force the choice (tests, benchmarks)
     many = kv * rows >= 128 and h == kv if want is None else want == "1"
     pipe = "_pipe" if fmt != 0 and iters == 1 and many else ""
+    # fp16 with enough (kv head, row) pairs that CLUSTER splits each fill the GPU: the splits of a
+    # pair as one thread-block cluster, merged in shared memory (attention.cu, cluster_merge).
+    want = os.environ.get("MINILLM_ATTN_CLUSTER")  # "1" / "0" force the choice (tests, benchmarks)
+    cluster = kv * rows >= 32 if want is None else want == "1"
+    if fmt == 0 and cluster and g * hd <= MAX_CLUSTER_OUT:
+        w = g * max(1, 8 // g)  # 8 warps: G query heads x streams
+        fn("attention", f"attn_cluster_{name}_{iters}")((kv, CLUSTER, rows), (32 * w,), (
+            q, kc, vc, ks if ks is not None else 0, vs if vs is not None else 0, pos, i32(t), i32(h), i32(kv), i32(hd),
+            i32(max_len), i32(chunk), i32(window or 0), np.float32(math.log2(math.e) / math.sqrt(hd)), acc, m, l,
+            counter, out, i32(out.shape[1]), _ptr(v_off)))
+        return
     fn("attention", f"attn_decode_{name}_{iters}{pipe}")((kv, splits, rows), (32 * warps,), (
         q, kc, vc, ks if ks is not None else 0, vs if vs is not None else 0, pos, i32(t), i32(h), i32(kv), i32(hd),
         i32(max_len), i32(chunk), i32(window or 0), np.float32(math.log2(math.e) / math.sqrt(hd)), acc, m, l,

@@ -159,7 +159,8 @@ __device__ __forceinline__ void write_split(float* acc, float m, float l, int hd
 // along y): each block leaves its result in shared memory (write_split<..., true>), and block 0 of
 // the cluster merges them by reading the others' shared memory, with the rule of merge_splits. No
 // partials go through global memory, and no block waits on a fence, an atomic counter or L2 round
-// trips: at decode lengths (hundreds of positions) that chain was most of the kernel's time.
+// trips. (That saved ~1 us at decode lengths, not the whole fixed cost: at 16 positions the kernel
+// still takes ~5.7 us in graph replays, against ~1 us for an empty kernel; bench/NOTES.md.)
 #define CLUSTER 8
 #define MAX_CLUSTER_OUT 2048  // G * hd floats of a block's result (kernels.py keeps below)
 
@@ -190,7 +191,7 @@ __device__ __forceinline__ void cluster_merge(int r, int H, int kvh, int G, int 
     cluster_sync();  // no block leaves (and frees its shared memory) before block 0 has read it
 }
 
-template <int FMT, int ITERS, bool PIPE, bool CL = false>
+template <int FMT, int ITERS, bool PIPE, bool CL = false, int UN = Fmt<FMT>::UNROLL>
 __device__ __forceinline__ void attn_decode(const __half* __restrict__ q, const void* __restrict__ kc,
                                             const void* __restrict__ vc, const float* __restrict__ k_scale,
                                             const float* __restrict__ v_scale, const int* __restrict__ pos, int T,
@@ -198,7 +199,7 @@ __device__ __forceinline__ void attn_decode(const __half* __restrict__ q, const 
                                             float* __restrict__ part_acc, float* __restrict__ part_m,
                                             float* __restrict__ part_l, int* __restrict__ counter,
                                             __half* __restrict__ out, int ld_out, const float* __restrict__ v_off) {
-    constexpr int E = Fmt<FMT>::ELEMS, GROUP = Fmt<FMT>::GROUP, U = Fmt<FMT>::UNROLL, PER_WARP = 32 / GROUP;
+    constexpr int E = Fmt<FMT>::ELEMS, GROUP = Fmt<FMT>::GROUP, U = UN, PER_WARP = 32 / GROUP;
     constexpr int BYTES = FMT == KV_FP16 ? 2 : 1;
     __shared__ float sm_part[MAX_PART];  // a warp's partial sums (per head and warp: NW x hd)
     __shared__ float sm_m[32 * 4];
@@ -528,22 +529,25 @@ ATTN_INSTANCE(attn_decode_int8_1_pipe, KV_INT8, 1, true)
 ATTN_INSTANCE(attn_decode_fp8_1_pipe, KV_FP8, 1, true)
 
 // One cluster of CLUSTER blocks per (row, key/value head), merged in shared memory (cluster_merge),
-// 8 warps a block: for fp16 caches with kv heads x rows >= 32 (kernels.py), where CLUSTER splits
-// a pair already fill the GPU. H100, 32 kv heads: 600 positions (the 7B decode step) 8.7 -> 8.2
-// us, 32k 198.7 -> 185.3 at batch 1 and 1460 -> 1400 at batch 8 (the 7B W4 step: 2358 -> 2310 us).
-// The 8-bit caches stay with the global merge: their lanes do more per byte, and with 8 splits
-// instead of 17 they were 1.1-1.6x slower (bench/NOTES.md).
-#define CLUSTER_INSTANCE(NAME, FMT, ITERS)                                                                \
+// 8 warps a block, 2 positions a group loaded before use (U): for fp16 caches with kv heads x rows
+// >= 32 (kernels.py), where CLUSTER splits a pair already fill the GPU. H100, 32 kv heads, against
+// attention.cu's global merge (17 splits of 4 warps, U = 4): 600 positions (the 7B decode step)
+// 8.65 -> 7.65 us, 32k 198.7 -> 186.9 at batch 1 and 1460 -> 1410 at batch 8; the 7B W4 step 2346
+// -> 2287 us. With 4 positions a group (U = 4): 600 positions 8.43, 32k 185.6 / 1400; 8 (one round
+// of loads at 600): 11.2; 16 warps: 12.8-16.8 (bench/NOTES.md). The 8-bit caches stay with the
+// global merge: their lanes do more per byte, and with 8 splits instead of 17 they were 1.1-1.6x
+// slower.
+#define CLUSTER_INSTANCE(NAME, FMT, ITERS, U)                                                              \
     extern "C" __global__ void __cluster_dims__(1, CLUSTER, 1)                                           \
         NAME(const __half* q, const void* kc, const void* vc, const float* k_scale, const float* v_scale,  \
              const int* pos, int T, int H, int KV, int hd, int L, int chunk, int window, float qscale,      \
              float* part_acc, float* part_m, float* part_l, int* counter, __half* out, int ld_out,         \
              const float* v_off) {                                                                    \
         pdl_begin();                                                                                   \
-        attn_decode<FMT, ITERS, false, true>(q, kc, vc, k_scale, v_scale, pos, T, H, KV, hd, L, chunk,     \
+        attn_decode<FMT, ITERS, false, true, U>(q, kc, vc, k_scale, v_scale, pos, T, H, KV, hd, L, chunk,     \
                                              window, qscale, part_acc, part_m, part_l, counter, out,      \
                                              ld_out, v_off);                                               \
     }
 
-CLUSTER_INSTANCE(attn_cluster_fp16_1, KV_FP16, 1)
-CLUSTER_INSTANCE(attn_cluster_fp16_2, KV_FP16, 2)
+CLUSTER_INSTANCE(attn_cluster_fp16_1, KV_FP16, 1, 2)
+CLUSTER_INSTANCE(attn_cluster_fp16_2, KV_FP16, 2, 2)

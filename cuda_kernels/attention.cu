@@ -156,39 +156,69 @@ __device__ __forceinline__ void write_split(float* acc, float m, float l, int hd
 }
 
 // The splits of a (row, key/value head) as the blocks of one thread-block cluster (CLUSTER blocks
-// along y): each block leaves its result in shared memory (write_split<..., true>), and block 0 of
-// the cluster merges them by reading the others' shared memory, with the rule of merge_splits. No
-// partials go through global memory, and no block waits on a fence, an atomic counter or L2 round
-// trips. (That saved ~1 us at decode lengths, not the whole fixed cost: at 16 positions the kernel
-// still takes ~5.7 us in graph replays, against ~1 us for an empty kernel; bench/NOTES.md.)
+// along y). Blocks 1..7 push their result (write_split<..., true>: acc, m, l) into block 0's shared
+// memory with st.async, which counts the bytes on an mbarrier of block 0; block 0 waits for the
+// count, merges with the rule of merge_splits and writes the output. Nothing goes through global
+// memory, and no block waits on a memory fence or an atomic. (A cluster barrier with its
+// release/acquire, then block 0 reading the others' shared memory, cost ~2.7 us at decode lengths:
+// the release is a GPU-wide memory barrier; bench/NOTES.md.)
 #define CLUSTER 8
-#define MAX_CLUSTER_OUT 2048  // G * hd floats of a block's result (kernels.py keeps below)
+#define MAX_CLUSTER_OUT 512  // G * hd floats of a block's result (kernels.py keeps below)
+
+struct ClusterInbox {  // block 0's: the other blocks' results, and the mbarrier counting their bytes
+    float acc[CLUSTER][MAX_CLUSTER_OUT];
+    float m[CLUSTER][32], l[CLUSTER][32];  // G <= 32 (G * hd <= 512, hd >= 16)
+    unsigned long long bar;
+};
+
+__device__ __forceinline__ ClusterInbox& cluster_inbox() {
+    __shared__ ClusterInbox box;
+    return box;
+}
+
+// At the kernel's start: block 0 readies its mbarrier, and every block arrives at the cluster
+// barrier that the pushes wait on (so no byte reaches the mbarrier before it is initialised);
+// arriving early and waiting at the end leaves the wait nothing to wait for.
+__device__ __forceinline__ void cluster_inbox_open() {
+    if (blockIdx.y % CLUSTER == 0 && threadIdx.x == 0) mbar_init(&cluster_inbox().bar, 1);
+    __syncwarp();
+    cluster_arrive_relaxed();
+}
 
 __device__ __forceinline__ void cluster_merge(int r, int H, int kvh, int G, int hd, const float* sm_acc,
                                               const float* sm_m, const float* sm_l, __half* __restrict__ out,
                                               int ld_out, const float* __restrict__ v_off) {
-    cluster_sync();  // every block's result is in its shared memory
-    if (blockIdx.y % CLUSTER == 0) {
-        for (int i = threadIdx.x; i < G * hd; i += blockDim.x) {
-            const int gg = i / hd, e = i % hd;
-            float ms[CLUSTER], M = NEG_INF;
-#pragma unroll
-            for (int s = 0; s < CLUSTER; s++) {
-                ms[s] = ld_cluster(sm_m + gg, s);
-                M = fmaxf(M, ms[s]);
-            }
-            float sum = 0.0f, lsum = 0.0f;
-#pragma unroll
-            for (int s = 0; s < CLUSTER; s++) {
-                const float f = ms[s] == NEG_INF ? 0.0f : exp2f(ms[s] - M);
-                sum += f * ld_cluster(sm_acc + i, s);
-                lsum += f * ld_cluster(sm_l + gg, s);
-            }
-            out[(size_t)r * ld_out + (kvh * G + gg) * hd + e] =
-                __float2half(sum / lsum + (v_off ? v_off[(size_t)kvh * hd + e] : 0.0f));
+    ClusterInbox& box = cluster_inbox();
+    const unsigned rank = blockIdx.y % CLUSTER;
+    __syncthreads();  // this block's result is complete
+    cluster_wait();   // block 0's mbarrier is ready
+    if (rank != 0) {
+        const unsigned bar = cluster_smem_addr(&box.bar, 0);
+        for (int i = threadIdx.x; i < G * hd; i += blockDim.x) st_async(cluster_smem_addr(&box.acc[rank][i], 0), sm_acc[i], bar);
+        for (int g = threadIdx.x; g < G; g += blockDim.x) {
+            st_async(cluster_smem_addr(&box.m[rank][g], 0), sm_m[g], bar);
+            st_async(cluster_smem_addr(&box.l[rank][g], 0), sm_l[g], bar);
         }
+        return;  // (the values left with the instructions; nothing reads this block's memory)
     }
-    cluster_sync();  // no block leaves (and frees its shared memory) before block 0 has read it
+    if (threadIdx.x == 0) mbar_expect_tx(&box.bar, (CLUSTER - 1) * (G * hd + 2 * G) * 4);
+    mbar_wait(&box.bar, 0);
+    for (int i = threadIdx.x; i < G * hd; i += blockDim.x) {
+        const int gg = i / hd, e = i % hd;
+        float M = sm_m[gg];
+#pragma unroll
+        for (int s = 1; s < CLUSTER; s++) M = fmaxf(M, box.m[s][gg]);
+        float sum = 0.0f, lsum = 0.0f;
+#pragma unroll
+        for (int s = 0; s < CLUSTER; s++) {
+            const float ms = s ? box.m[s][gg] : sm_m[gg];
+            const float f = ms == NEG_INF ? 0.0f : exp2f(ms - M);
+            sum += f * (s ? box.acc[s][i] : sm_acc[i]);
+            lsum += f * (s ? box.l[s][gg] : sm_l[gg]);
+        }
+        out[(size_t)r * ld_out + (kvh * G + gg) * hd + e] =
+            __float2half(sum / lsum + (v_off ? v_off[(size_t)kvh * hd + e] : 0.0f));
+    }
 }
 
 template <int FMT, int ITERS, bool PIPE, bool CL = false, int UN = Fmt<FMT>::UNROLL>
@@ -209,6 +239,7 @@ __device__ __forceinline__ void attn_decode(const __half* __restrict__ q, const 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = warp % G, stream = warp / G, h = kvh * G + g;
     const int grp = lane / GROUP, lig = lane % GROUP;
+    if constexpr (CL) cluster_inbox_open();
     const RowSpan span = CL ? cluster_span(pos, r, T, window, split) : row_span(pos, r, T, window, split, nsplit, chunk);
     const int b = span.b, len = span.len, c0 = span.c0, c1 = span.c1;
     const size_t bk = (size_t)b * KV + kvh;

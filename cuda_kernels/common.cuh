@@ -229,23 +229,58 @@ __device__ __forceinline__ void pdl_begin() {
 #endif
 }
 
-// Thread-block clusters (sm_90): the blocks of a cluster run at once on one GPC and can read each
-// other's shared memory (distributed shared memory). cluster_sync is a barrier over the cluster's
-// threads whose release / acquire makes every block's shared-memory writes before it visible to
-// the others after it; ld_cluster reads a float at the same shared-memory offset in block `rank`.
-__device__ __forceinline__ void cluster_sync() {
+// Thread-block clusters (sm_90): the blocks of a cluster run at once on one GPC, and can write into
+// each other's shared memory. The barrier is split: arrive (relaxed: no memory ordering, nothing
+// needs it here) early, wait late. st_async stores a float into another block's shared memory and
+// counts its 4 bytes on an mbarrier there (the mbarrier's phase completes once the bytes its
+// owner expects have all arrived, and its owner then sees them), so the owner needs no barrier
+// with the writers and no memory fence.
+__device__ __forceinline__ void cluster_arrive_relaxed() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
 #endif
 }
 
-__device__ __forceinline__ float ld_cluster(const float* p, unsigned rank) {
-    float v = 0.0f;
+__device__ __forceinline__ void cluster_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    const unsigned local = (unsigned)__cvta_generic_to_shared(p);
-    unsigned remote;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
-    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
+    asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
 #endif
-    return v;
+}
+
+// The shared::cluster address of `p` (a shared-memory variable) in block `rank` of the cluster.
+__device__ __forceinline__ unsigned cluster_smem_addr(const void* p, unsigned rank) {
+    unsigned out = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(out) : "r"((unsigned)__cvta_generic_to_shared(p)), "r"(rank));
+#endif
+    return out;
+}
+
+__device__ __forceinline__ void mbar_init(unsigned long long* bar, unsigned arrivals) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n\tfence.mbarrier_init.release.cluster;"
+                 ::"r"((unsigned)__cvta_generic_to_shared(bar)), "r"(arrivals) : "memory");
+#endif
+}
+
+__device__ __forceinline__ void mbar_expect_tx(unsigned long long* bar, unsigned bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
+                 ::"r"((unsigned)__cvta_generic_to_shared(bar)), "r"(bytes) : "memory");
+#endif
+}
+
+__device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned parity) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("{\n\t.reg .pred done;\n"
+                 "WAIT:\n\tmbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n\t@!done bra WAIT;\n}"
+                 ::"r"((unsigned)__cvta_generic_to_shared(bar)), "r"(parity) : "memory");
+#endif
+}
+
+__device__ __forceinline__ void st_async(unsigned addr, float v, unsigned bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.f32 [%0], %1, [%2];"
+                 ::"r"(addr), "f"(v), "r"(bar) : "memory");
+#endif
 }

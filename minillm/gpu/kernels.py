@@ -167,7 +167,7 @@ def attention_plan(cfg, max_len: int, rows: int, sms: int = 132):
     return chunk, -(-max_len // chunk), g * streams
 
 
-CLUSTER, MAX_CLUSTER_OUT = 8, 2048  # attention.cu: blocks of a cluster, a block's result in floats
+CLUSTER, MAX_CLUSTER_OUT = 8, 512  # attention.cu: blocks of a cluster, a block's result in floats
 
 
 def decode_attention(q, layer_cache, pos, rows, t, cfg, window, parts, out, plan):

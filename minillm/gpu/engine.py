@@ -352,7 +352,8 @@ class GpuModel:
         b = cache.batch
         buf = self.buffers(b)
         stream = self._stream
-        pinned = [np.frombuffer(cp.cuda.alloc_pinned_memory(4 * b), np.int32, b) for _ in range(2)]
+        host = [cp.cuda.alloc_pinned_memory(4 * b) for _ in range(2)]  # pinned: the copies are asynchronous
+        pinned = [np.frombuffer(h, np.int32, b) for h in host]
         done = [cp.cuda.Event(disable_timing=True) for _ in range(2)]
         start, launched, consumed = cache.length, 0, 0
 
@@ -360,7 +361,9 @@ class GpuModel:
             nonlocal launched
             with stream:
                 self.replay(cache, temperature, seed)
-                buf.tok[:b].get(stream=stream, out=pinned[launched % 2])  # pinned: an async copy
+                # (ndarray.get would wait for the copy, and so for the step: no step would be ahead)
+                cp.cuda.runtime.memcpyAsync(host[launched % 2].ptr, buf.tok.data.ptr, 4 * b,
+                                            cp.cuda.runtime.memcpyDeviceToHost, stream.ptr)
                 done[launched % 2].record(stream)
             launched += 1
 

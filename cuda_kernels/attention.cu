@@ -34,9 +34,9 @@
 //   (row, key/value head) to finish (an atomic counter) merges the S splits with the same rule:
 //       m = max_s m_s,   l = sum_s l_s 2^(m_s - m),   out = sum_s acc_s 2^(m_s - m) / l
 //   The cluster instances (fp16, many heads) launch the 8 splits of a (row, key/value head) as one
-//   thread-block cluster instead: the blocks leave their results in shared memory and block 0
-//   merges them there by the same rule (distributed shared memory), with no global partials,
-//   fence or counter.
+//   thread-block cluster instead: blocks 1-7 store their results into block 0's shared memory
+//   (distributed shared memory, st.async), and block 0 merges them by the same rule, with no global
+//   partials, fence or counter.
 
 #include "common.cuh"
 #include "attention_merge.cuh"
@@ -559,25 +559,25 @@ ATTN_INSTANCE(attn_decode_fp8_2, KV_FP8, 2, false)
 ATTN_INSTANCE(attn_decode_int8_1_pipe, KV_INT8, 1, true)
 ATTN_INSTANCE(attn_decode_fp8_1_pipe, KV_FP8, 1, true)
 
-// One cluster of CLUSTER blocks per (row, key/value head), merged in shared memory (cluster_merge),
-// 8 warps a block, 2 positions a group loaded before use (U): for fp16 caches with kv heads x rows
+// One cluster of CLUSTER blocks per (row, key/value head), merged in block 0 (cluster_merge), 8
+// warps a block, 2 positions a group loaded before use (U): for fp16 caches with kv heads x rows
 // >= 32 (kernels.py), where CLUSTER splits a pair already fill the GPU. H100, 32 kv heads, against
-// attention.cu's global merge (17 splits of 4 warps, U = 4): 600 positions (the 7B decode step)
-// 8.65 -> 7.65 us, 32k 198.7 -> 186.9 at batch 1 and 1460 -> 1410 at batch 8; the 7B W4 step 2346
-// -> 2287 us. With 4 positions a group (U = 4): 600 positions 8.43, 32k 185.6 / 1400; 8 (one round
-// of loads at 600): 11.2; 16 warps: 12.8-16.8 (bench/NOTES.md). The 8-bit caches stay with the
-// global merge: their lanes do more per byte, and with 8 splits instead of 17 they were 1.1-1.6x
-// slower.
-#define CLUSTER_INSTANCE(NAME, FMT, ITERS, U)                                                              \
-    extern "C" __global__ void __cluster_dims__(1, CLUSTER, 1)                                           \
-        NAME(const __half* q, const void* kc, const void* vc, const float* k_scale, const float* v_scale,  \
-             const int* pos, int T, int H, int KV, int hd, int L, int chunk, int window, float qscale,      \
-             float* part_acc, float* part_m, float* part_l, int* counter, __half* out, int ld_out,         \
-             const float* v_off) {                                                                    \
-        pdl_begin();                                                                                   \
-        attn_decode<FMT, ITERS, false, true, U>(q, kc, vc, k_scale, v_scale, pos, T, H, KV, hd, L, chunk,     \
-                                             window, qscale, part_acc, part_m, part_l, counter, out,      \
-                                             ld_out, v_off);                                               \
+// this file's global merge (17 splits of 4 warps, U = 4): 600 positions (the 7B decode step)
+// 8.48 -> 6.77 us, 32k 198.9 -> 185.9 at batch 1 and 1462 -> 1405 at batch 8; the 7B W4 step 2350
+// -> 2257 us a token. With U = 4: 600 positions 0.8 us slower, 32k 0.7% faster; U = 8 (one round
+// of loads at 600) and 16 warps were slower still (bench/NOTES.md, session 8). The 8-bit caches
+// keep the global merge: their lanes do more per byte, and with 8 splits instead of 17 they were
+// 1.1-1.6x slower.
+#define CLUSTER_INSTANCE(NAME, FMT, ITERS, U)                                                             \
+    extern "C" __global__ void __cluster_dims__(1, CLUSTER, 1)                                          \
+        NAME(const __half* q, const void* kc, const void* vc, const float* k_scale, const float* v_scale, \
+             const int* pos, int T, int H, int KV, int hd, int L, int chunk, int window, float qscale,     \
+             float* part_acc, float* part_m, float* part_l, int* counter, __half* out, int ld_out,        \
+             const float* v_off) {                                                                     \
+        pdl_begin();                                                                                  \
+        attn_decode<FMT, ITERS, false, true, U>(q, kc, vc, k_scale, v_scale, pos, T, H, KV, hd, L, chunk, \
+                                                window, qscale, part_acc, part_m, part_l, counter, out,   \
+                                                ld_out, v_off);                                           \
     }
 
 CLUSTER_INSTANCE(attn_cluster_fp16_1, KV_FP16, 1, 2)

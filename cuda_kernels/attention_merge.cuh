@@ -22,7 +22,7 @@ __device__ __forceinline__ RowSpan row_span(const int* __restrict__ pos, int r, 
     return {b, len, max(split * chunk, lo), min((split + 1) * chunk, len), chunk};
 }
 
-// The cluster kernels' span (attention.cu, CLUSTER splits a row, fp16 / 8-bit caches, so any
+// The cluster kernels' span (attention.cu: CLUSTER splits a row over an fp16 cache, where any
 // position can start a split): [lo, len) in equal pieces of a multiple of 16 positions.
 __device__ __forceinline__ RowSpan cluster_span(const int* __restrict__ pos, int r, int T, int window, int split) {
     const int b = r / T, len = pos[b] + r % T + 1;

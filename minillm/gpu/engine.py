@@ -345,7 +345,7 @@ class GpuModel:
         the next token of each sequence, step after step, until closed. One step is always queued
         ahead: step n + 1 is launched (it reads step n's token on the device) before the host waits for
         step n's token, so the GPU does not idle while the host hands a token to its caller and comes
-        back (H100, 7B W4: 30-140 us a token, bench/NOTES.md). A step launched but never consumed wrote
+        back (H100, 7B W4: 30-190 us a token, bench/NOTES.md). A step launched but never consumed wrote
         one position past the cache's length; that position is stale, as after truncate(), and the
         next step overwrites it."""
         cp = self.xp

@@ -210,7 +210,7 @@ def decode_attention(q, layer_cache, pos, rows, t, cfg, window, parts, out, plan
     # pair as one thread-block cluster, merged in shared memory (attention.cu, cluster_merge).
     want = os.environ.get("MINILLM_ATTN_CLUSTER")  # "1" / "0" force the choice (tests, benchmarks)
     cluster = kv * rows >= 32 if want is None else want == "1"
-    if fmt == 0 and cluster and g * hd <= MAX_CLUSTER_OUT:
+    if fmt == 0 and cluster and g * hd <= MAX_CLUSTER_OUT and g <= 32:  # (its shared-memory inbox)
         w = g * max(1, 8 // g)  # 8 warps: G query heads x streams
         fn("attention", f"attn_cluster_{name}_{iters}")((kv, CLUSTER, rows), (32 * w,), (
             q, kc, vc, ks if ks is not None else 0, vs if vs is not None else 0, pos, i32(t), i32(h), i32(kv), i32(hd),

@@ -192,12 +192,12 @@ W4A16_MMA_KERNEL(2, 2)
 //
 // Decomposition: a block owns 16 output rows; its S warps split K, warp w taking steps w, w + S,
 // ... of 4 chunks (lane t of a quad reads chunk 4 step + t of rows g and g + 8, as mma_body does).
-// The next step's codes and scale words are loaded before the current step is multiplied. The S
+// x is staged in shared memory at the block's start (dynamic, 64 bytes per chunk). The next step's
+// codes and scale words are loaded before the current step is multiplied. The S
 // partial sums per row meet in shared memory, added in warp order; warp 0 writes them (with a
 // carried norm, as the GEMV kernel does: common.cuh NormIO). Fewer instructions do not make it
-// faster everywhere: it pays per warp for the split-K sums, and where the GEMV already has many
-// warps (N >= 22016) or this kernel's warps would get few steps (4096x4096), the GEMV is as fast or
-// faster (H100, bench/NOTES.md session 5); minillm/gpu/w4a16.py _tc1_warps holds the rule.
+// faster everywhere: it pays per warp for the split-K sums, and past one wave of warps (8192x28672)
+// the GEMV is as fast (H100, bench/NOTES.md session 8); minillm/gpu/w4a16.py _tc1_warps holds the rule.
 
 // Codes (j, j + 4) and (j + 1, j + 5) of a word, j = 0 (shift 0) or 2 (shift 8), as (q - z) half2s.
 // lo: 1024 + q, minus (1024 + z); hi: 1024 + 16 q, times 1/16, minus (64 + z). Both exact.
@@ -214,7 +214,7 @@ __device__ __forceinline__ void tc1_unpack(uint32_t word, __half2 lo_bias, __hal
 // fragment acc: 8 MMAs of k16 in two independent chains (even and odd k16 steps).
 template <bool SCALE_ACC>
 __device__ __forceinline__ void tc1_multiply(uint4 w0q, uint4 w1q, uint32_t sz0, uint32_t sz1, int c, int C, int g,
-                                             const uint4* __restrict__ xv, float* acc) {
+                                             const uint4* __restrict__ xs, float* acc) {
     // The subtrahends from the bits (z < 16): -(1024 + z) is the half 0xE400 | z, -(64 + z) is
     // 0xD400 | 16 z (the step of a half in [64, 128) is 1/16).
     const __half s0 = __ushort_as_half((unsigned short)(sz0 & 0xffffu)), s1 = __ushort_as_half((unsigned short)(sz1 & 0xffffu));
@@ -228,7 +228,7 @@ __device__ __forceinline__ void tc1_multiply(uint4 w0q, uint4 w1q, uint32_t sz0,
 #pragma unroll
     for (int j = 0; j < 4; ++j) {  // word j of the chunk: codes 8j .. 8j + 7
         // x[8j .. 8j+7] of chunk c, in column 0 of B only (lanes g > 0 hold the zero columns)
-        const uint4 xq = (g == 0 && c < C) ? __ldg(xv + (size_t)c * 4 + j) : make_uint4(0, 0, 0, 0);
+        const uint4 xq = (g == 0 && c < C) ? xs[(size_t)c * 4 + j] : make_uint4(0, 0, 0, 0);
         const uint32_t w0 = word_of(w0q, j), w1 = word_of(w1q, j);
 #pragma unroll
         for (int p = 0; p < 2; ++p) {  // one k16 step: code pairs (2p, 2p + 4) and (2p + 1, 2p + 5)
@@ -283,12 +283,31 @@ __device__ __forceinline__ void tc1_body(const uint4* __restrict__ qweight, cons
     uint4 n0w, n1w;
     uint32_t n0s, n1s;
     load(4 * warp + t, n0w, n1w, n0s, n1s);
+    // x into shared memory, once per block (64 C bytes, dynamic): the warps split K, so each chunk of
+    // x is read by one warp of the block, and read from L2 it was a round trip on every step's
+    // critical path (H100: 11008x4096 11.98 -> 11.61 us, 4096x4096 at 16 warps 6.80 -> 6.00;
+    // bench/NOTES.md session 8). Loaded in batches of 4 a thread, after the first step's codes.
+    extern __shared__ uint4 xs[];
+    for (int i0 = threadIdx.x; i0 < 4 * C; i0 += 4 * blockDim.x) {
+        uint4 tmp[4];
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            const int i = i0 + u * blockDim.x;
+            if (i < 4 * C) tmp[u] = __ldg(xv + i);
+        }
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            const int i = i0 + u * blockDim.x;
+            if (i < 4 * C) xs[i] = tmp[u];
+        }
+    }
+    __syncthreads();
     for (int it = warp; it < steps; it += S) {
         const uint4 w0 = n0w, w1 = n1w;
         const uint32_t q0 = n0s, q1 = n1s;
         const int c = 4 * it + t;
         if (it + S < steps) load(c + 4 * S, n0w, n1w, n0s, n1s);
-        tc1_multiply<SCALE_ACC>(w0, w1, q0, q1, c, C, g, xv, acc);
+        tc1_multiply<SCALE_ACC>(w0, w1, q0, q1, c, C, g, xs, acc);
     }
 
     // ---------------------------------------------------------------------------------------------

@@ -131,6 +131,22 @@ def test_w4a16_many_groups(tc):
     check(cp.asnumpy(res), reference(x, qt), x, qt)
 
 
+@pytest.mark.parametrize("tc", [4, 16])
+def test_w4a16_tc1_x_past_48k(tc):
+    """Rows long enough that x (staged in shared memory by the batch-1 tensor-core kernel) needs more
+    than the 48 KB a launch gets by default: 30000 values, 60 KB."""
+    import cupy as cp
+
+    from minillm.gpu.w4a16 import W4A16Weight, w4a16_matmul
+
+    rng = np.random.default_rng(8)
+    qt = quantize_rtn(rng.normal(size=(40, 30000)).astype(np.float32), QuantSpec(4, "group", 128, False))
+    x = rng.normal(size=(1, 30000)).astype(np.float16)
+    out = cp.full((1, 40), cp.nan, dtype=cp.float16)
+    res = w4a16_matmul(cp.asarray(x), W4A16Weight.upload(qt), out=out, tc=tc)
+    check(cp.asnumpy(res), reference(x, qt), x, qt)
+
+
 @pytest.mark.parametrize("k, n", [(4096, 4096), (11008, 4096), (576, 1536)])
 @pytest.mark.parametrize("m", [1, 3, 16])
 def test_w4a16_real_shapes(k, n, m):

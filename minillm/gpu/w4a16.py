@@ -132,20 +132,22 @@ def _ksplit(w: W4A16Weight, rows: int) -> int:
 
 
 def _tc1_warps(w: W4A16Weight) -> int:
-    """Warps per block (16 rows) of the batch-1 tensor-core kernel, or 0 for the GEMV kernel. The
-    tensor-core kernel issues about half the GEMV's instructions per code but pays per warp (the
-    split-K sums, a longer dependent chain). Measured on an H100 (bench/NOTES.md, session 5), it wins
-    with 19-32 warps per SM that each take >= 4 steps of 128 k: 4096x12288 and 4096x11008 at 4 warps
-    a block (12.9 vs 14.4 us, 12.2 vs 13.3), 11008x4096 at 16 (12.2 vs 13.0); the GEMV stays for
-    N >= 22016 (it has the warps already) and for 4096x4096 (too few steps a warp)."""
+    """Warps per block (16 rows) of the batch-1 tensor-core kernel, or 0 for the GEMV kernel. With x
+    staged in shared memory (session 8) the tensor-core kernel is as fast as the GEMV or faster on
+    every shape measured while its warps fit one wave (32 a SM at 64 registers); the most warps a
+    block that do, each with at least one step of 128 k. H100, x staged, medians of 2 (bench/NOTES.md
+    session 8): 4096x4096 16 warps 6.09 us vs GEMV 6.45; 11008x4096 16: 11.67 vs 13.05; 4096x11008
+    4: 11.92 vs 13.41; 4096x12288 4: 12.55 vs 14.09; 2048x8192, 5120x5120, 8192x8192 8: 5.85 / 8.31
+    / 15.75 vs 6.22 / 8.56 / 16.18. Past one wave: 8 warps up to three waves (4096x22016: 20.83 vs
+    21.79), else the GEMV (8192x28672: 49.46 vs 49.72-50.38)."""
     from .kernels import sm_count  # noqa: PLC0415
 
     sms = sm_count()
     tiles, steps = -(-w.n // 16), -(-w.chunks // 4)
-    for s in (4, 8, 16):
-        if 19 * sms <= tiles * s <= 32 * sms and steps >= 4 * s:
+    for s in (16, 8, 4):
+        if steps >= s and tiles * s <= 32 * sms:
             return s
-    return 0
+    return 8 if steps >= 8 and tiles * 8 <= 96 * sms else 0
 
 
 def _launch_tc1(x_pad, w: W4A16Weight, y, warps: int, act: int, nio) -> int:
@@ -157,9 +159,12 @@ def _launch_tc1(x_pad, w: W4A16Weight, y, warps: int, act: int, nio) -> int:
     norm = "_n" if nio["h"] or nio["in_ss"] else ""
     f = fn("w4a16_mma", f"w4a16_tc1_s{warps}_{form}{norm}")
     blocks = -(-w.n // 16)
+    smem = 64 * w.chunks  # x, staged in shared memory by each block
+    if smem > 48 * 1024 and f.function.max_dynamic_shared_size_bytes < smem:  # past the default limit
+        f.function.max_dynamic_shared_size_bytes = smem
     f((blocks,), (32 * warps,), (
         w.qweight, w.sz, x_pad, y, np.int32(y.shape[1]),
-        np.int32(w.n), np.int32(w.chunks), np.int32(w.groups), *_group_args(w), np.int32(act), nio))
+        np.int32(w.n), np.int32(w.chunks), np.int32(w.groups), *_group_args(w), np.int32(act), nio), shared_mem=smem)
     return blocks
 
 

@@ -95,7 +95,7 @@ def _launch(x_pad, w: W4A16Weight, y, m_kernel: int, rows: int | None = None, ac
     if m_kernel == 1 and tc is None and rows is None and tiles is None and ksplit is None:
         forced = os.environ.get("MINILLM_W4_TC1")  # "0" / "4" / "8" / "16" force the choice (benchmarks)
         tc = _tc1_warps(w) if forced is None else int(forced)
-    if m_kernel == 1 and tc:
+    if m_kernel == 1 and tc and 64 * w.chunks <= TC1_MAX_X_BYTES:
         return _launch_tc1(x_pad, w, y, tc, act, NO_NORM if nio is None else nio)
     if tiles is None and rows is None and m_kernel >= MMA_MIN_ROWS:
         tiles = _mma_tiles(w.n, m_kernel)
@@ -131,6 +131,9 @@ def _ksplit(w: W4A16Weight, rows: int) -> int:
     return 2 if w.chunks >= 256 and -(-w.n // rows) < 16 * sm_count() else 1
 
 
+TC1_MAX_X_BYTES = 200 * 1024  # x staged in shared memory (an H100 SM has 227 KB): K up to 102400
+
+
 def _tc1_warps(w: W4A16Weight) -> int:
     """Warps per block (16 rows) of the batch-1 tensor-core kernel, or 0 for the GEMV kernel. With x
     staged in shared memory (session 8) the tensor-core kernel is as fast as the GEMV or faster on
@@ -144,6 +147,8 @@ def _tc1_warps(w: W4A16Weight) -> int:
 
     sms = sm_count()
     tiles, steps = -(-w.n // 16), -(-w.chunks // 4)
+    if 64 * w.chunks > TC1_MAX_X_BYTES:
+        return 0
     for s in (16, 8, 4):
         if steps >= s and tiles * s <= 32 * sms:
             return s

@@ -178,23 +178,8 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
     // rescales the accumulators, and returns P as the value product's B fragments (k-tile i:
     // b[i][0] positions 16i + 2t, +1; b[i][1] positions 16i + 8 + 2t, +1).
     auto softmax = [&](const float (&sc)[4][2], uint32_t (&bp)[2][2]) {
-        float mb = NEG_INF;
-#pragma unroll
-        for (int nt = 0; nt < 4; nt++) mb = fmaxf(mb, fmaxf(sc[nt][0], sc[nt][1]));
-        mb = fmaxf(mb, __shfl_xor_sync(FULL_MASK, mb, 1));
-        mb = fmaxf(mb, __shfl_xor_sync(FULL_MASK, mb, 2));
-        const float mn = fmaxf(m, mb);
-        const float corr = m == NEG_INF ? 0.0f : exp2f(m - mn);
-        l *= corr;
         float p[4][2];
-#pragma unroll
-        for (int nt = 0; nt < 4; nt++)
-#pragma unroll
-            for (int e = 0; e < 2; e++) {
-                p[nt][e] = sc[nt][e] == NEG_INF ? 0.0f : exp2f(sc[nt][e] - mn);
-                l += p[nt][e];
-            }
-        m = mn;
+        const float corr = online_softmax_step(sc, m, l, p);
         // The accumulator columns are queries 2t and 2t + 1: their factors come from those lanes.
         // Once the maxima settle, most steps change none of them: the rescale is skipped then.
         if (__any_sync(FULL_MASK, corr != 1.0f)) {

@@ -1,5 +1,6 @@
-// Shared by the decode attention kernels (attention.cu, attention_mma.cu): which positions a row
-// and split cover, and the merge of the splits.
+// Shared by the decode attention kernels (attention.cu, attention_mma.cu, attention_int4.cu): which
+// positions a row and split cover, the tensor-core kernels' online-softmax step, and the merge of
+// the splits.
 #pragma once
 #include "common.cuh"
 
@@ -29,6 +30,31 @@ __device__ __forceinline__ RowSpan cluster_span(const int* __restrict__ pos, int
     const int lo = window > 0 ? max(0, len - window) : 0;
     const int chunk = 16 * ((len - lo + 16 * gridDim.y - 1) / (16 * gridDim.y));
     return {b, len, min(lo + split * chunk, len), min(lo + (split + 1) * chunk, len), chunk};
+}
+
+// One online-softmax step of the tensor-core kernels (attention_mma.cu, attention_int4.cu) over a
+// lane's 8 scores of query g in the score product's layout (positions nt * 8 + 2t + e: a quad of
+// lanes holds a query's 32): the new running max m (over the quad, by two shuffles), the normaliser
+// l rescaled and increased, p = 2^(score - m) (0 for masked scores). Returns the factor the old sums
+// are rescaled by (0 on the first block, when m was -inf).
+__device__ __forceinline__ float online_softmax_step(const float (&sc)[4][2], float& m, float& l, float (&p)[4][2]) {
+    float mb = NEG_INF;
+#pragma unroll
+    for (int nt = 0; nt < 4; nt++) mb = fmaxf(mb, fmaxf(sc[nt][0], sc[nt][1]));
+    mb = fmaxf(mb, __shfl_xor_sync(FULL_MASK, mb, 1));
+    mb = fmaxf(mb, __shfl_xor_sync(FULL_MASK, mb, 2));
+    const float mn = fmaxf(m, mb);
+    const float corr = m == NEG_INF ? 0.0f : exp2f(m - mn);
+    l *= corr;
+#pragma unroll
+    for (int nt = 0; nt < 4; nt++)
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+            p[nt][e] = sc[nt][e] == NEG_INF ? 0.0f : exp2f(sc[nt][e] - mn);
+            l += p[nt][e];
+        }
+    m = mn;
+    return corr;
 }
 
 // The end of a split for the tensor-core kernels (a tile of up to 8 query heads, NW warps): each

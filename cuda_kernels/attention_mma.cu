@@ -151,23 +151,8 @@ __device__ __forceinline__ void attn_mma(const __half* __restrict__ q, const uin
     // va(i, md, a) gives the four A registers of m-tile md for positions 16i .. 16i + 15.
     // ps: a factor per position on the softmax weight as the MMA reads it (8-bit value scales).
     auto softmax_and_values = [&](float (&sc)[4][2], const float (&ps)[4][2], auto&& va) {
-        float mb = NEG_INF;
-#pragma unroll
-        for (int nt = 0; nt < 4; nt++) mb = fmaxf(mb, fmaxf(sc[nt][0], sc[nt][1]));
-        mb = fmaxf(mb, __shfl_xor_sync(FULL_MASK, mb, 1));
-        mb = fmaxf(mb, __shfl_xor_sync(FULL_MASK, mb, 2));
-        const float mn = fmaxf(m, mb);
-        const float corr = m == NEG_INF ? 0.0f : exp2f(m - mn);
-        l *= corr;
         float p[4][2];
-#pragma unroll
-        for (int nt = 0; nt < 4; nt++)
-#pragma unroll
-            for (int e = 0; e < 2; e++) {
-                p[nt][e] = sc[nt][e] == NEG_INF ? 0.0f : exp2f(sc[nt][e] - mn);
-                l += p[nt][e];
-            }
-        m = mn;
+        const float corr = online_softmax_step(sc, m, l, p);
         // The accumulator columns are queries 2t and 2t + 1: their factors come from those lanes.
         const float c0f = __shfl_sync(FULL_MASK, corr, 8 * t), c1f = __shfl_sync(FULL_MASK, corr, 8 * t + 4);
 #pragma unroll

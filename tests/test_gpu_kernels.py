@@ -116,33 +116,20 @@ def test_w4a16_tc1_matches_numpy(n, k, group, sym, warps, act, seed):
     assert np.all(np.abs(got - want) <= bound)
 
 
-@pytest.mark.parametrize("tc", [0, 8])
-def test_w4a16_many_groups(tc):
-    """Long rows of small groups (282 groups of 32), through the GEMV and the batch-1 tensor-core kernel."""
+@pytest.mark.parametrize("n, k, group, tc", [(50, 9000, 32, 0), (50, 9000, 32, 8), (40, 30000, 128, 4),
+                                              (40, 30000, 128, 16)])
+def test_w4a16_long_rows(n, k, group, tc):
+    """Long rows through the GEMV (tc 0) and the batch-1 tensor-core kernel: many small groups (282 of
+    32), and rows long enough that x, which the tensor-core kernel stages in shared memory, needs more
+    than the 48 KB a launch gets by default (30000 values, 60 KB)."""
     import cupy as cp
 
     from minillm.gpu.w4a16 import W4A16Weight, w4a16_matmul
 
-    rng = np.random.default_rng(7)
-    qt = quantize_rtn(rng.normal(size=(50, 9000)).astype(np.float32), QuantSpec(4, "group", 32, False))
-    x = rng.normal(size=(1, 9000)).astype(np.float16)
-    out = cp.full((1, 50), cp.nan, dtype=cp.float16)
-    res = w4a16_matmul(cp.asarray(x), W4A16Weight.upload(qt), out=out, tc=tc)
-    check(cp.asnumpy(res), reference(x, qt), x, qt)
-
-
-@pytest.mark.parametrize("tc", [4, 16])
-def test_w4a16_tc1_x_past_48k(tc):
-    """Rows long enough that x (staged in shared memory by the batch-1 tensor-core kernel) needs more
-    than the 48 KB a launch gets by default: 30000 values, 60 KB."""
-    import cupy as cp
-
-    from minillm.gpu.w4a16 import W4A16Weight, w4a16_matmul
-
-    rng = np.random.default_rng(8)
-    qt = quantize_rtn(rng.normal(size=(40, 30000)).astype(np.float32), QuantSpec(4, "group", 128, False))
-    x = rng.normal(size=(1, 30000)).astype(np.float16)
-    out = cp.full((1, 40), cp.nan, dtype=cp.float16)
+    rng = np.random.default_rng(k + tc)
+    qt = quantize_rtn(rng.normal(size=(n, k)).astype(np.float32), QuantSpec(4, "group", group, False))
+    x = rng.normal(size=(1, k)).astype(np.float16)
+    out = cp.full((1, n), cp.nan, dtype=cp.float16)
     res = w4a16_matmul(cp.asarray(x), W4A16Weight.upload(qt), out=out, tc=tc)
     check(cp.asnumpy(res), reference(x, qt), x, qt)
 

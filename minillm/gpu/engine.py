@@ -322,17 +322,25 @@ class GpuModel:
         self.lm_head(buf.x, buf.logits, b, buf, normed=normed)
         K.next_token(buf.logits, b, self.config.vocab_size, buf.tok, cache.pos, temperature, seed)
 
-    def decode_next(self, tokens, cache: GpuKVCache, temperature: float = 0.0, seed: int = 0):
-        """Feed one token per sequence at the cache's end and return the next token of each, chosen on
-        the GPU (argmax, or a temperature sample). Only the ids cross to the host."""
+    def _feed(self, tokens, cache: GpuKVCache) -> Buffers:
+        """The decode step's input: one token per sequence into buf.tok, and the cache's length into
+        cache.pos where the device's copy is stale (on self._stream, before the step)."""
         cache.check_room(1)
         b = cache.batch
         buf = self.buffers(b)
+        with self._stream:
+            buf.tok[:b].set(np.asarray(tokens, np.int32).reshape(b), stream=self._stream)
+            if cache.dev_length != cache.length:
+                cache.pos.set(np.full(b, cache.length, np.int32), stream=self._stream)
+        return buf
+
+    def decode_next(self, tokens, cache: GpuKVCache, temperature: float = 0.0, seed: int = 0):
+        """Feed one token per sequence at the cache's end and return the next token of each, chosen on
+        the GPU (argmax, or a temperature sample). Only the ids cross to the host."""
+        b = cache.batch
+        buf = self._feed(tokens, cache)
         stream = self._stream
         with stream:
-            buf.tok[:b].set(np.asarray(tokens, np.int32).reshape(b), stream=stream)
-            if cache.dev_length != cache.length:
-                cache.pos.set(np.full(b, cache.length, np.int32), stream=stream)
             self.replay(cache, temperature, seed)
             out = buf.tok[:b].get(stream=stream)
         stream.synchronize()
@@ -350,7 +358,7 @@ class GpuModel:
         next step overwrites it."""
         cp = self.xp
         b = cache.batch
-        buf = self.buffers(b)
+        buf = self._feed(tokens, cache)
         stream = self._stream
         host = [cp.cuda.alloc_pinned_memory(4 * b) for _ in range(2)]  # pinned: the copies are asynchronous
         pinned = [np.frombuffer(h, np.int32, b) for h in host]
@@ -367,11 +375,6 @@ class GpuModel:
                 done[launched % 2].record(stream)
             launched += 1
 
-        cache.check_room(1)
-        with stream:
-            buf.tok[:b].set(np.asarray(tokens, np.int32).reshape(b), stream=stream)
-            if cache.dev_length != cache.length:
-                cache.pos.set(np.full(b, cache.length, np.int32), stream=stream)
         try:
             launch()
             while True:

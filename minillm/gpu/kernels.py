@@ -211,13 +211,10 @@ def decode_attention(q, layer_cache, pos, rows, t, cfg, window, parts, out, plan
     want = os.environ.get("MINILLM_ATTN_CLUSTER")  # "1" / "0" force the choice (tests, benchmarks)
     cluster = kv * rows >= 32 if want is None else want == "1"
     if fmt == 0 and cluster and g * hd <= MAX_CLUSTER_OUT and g <= 32:  # (its shared-memory inbox)
-        w = g * max(1, 8 // g)  # 8 warps: G query heads x streams
-        fn("attention", f"attn_cluster_{name}_{iters}")((kv, CLUSTER, rows), (32 * w,), (
-            q, kc, vc, ks if ks is not None else 0, vs if vs is not None else 0, pos, i32(t), i32(h), i32(kv), i32(hd),
-            i32(max_len), i32(chunk), i32(window or 0), np.float32(math.log2(math.e) / math.sqrt(hd)), acc, m, l,
-            counter, out, i32(out.shape[1]), _ptr(v_off)))
-        return
-    fn("attention", f"attn_decode_{name}_{iters}{pipe}")((kv, splits, rows), (32 * warps,), (
+        kernel, grid, warps = f"attn_cluster_{name}_{iters}", (kv, CLUSTER, rows), g * max(1, 8 // g)  # 8 warps
+    else:
+        kernel, grid = f"attn_decode_{name}_{iters}{pipe}", (kv, splits, rows)
+    fn("attention", kernel)(grid, (32 * warps,), (
         q, kc, vc, ks if ks is not None else 0, vs if vs is not None else 0, pos, i32(t), i32(h), i32(kv), i32(hd),
         i32(max_len), i32(chunk), i32(window or 0), np.float32(math.log2(math.e) / math.sqrt(hd)), acc, m, l,
         counter, out, i32(out.shape[1]), _ptr(v_off)))

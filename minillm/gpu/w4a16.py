@@ -95,7 +95,7 @@ def _launch(x_pad, w: W4A16Weight, y, m_kernel: int, rows: int | None = None, ac
     if m_kernel == 1 and tc is None and rows is None and tiles is None and ksplit is None:
         forced = os.environ.get("MINILLM_W4_TC1")  # "0" / "4" / "8" / "16" force the choice (benchmarks)
         tc = _tc1_warps(w) if forced is None else int(forced)
-    if m_kernel == 1 and tc and 64 * w.chunks <= TC1_MAX_X_BYTES:
+    if m_kernel == 1 and tc and 64 * w.chunks <= TC1_MAX_X_BYTES:  # (else x would not fit: the GEMV)
         return _launch_tc1(x_pad, w, y, tc, act, NO_NORM if nio is None else nio)
     if tiles is None and rows is None and m_kernel >= MMA_MIN_ROWS:
         tiles = _mma_tiles(w.n, m_kernel)
@@ -147,8 +147,6 @@ def _tc1_warps(w: W4A16Weight) -> int:
 
     sms = sm_count()
     tiles, steps = -(-w.n // 16), -(-w.chunks // 4)
-    if 64 * w.chunks > TC1_MAX_X_BYTES:
-        return 0
     for s in (16, 8, 4):
         if steps >= s and tiles * s <= 32 * sms:
             return s

@@ -132,16 +132,24 @@ __device__ __forceinline__ void mma_m16n8k16(float* d, uint32_t a0, uint32_t a1,
 }
 
 // ------------------------------------------------------------------------------------------------
-// RMSNorm carried by the products around it (the batch-1 decode step; minillm/gpu/engine.py)
+// What a batch-1 product does besides y = x W^T (the decode step; minillm/gpu/engine.py)
 // ------------------------------------------------------------------------------------------------
-// RMSNorm scales a row by one number: W (h * w / rms(h)) = (W (h * w)) / rms(h). So the product
-// that makes a residual branch (o_proj, down_proj) adds its output into h itself, writes the next
-// product's input u = h * w * 2^-k (fp16; 2^k >= max |w|, so |u| <= |h|) and each block's sum of
-// h^2; the next product multiplies its fp32 sums by 2^k / sqrt(sum h^2 / D + eps) before rounding.
-// No norm kernel is launched and h is read once: a separate add_rmsnorm was 6 us (ncu) for 16 KB,
-// 13% of a 7B W4 step. Passed by value (kernel parameters: read without a memory round trip);
-// minillm/gpu/kernels.py builds it as a numpy record of the same layout.
-struct NormIO {
+// RMSNorm carried by the products around it. RMSNorm scales a row by one number: W (h * w / rms(h))
+// = (W (h * w)) / rms(h). So the product that makes a residual branch (o_proj, down_proj) adds its
+// output into h itself, writes the next product's input u = h * w * 2^-k (fp16; 2^k >= max |w|, so
+// |u| <= |h|) and each block's sum of h^2; the next product multiplies its fp32 sums by
+// 2^k / sqrt(sum h^2 / D + eps) before rounding. No norm kernel is launched and h is read once: a
+// separate add_rmsnorm was 6 us (ncu) for 16 KB, 13% of a 7B W4 step.
+//
+// Rotary embedding and the cache append in the qkv product (pos non-null). The engine stores the
+// rows of every query and key head paired, (d, d + hd/2) side by side (minillm/gpu/engine.py
+// qkv_row_order), so the two outputs a rotation mixes are rows n, n + 1 of one warp (or lane) and the
+// product writes q and the fp16 cache's new key and value itself: no rope_append kernel and no round
+// trip of qkv through memory (1.8 us a layer of a 7B step, bench/NOTES.md session 8).
+//
+// Passed by value (kernel parameters: read without a memory round trip); minillm/gpu/kernels.py
+// builds it as a numpy record of the same layout.
+struct EpilogueIO {
     const float* in_ss;  // consumer: the producer's per-block sums of h^2 (null: x is normalised)
     float* h;            // producer: the fp32 residual stream, row 0 (null: y is no residual branch)
     const float* w;      // producer: the next norm's weight
@@ -149,20 +157,54 @@ struct NormIO {
     float* out_ss;       // producer: one sum of h^2 per block
     int in_blocks, D;    // consumer: partial sums to add; the row length
     float eps, in_scale, out_scale;  // consumer: eps, 2^k; producer: 2^-k
+    const int* pos;      // rotary: the position of the new token (null: no rotary epilogue)
+    const float* cos;    // rotary: cos, sin [positions, hd / 2] (GpuModel.rope_tables)
+    const float* sin;
+    __half* q;           // rotary: the rotated query [H, hd]
+    __half* k;           // rotary: the layer's fp16 key and value caches [KV, L, hd] (batch row 0)
+    __half* v;
+    int H, KV, hd, L;    // heads, kv heads, head dim, cache positions
 };
 
-// Consumer: the factor for this product's outputs (1 without a NormIO). Lane 0 of every warp adds
+// The rotation's (cos, sin) for output rows (n, n + 1) at position pos; (1, 0) for a value head. A
+// kernel asks for it well before its epilogue: the table row depends on pos, a second round trip.
+__device__ __forceinline__ float2 rope_cs(const EpilogueIO& p, int n, int pos) {
+    if (p.pos == nullptr || n / p.hd >= p.H + p.KV) return make_float2(1.0f, 0.0f);
+    const size_t i = (size_t)pos * (p.hd >> 1) + ((n % p.hd) >> 1);
+    return make_float2(p.cos[i], p.sin[i]);
+}
+
+// Outputs n, n + 1 (n even; a query or key head's pair (j, j + hd/2), or a value head's (d, d + 1))
+// rotated and written where rope_append would write them, after the same fp16 rounding of qkv.
+__device__ __forceinline__ void store_rope(const EpilogueIO& p, int n, int pos, float2 cs, float a, float b) {
+    a = __half2float(__float2half_rn(a));
+    b = __half2float(__float2half_rn(b));
+    const int head = n / p.hd, d = n % p.hd, half = p.hd >> 1;
+    if (head >= p.H + p.KV) {  // value: not rotated, stored in order
+        __half* dst = p.v + ((size_t)(head - p.H - p.KV) * p.L + pos) * p.hd + d;
+        dst[0] = __float2half_rn(a);
+        dst[1] = __float2half_rn(b);
+        return;
+    }
+    const int j = d >> 1;
+    __half* dst = head < p.H ? p.q + (size_t)head * p.hd : p.k + ((size_t)(head - p.H) * p.L + pos) * p.hd;
+    dst[j] = __float2half_rn(a * cs.x - b * cs.y);
+    dst[j + half] = __float2half_rn(b * cs.x + a * cs.y);
+}
+
+// Consumer: the factor for this product's outputs (1 without a EpilogueIO). Lane 0 of every warp adds
 // the same partial sums in the same order, so the factor is the same in every warp and every run.
 // The loads are issued 16 at a time before any is added: a plain loop would wait out one L2
 // latency per partial (16-32 of them at the start of every warp: +2-3 us per product; ncu).
-__device__ __forceinline__ float norm_in_scale(const NormIO& p) {
+// `parts`: where the partial sums are read (p.in_ss, or a copy a kernel staged in shared memory).
+__device__ __forceinline__ float norm_in_scale(const EpilogueIO& p, const float* parts) {
     if (p.in_ss == nullptr) return 1.0f;
     const int n = p.in_blocks;
     float s = 0.0f;
     for (int i0 = threadIdx.x & 31; i0 < n; i0 += 32 * 16) {
         float v[16];
 #pragma unroll
-        for (int u = 0; u < 16; u++) v[u] = i0 + 32 * u < n ? p.in_ss[i0 + 32 * u] : 0.0f;
+        for (int u = 0; u < 16; u++) v[u] = i0 + 32 * u < n ? parts[i0 + 32 * u] : 0.0f;
 #pragma unroll
         for (int u = 0; u < 16; u++) s += v[u];
     }
@@ -173,14 +215,23 @@ __device__ __forceinline__ float norm_in_scale(const NormIO& p) {
 // store_rows for lane 0, with the consumer's factor applied first; for a producer (row m = 0 only:
 // batch 1), also h += y (y rounded to fp16 as the unfused path stores it), u = h * w * 2^-k, and the
 // returned sum of the new h^2 over these outputs. NORM false: plain store_rows (the instances that
-// carry no norm), so a kernel templated on NORM stores through this one call either way.
-template <int ROWS, bool NORM = true>
+// carry no norm), so a kernel templated on NORM stores through this one call either way. hw: h[n0 + r]
+// and w[n0 + r] at hw[r], hw[ROWS + r] when the kernel loaded them earlier (null: read here). ROPE
+// (the instances for the qkv product, which also take a norm): rows n0, n0 + 1 go through store_rope.
+template <int ROWS, bool NORM = true, bool ROPE = false>
 __device__ __forceinline__ float store_rows_normed(__half* y, int ldy, int m, int n0, int N, float* v, int act,
-                                                   const NormIO& p, float scale) {
+                                                   const EpilogueIO& p, float scale, const float* hw = nullptr,
+                                                   int pos = 0, float2 cs = make_float2(1.0f, 0.0f)) {
     float s = 0.0f;
     if constexpr (NORM) {
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) v[r] *= scale;
+        if constexpr (ROPE && ROWS == 2) {  // the qkv product: rows in pairs (pos, cs: rope_cs)
+            if (m == 0) {
+                if (n0 < N) store_rope(p, n0, pos, cs, v[0], v[1]);
+                return 0.0f;
+            }
+        }
     }
     store_rows<ROWS>(y, ldy, m, n0, N, v, act);
     if (NORM && p.h != nullptr && m == 0) {
@@ -188,9 +239,9 @@ __device__ __forceinline__ float store_rows_normed(__half* y, int ldy, int m, in
         for (int r = 0; r < ROWS; ++r) {
             const int n = n0 + r;
             if (n < N) {
-                const float hn = p.h[n] + __half2float(__float2half_rn(v[r]));
+                const float hn = (hw ? hw[r] : p.h[n]) + __half2float(__float2half_rn(v[r]));
                 p.h[n] = hn;
-                p.u[n] = __float2half_rn(hn * p.w[n] * p.out_scale);
+                p.u[n] = __float2half_rn(hn * (hw ? hw[ROWS + r] : p.w[n]) * p.out_scale);
                 s += hn * hn;
             }
         }
@@ -200,7 +251,7 @@ __device__ __forceinline__ float store_rows_normed(__half* y, int ldy, int m, in
 
 // Producer: the block's sum of h^2 (lane 0 of each warp holds its part), added in warp order and
 // written to out_ss[block]. Every thread of the block must call it (a barrier inside).
-__device__ __forceinline__ void norm_block_sum(const NormIO& p, float s) {
+__device__ __forceinline__ void norm_block_sum(const EpilogueIO& p, float s) {
     if (p.h == nullptr) return;
     __shared__ float part[32];
     if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = s;

@@ -139,7 +139,8 @@ extern "C" __global__ void rope_append(const __half* __restrict__ qkv, int ld_qk
                                        const int* __restrict__ pos, int T, int H, int KV, int hd, int rot, int L,
                                        int fmt, void* __restrict__ kc, void* __restrict__ vc,
                                        float* __restrict__ k_scale, float* __restrict__ v_scale,
-                                       const float* __restrict__ k_off, const float* __restrict__ v_off) {
+                                       const float* __restrict__ k_off, const float* __restrict__ v_off,
+                                       int paired) {
     pdl_begin();
     __shared__ float v[512];
     __shared__ float red[32];
@@ -148,7 +149,11 @@ extern "C" __global__ void rope_append(const __half* __restrict__ qkv, int ld_qk
     const int kind = j < H ? 0 : (j < H + KV ? 1 : 2);  // query, key, value head
     const int head = kind == 0 ? j : (kind == 1 ? j - H : j - H - KV);
     const __half* src = qkv + (size_t)r * ld_qkv + (size_t)j * hd;  // heads are laid out q | k | v
-    for (int i = threadIdx.x; i < hd; i += blockDim.x) v[i] = __half2float(src[i]);
+    // paired (kernels.py qkv_row_order): a query or key head's rotated dims are stored (j, j + rot/2)
+    // side by side; dim i < rot is then at 2 (i % (rot/2)) + i / (rot/2).
+    const int hr = rot / 2;
+    for (int i = threadIdx.x; i < hd; i += blockDim.x)
+        v[i] = __half2float(src[paired && kind < 2 && i < rot ? 2 * (i % hr) + i / hr : i]);
     __syncthreads();
     if (kind < 2) {
         const float* nw = kind == 0 ? qn_w : kn_w;
@@ -159,12 +164,11 @@ extern "C" __global__ void rope_append(const __half* __restrict__ qkv, int ld_qk
             for (int i = threadIdx.x; i < hd; i += blockDim.x) v[i] *= inv * nw[i];
             __syncthreads();
         }
-        const int half = rot / 2;
-        for (int i = threadIdx.x; i < half; i += blockDim.x) {  // each pair belongs to one thread
-            const float c = cos_t[(size_t)p * half + i], s = sin_t[(size_t)p * half + i];
-            const float x1 = v[i], x2 = v[i + half];
+        for (int i = threadIdx.x; i < hr; i += blockDim.x) {  // each pair belongs to one thread
+            const float c = cos_t[(size_t)p * hr + i], s = sin_t[(size_t)p * hr + i];
+            const float x1 = v[i], x2 = v[i + hr];
             v[i] = x1 * c - x2 * s;
-            v[i + half] = x2 * c + x1 * s;
+            v[i + hr] = x2 * c + x1 * s;
         }
         __syncthreads();
     }

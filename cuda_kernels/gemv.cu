@@ -84,15 +84,19 @@ struct I8Chunk {  // 16 int8 codes, with the group's scale and zero point (128 w
     }
 };
 
-template <int M, int ROWS, bool NORM, class Chunk>
+template <int M, int ROWS, bool NORM, bool ROPE, class Chunk>
 __device__ __forceinline__ void gemv_body(const uint4* __restrict__ w, Chunk chunk, const __half* __restrict__ x,
                                           int ldx, __half* __restrict__ y, int ldy, int N, int C, int act,
-                                          const NormIO& nio) {
+                                          const EpilogueIO& nio) {
     const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
     const int n0 = warp * ROWS;  // warps past N load nothing and store nothing, but reach the barrier
     pdl_begin();  // before any load (common.cuh)
-    if (!NORM && n0 >= N) return;  // (NORM: the instance with a carried norm, common.cuh NormIO)
-    const float scale = NORM ? norm_in_scale(nio) : 1.0f;
+    if (!NORM && n0 >= N) return;  // (NORM: the instance with a carried norm, common.cuh EpilogueIO)
+    const float scale = NORM ? norm_in_scale(nio, nio.in_ss) : 1.0f;
+    // The qkv product's rotation (common.cuh rope_cs): the position asked for now, the table row
+    // after the first batch of weights (pos has arrived by then), both used after the loop.
+    const int pos = ROPE ? *nio.pos : 0;
+    float2 cs = make_float2(1.0f, 0.0f);
     float acc[M][ROWS];
 #pragma unroll
     for (int m = 0; m < M; m++)
@@ -114,6 +118,9 @@ __device__ __forceinline__ void gemv_body(const uint4* __restrict__ w, Chunk chu
             if (c >= C) break;
             chunk.template add<M, ROWS>(acc, wr[u], c, n0, N, x, ldx);
         }
+        if constexpr (ROPE) {
+            if (c0 == lane) cs = rope_cs(nio, n0, pos);
+        }
     }
     float ss = 0.0f;
 #pragma unroll
@@ -121,27 +128,27 @@ __device__ __forceinline__ void gemv_body(const uint4* __restrict__ w, Chunk chu
         float v[ROWS];
 #pragma unroll
         for (int rr = 0; rr < ROWS; rr++) v[rr] = warp_sum(acc[m][rr]);
-        if (lane == 0) ss += store_rows_normed<ROWS, NORM>(y, ldy, m, n0, N, v, act, nio, scale);
+        if (lane == 0) ss += store_rows_normed<ROWS, NORM, ROPE>(y, ldy, m, n0, N, v, act, nio, scale, nullptr, pos, cs);
     }
     if (NORM) norm_block_sum(nio, ss);
 }
 
-#define GEMV_F16_K(M, ROWS, NORM, NAME)                                                                     \
+#define GEMV_F16_K(M, ROWS, NORM, ROPE, NAME)                                                                     \
     extern "C" __global__ void __launch_bounds__(128) NAME(                                                \
         const uint4* w, const __half* x, int ldx, __half* y, int ldy, int N, int C, int act,               \
-        const NormIO nio) {                                                                               \
-        gemv_body<M, ROWS, NORM>(w, F16Chunk{}, x, ldx, y, ldy, N, C, act, nio);                           \
+        const EpilogueIO nio) {                                                                               \
+        gemv_body<M, ROWS, NORM, ROPE>(w, F16Chunk{}, x, ldx, y, ldy, N, C, act, nio);                           \
     }
-#define GEMV_I8_K(M, ROWS, NORM, NAME)                                                                     \
+#define GEMV_I8_K(M, ROWS, NORM, ROPE, NAME)                                                                     \
     extern "C" __global__ void __launch_bounds__(128) NAME(                                                \
         const uint4* codes, const __half* scales, const uint8_t* zeros, const __half* x, int ldx, __half* y, \
-        int ldy, int N, int C, int ngroups, int chunks_per_group, int act, const NormIO nio) {            \
-        gemv_body<M, ROWS, NORM>(codes, I8Chunk{scales, zeros, ngroups, chunks_per_group}, x, ldx, y, ldy, N, C, act, \
+        int ldy, int N, int C, int ngroups, int chunks_per_group, int act, const EpilogueIO nio) {            \
+        gemv_body<M, ROWS, NORM, ROPE>(codes, I8Chunk{scales, zeros, ngroups, chunks_per_group}, x, ldx, y, ldy, N, C, act, \
                            nio);                                                                           \
     }
 
-#define GEMV_F16(M, ROWS) GEMV_F16_K(M, ROWS, false, gemv_f16_m##M##_r##ROWS)
-#define GEMV_I8(M, ROWS) GEMV_I8_K(M, ROWS, false, gemv_i8_m##M##_r##ROWS)
+#define GEMV_F16(M, ROWS) GEMV_F16_K(M, ROWS, false, false, gemv_f16_m##M##_r##ROWS)
+#define GEMV_I8(M, ROWS) GEMV_I8_K(M, ROWS, false, false, gemv_i8_m##M##_r##ROWS)
 
 GEMV_F16(1, 2)
 GEMV_F16(2, 2)
@@ -153,5 +160,7 @@ GEMV_I8(2, 2)
 GEMV_I8(4, 2)
 GEMV_I8(8, 2)
 GEMV_I8(16, 2)
-GEMV_F16_K(1, 2, true, gemv_f16_m1_r2_n)  // batch 1 with a carried norm (the decode step)
-GEMV_I8_K(1, 2, true, gemv_i8_m1_r2_n)
+GEMV_F16_K(1, 2, true, false, gemv_f16_m1_r2_n)  // batch 1 with a carried norm (the decode step)
+GEMV_I8_K(1, 2, true, false, gemv_i8_m1_r2_n)
+GEMV_F16_K(1, 2, true, true, gemv_f16_m1_r2_nr)  // ... and the rotary epilogue (the qkv product)
+GEMV_I8_K(1, 2, true, true, gemv_i8_m1_r2_nr)

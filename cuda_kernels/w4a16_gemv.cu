@@ -127,11 +127,11 @@ __device__ __forceinline__ void gemv_chunk(const uint4* wq, const __half2* bias,
     }
 }
 
-template <int M, int ROWS, int KSPLIT, bool NORM>
+template <int M, int ROWS, int KSPLIT, bool NORM, bool ROPE>
 __device__ __forceinline__ void gemv_body(const uint4* __restrict__ qweight, const uint32_t* __restrict__ sz,
                                           const __half* __restrict__ x, __half* __restrict__ y, int ldy, int N,
                                           int C, int ngroups, int chunks_per_group, int cpg_shift, int act,
-                                          const NormIO& nio) {
+                                          const EpilogueIO& nio) {
     // KSPLIT > 1: the KSPLIT warps of a block share its ROWS rows, warp p taking the 32-chunk
     // stretches p, p + KSPLIT, ... of K, and their sums meet in shared memory. For short outputs
     // (N = 4096: 2048 warps, ~16 per SM) this gives the GPU more warps and so more loads in flight.
@@ -141,10 +141,14 @@ __device__ __forceinline__ void gemv_body(const uint4* __restrict__ qweight, con
     const int lane = threadIdx.x & 31;
     const int n0 = warp * ROWS;  // warps past N load nothing and store nothing, but reach the barriers
     pdl_begin();  // before any load (common.cuh)
-    // NORM: the instance that carries an RMSNorm (common.cuh NormIO; compiled apart, so the plain
+    // NORM: the instance that carries an RMSNorm (common.cuh EpilogueIO; compiled apart, so the plain
     // instances keep their registers and their early exit).
     if (!NORM && KSPLIT == 1 && n0 >= N) return;
-    const float scale = NORM ? norm_in_scale(nio) : 1.0f;
+    const float scale = NORM ? norm_in_scale(nio, nio.in_ss) : 1.0f;
+    // The qkv product's rotation (common.cuh rope_cs): the position asked for now, the table row
+    // after the first chunk (pos has arrived by then), both used after the loop.
+    const int pos = ROPE ? *nio.pos : 0;
+    float2 cs = make_float2(1.0f, 0.0f);
 
     float acc[ROWS][M];
 #pragma unroll
@@ -173,12 +177,15 @@ __device__ __forceinline__ void gemv_body(const uint4* __restrict__ qweight, con
             sz_unpack(__ldg(szrow[r] + g), bias[r], sc[r]);
         }
         gemv_chunk<M, ROWS>(wq, bias, sc, xv, c, C, acc);
+        if constexpr (ROPE) {
+            if (c == 32 * part + lane) cs = rope_cs(nio, n0, pos);
+        }
     }
 
     // ---------------------------------------------------------------------------------------------
     // Reduction across the warp
     // ---------------------------------------------------------------------------------------------
-    float ss = 0.0f;  // a producer's sum of h^2 over this warp's outputs (common.cuh NormIO)
+    float ss = 0.0f;  // a producer's sum of h^2 over this warp's outputs (common.cuh EpilogueIO)
 #pragma unroll
     for (int m = 0; m < M; ++m) {
         float v[ROWS];
@@ -189,7 +196,7 @@ __device__ __forceinline__ void gemv_body(const uint4* __restrict__ qweight, con
             for (int off = 16; off > 0; off >>= 1) v[r] += __shfl_xor_sync(0xffffffffu, v[r], off);
         }
         if (KSPLIT == 1) {
-            if (lane == 0) ss += store_rows_normed<ROWS, NORM>(y, ldy, m, n0, N, v, act, nio, scale);
+            if (lane == 0) ss += store_rows_normed<ROWS, NORM, ROPE>(y, ldy, m, n0, N, v, act, nio, scale, nullptr, pos, cs);
         } else if (lane == 0) {
 #pragma unroll
             for (int r = 0; r < ROWS; ++r) red[(threadIdx.x >> 5)][r * M + m] = v[r];
@@ -207,7 +214,7 @@ __device__ __forceinline__ void gemv_body(const uint4* __restrict__ qweight, con
 #pragma unroll
                     for (int p = 0; p < KSPLIT; ++p) v[r] += red[(threadIdx.x >> 5) + p][r * M + m];  // in order
                 }
-                ss += store_rows_normed<ROWS, NORM>(y, ldy, m, n0, N, v, act, nio, scale);
+                ss += store_rows_normed<ROWS, NORM, ROPE>(y, ldy, m, n0, N, v, act, nio, scale, nullptr, pos, cs);
             }
         }
     }
@@ -216,16 +223,16 @@ __device__ __forceinline__ void gemv_body(const uint4* __restrict__ qweight, con
 
 // One entry point per (M, ROWS) pair the launcher uses; extern "C" keeps the names plain for
 // cupy.RawModule.
-#define W4A16_KERNEL_K(M, ROWS, KSPLIT, NORM, NAME)                                                           \
+#define W4A16_KERNEL_K(M, ROWS, KSPLIT, NORM, ROPE, NAME)                                                           \
     extern "C" __global__ void __launch_bounds__(128)                                                         \
         NAME(const uint4* __restrict__ qweight, const uint32_t* __restrict__ sz, const __half* __restrict__ x, \
              __half* __restrict__ y, int ldy, int N, int C, int ngroups, int chunks_per_group, int cpg_shift,    \
-             int act, const NormIO nio) {                                                                     \
-        gemv_body<M, ROWS, KSPLIT, NORM>(qweight, sz, x, y, ldy, N, C, ngroups, chunks_per_group, cpg_shift, act, \
+             int act, const EpilogueIO nio) {                                                                     \
+        gemv_body<M, ROWS, KSPLIT, NORM, ROPE>(qweight, sz, x, y, ldy, N, C, ngroups, chunks_per_group, cpg_shift, act, \
                                          nio);                                                                \
     }
-#define W4A16_KERNEL(M, ROWS) W4A16_KERNEL_K(M, ROWS, 1, false, w4a16_gemv_m##M##_r##ROWS)
-#define W4A16_KERNEL_SPLIT(M, ROWS, KSPLIT) W4A16_KERNEL_K(M, ROWS, KSPLIT, false, w4a16_gemv_m##M##_r##ROWS##_k##KSPLIT)
+#define W4A16_KERNEL(M, ROWS) W4A16_KERNEL_K(M, ROWS, 1, false, false, w4a16_gemv_m##M##_r##ROWS)
+#define W4A16_KERNEL_SPLIT(M, ROWS, KSPLIT) W4A16_KERNEL_K(M, ROWS, KSPLIT, false, false, w4a16_gemv_m##M##_r##ROWS##_k##KSPLIT)
 
 W4A16_KERNEL(1, 1)
 W4A16_KERNEL(1, 2)
@@ -242,5 +249,7 @@ W4A16_KERNEL_SPLIT(1, 2, 2)
 W4A16_KERNEL_SPLIT(1, 2, 4)
 W4A16_KERNEL_SPLIT(1, 1, 2)
 W4A16_KERNEL_SPLIT(1, 1, 4)
-W4A16_KERNEL_K(1, 2, 1, true, w4a16_gemv_m1_r2_n)  // batch 1 with a carried norm (the decode step)
-W4A16_KERNEL_K(1, 2, 2, true, w4a16_gemv_m1_r2_k2_n)
+W4A16_KERNEL_K(1, 2, 1, true, false, w4a16_gemv_m1_r2_n)  // batch 1 with a carried norm (the decode step)
+W4A16_KERNEL_K(1, 2, 2, true, false, w4a16_gemv_m1_r2_k2_n)
+W4A16_KERNEL_K(1, 2, 1, true, true, w4a16_gemv_m1_r2_nr)  // ... and the rotary epilogue (the qkv product)
+W4A16_KERNEL_K(1, 2, 2, true, true, w4a16_gemv_m1_r2_k2_nr)

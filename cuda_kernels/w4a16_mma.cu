@@ -195,7 +195,7 @@ W4A16_MMA_KERNEL(2, 2)
 // x is staged in shared memory at the block's start (dynamic, 64 bytes per chunk). The next step's
 // codes and scale words are loaded before the current step is multiplied. The S
 // partial sums per row meet in shared memory, added in warp order; warp 0 writes them (with a
-// carried norm, as the GEMV kernel does: common.cuh NormIO). Fewer instructions do not make it
+// carried norm, as the GEMV kernel does: common.cuh EpilogueIO). Fewer instructions do not make it
 // faster everywhere: it pays per warp for the split-K sums, and past one wave of warps (8192x28672)
 // the GEMV is as fast (H100, bench/NOTES.md session 8); minillm/gpu/w4a16.py _tc1_warps holds the rule.
 
@@ -252,10 +252,10 @@ __device__ __forceinline__ void tc1_multiply(uint4 w0q, uint4 w1q, uint32_t sz0,
     acc[2] = fmaf(f1, part[0][2] + part[1][2], acc[2]);
 }
 
-template <int S, bool SCALE_ACC, bool NORM>
+template <int S, bool SCALE_ACC, bool NORM, bool ROPE>
 __device__ __forceinline__ void tc1_body(const uint4* __restrict__ qweight, const uint32_t* __restrict__ sz,
                                          const __half* __restrict__ x, __half* __restrict__ y, int ldy, int N, int C,
-                                         int ngroups, int chunks_per_group, int cpg_shift, int act, const NormIO& nio) {
+                                         int ngroups, int chunks_per_group, int cpg_shift, int act, const EpilogueIO& nio) {
     __shared__ float red[S][16];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
@@ -267,9 +267,6 @@ __device__ __forceinline__ void tc1_body(const uint4* __restrict__ qweight, cons
     const uint4* w1p = qweight + (size_t)min(n0 + g + 8, N - 1) * C;
     const uint32_t* s0p = sz + (size_t)min(n0 + g, N - 1) * ngroups;
     const uint32_t* s1p = sz + (size_t)min(n0 + g + 8, N - 1) * ngroups;
-    // A consumer's norm factor: warp 0 alone stores, so it alone adds the producer's partial sums.
-    const float norm_scale = (NORM && warp == 0) ? norm_in_scale(nio) : 1.0f;
-
     float acc[4] = {0.f, 0.f, 0.f, 0.f};  // D: rows g (acc[0]) and g + 8 (acc[2]) of column 0 at t = 0
     const int steps = (C + 3) >> 2;
     // One step ahead: its codes and its group's scale words are in flight while this one is multiplied.
@@ -283,11 +280,33 @@ __device__ __forceinline__ void tc1_body(const uint4* __restrict__ qweight, cons
     uint4 n0w, n1w;
     uint32_t n0s, n1s;
     load(4 * warp + t, n0w, n1w, n0s, n1s);
+    // With a carried norm, what the epilogue needs is read here, in the same round trip as x, instead
+    // of on the block's critical path at its end (or, for a consumer, at warp 0's start): a consumer's
+    // partial sums of h^2 (into shared memory after x), a producer's h and w of its 16 rows.
+    extern __shared__ uint4 xs[];
+    float* ss_in = reinterpret_cast<float*>(xs + 4 * C);  // the consumer's partials (dynamic, after x)
+    __shared__ float hw[2][16];                           // the producer's h[n0 + r], w[n0 + r]
+    float parts[4], hwv = 0.0f;
+    int pos = 0;  // the rotary epilogue's position (the qkv product)
+    if constexpr (ROPE) {
+        if (warp == 0) pos = *nio.pos;
+    }
+    if constexpr (NORM) {
+        if (nio.in_ss)
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                const int i = threadIdx.x + u * blockDim.x;
+                parts[u] = i < nio.in_blocks ? nio.in_ss[i] : 0.0f;
+            }
+        if (nio.h && threadIdx.x < 32) {
+            const int n = min(n0 + (threadIdx.x & 15), N - 1);
+            hwv = threadIdx.x < 16 ? nio.h[n] : nio.w[n];  // h is this row's thread's own to rewrite
+        }
+    }
     // x into shared memory, once per block (64 C bytes, dynamic): the warps split K, so each chunk of
     // x is read by one warp of the block, and read from L2 it was a round trip on every step's
     // critical path (H100: 11008x4096 11.98 -> 11.61 us, 4096x4096 at 16 warps 6.80 -> 6.00;
     // bench/NOTES.md session 8). Loaded in batches of 4 a thread, after the first step's codes.
-    extern __shared__ uint4 xs[];
     for (int i0 = threadIdx.x; i0 < 4 * C; i0 += 4 * blockDim.x) {
         uint4 tmp[4];
 #pragma unroll
@@ -301,7 +320,20 @@ __device__ __forceinline__ void tc1_body(const uint4* __restrict__ qweight, cons
             if (i < 4 * C) xs[i] = tmp[u];
         }
     }
+    if constexpr (NORM) {
+        if (nio.in_ss) {
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                const int i = threadIdx.x + u * blockDim.x;
+                if (i < nio.in_blocks) ss_in[i] = parts[u];
+            }
+            for (int i = threadIdx.x + 4 * blockDim.x; i < nio.in_blocks; i += blockDim.x) ss_in[i] = nio.in_ss[i];
+        }
+        if (nio.h && threadIdx.x < 32) hw[threadIdx.x >> 4][threadIdx.x & 15] = hwv;
+    }
     __syncthreads();
+    // The rotation of lane l's pair (rows n0 + 2l, + 1): asked for now, used after the loop.
+    const float2 cs = ROPE && warp == 0 && lane < 8 ? rope_cs(nio, n0 + 2 * lane, pos) : make_float2(1.0f, 0.0f);
     for (int it = warp; it < steps; it += S) {
         const uint4 w0 = n0w, w1 = n1w;
         const uint32_t q0 = n0s, q1 = n1s;
@@ -320,7 +352,9 @@ __device__ __forceinline__ void tc1_body(const uint4* __restrict__ qweight, cons
     __syncthreads();
     float ss = 0.0f;  // a producer's sum of h^2 over the block's rows
     if (warp == 0) {
-        const int pairs = act >= 0 ? 2 : 1;
+        // A consumer's norm factor: warp 0 alone stores, so it alone adds the producer's partial sums.
+        const float norm_scale = NORM ? norm_in_scale(nio, ss_in) : 1.0f;
+        const int pairs = act >= 0 || ROPE ? 2 : 1;  // gate/up, or a rotation's (j, j + hd/2)
         if (lane < 16 / pairs) {
             const int r = pairs * lane;
             float v[2] = {0.f, 0.f};
@@ -328,29 +362,33 @@ __device__ __forceinline__ void tc1_body(const uint4* __restrict__ qweight, cons
             for (int q = 0; q < 2; ++q)
                 if (q < pairs)
                     for (int w = 0; w < S; ++w) v[q] += red[w][r + q];
-            ss = pairs == 2 ? store_rows_normed<2, NORM>(y, ldy, 0, n0 + r, N, v, act, nio, norm_scale)
-                            : store_rows_normed<1, NORM>(y, ldy, 0, n0 + r, N, v, act, nio, norm_scale);
+            // (a producer is a plain product: one row a lane, its h and w at hw[0][r], hw[1][r])
+            const float hwr[2] = {hw[0][r], hw[1][r]};
+            ss = pairs == 2 ? store_rows_normed<2, NORM, ROPE>(y, ldy, 0, n0 + r, N, v, act, nio, norm_scale, nullptr, pos, cs)
+                            : store_rows_normed<1, NORM>(y, ldy, 0, n0 + r, N, v, act, nio, norm_scale, hwr);
         }
         if (NORM) ss = warp_sum(ss);  // fixed order: the same sum in every run
     }
     if (NORM) norm_block_sum(nio, ss);
 }
 
-#define W4A16_TC1_KERNEL(S, SCALE_ACC, NORM, NAME)                                                           \
+#define W4A16_TC1_KERNEL(S, SCALE_ACC, NORM, ROPE, NAME)                                                           \
     extern "C" __global__ void __launch_bounds__(32 * S, 32 / S)                                               \
         NAME(const uint4* __restrict__ qweight, const uint32_t* __restrict__ sz, const __half* __restrict__ x, \
              __half* __restrict__ y, int ldy, int N, int C, int ngroups, int chunks_per_group, int cpg_shift,    \
-             int act, const NormIO nio) {                                                                     \
-        tc1_body<S, SCALE_ACC, NORM>(qweight, sz, x, y, ldy, N, C, ngroups, chunks_per_group, cpg_shift, act, nio); \
+             int act, const EpilogueIO nio) {                                                                     \
+        tc1_body<S, SCALE_ACC, NORM, ROPE>(qweight, sz, x, y, ldy, N, C, ngroups, chunks_per_group, cpg_shift, act, nio); \
     }
 // The instances the launcher picks among (minillm/gpu/w4a16.py _tc1_warps): 4, 8 or 16 warps a block,
 // for each scale form (_g: groups of 128 or a multiple, the scale on the fp32 sum; _h: smaller
 // groups, HMUL2 on the codes) with and without a carried norm (_n).
-#define W4A16_TC1_WARPS(SCALE_ACC, NORM, SUFFIX)                          \
-    W4A16_TC1_KERNEL(4, SCALE_ACC, NORM, w4a16_tc1_s4_##SUFFIX)           \
-    W4A16_TC1_KERNEL(8, SCALE_ACC, NORM, w4a16_tc1_s8_##SUFFIX)           \
-    W4A16_TC1_KERNEL(16, SCALE_ACC, NORM, w4a16_tc1_s16_##SUFFIX)
-W4A16_TC1_WARPS(true, false, g)
-W4A16_TC1_WARPS(true, true, g_n)
-W4A16_TC1_WARPS(false, false, h)
-W4A16_TC1_WARPS(false, true, h_n)
+#define W4A16_TC1_WARPS(SCALE_ACC, NORM, ROPE, SUFFIX)                          \
+    W4A16_TC1_KERNEL(4, SCALE_ACC, NORM, ROPE, w4a16_tc1_s4_##SUFFIX)           \
+    W4A16_TC1_KERNEL(8, SCALE_ACC, NORM, ROPE, w4a16_tc1_s8_##SUFFIX)           \
+    W4A16_TC1_KERNEL(16, SCALE_ACC, NORM, ROPE, w4a16_tc1_s16_##SUFFIX)
+W4A16_TC1_WARPS(true, false, false, g)
+W4A16_TC1_WARPS(true, true, false, g_n)
+W4A16_TC1_WARPS(true, true, true, g_nr)
+W4A16_TC1_WARPS(false, false, false, h)
+W4A16_TC1_WARPS(false, true, false, h_n)
+W4A16_TC1_WARPS(false, true, true, h_nr)

@@ -89,7 +89,7 @@ def _linear(kind, w, w4_group=32):
        act=st.booleans(), w4_group=st.sampled_from([32, 128]), w4_kernel=st.sampled_from(["0", "4", "16"]),
        seed=st.integers(0, 2**31))
 def test_norm_carried_between_products(producer, consumer, d, k, n, big_w, act, w4_group, w4_kernel, seed):
-    """Batch 1: a product adds its output into h and leaves h * w (common.cuh NormIO), the next one
+    """Batch 1: a product adds its output into h and leaves h * w (common.cuh EpilogueIO), the next one
     scales its sums by 1 / rms(h): the same as add_rmsnorm between them, within the fp16 rounding
     of the input either way. W4 products run the GEMV ("0") or the batch-1 tensor-core kernel with 4
     or 16 warps a block (MINILLM_W4_TC1), with groups of 32 (scale on the codes) or 128 (on the sums)."""
@@ -127,7 +127,7 @@ def _carry_and_check(cp, K, rng, lp, lc, consumer, wc, d, k, n, big_w, act, w4_g
     z = poisoned(cp, (1, n // 2 if act else n), cp.float16)
     rec = lp(x, y, 1, scratch, norm=(h, wd, u, 1e-5, K.norm_exponent(wd)), carry=True)
     assert rec is not None
-    lc(u, z, 1, scratch, act="silu" if act else None, gu=cp.zeros((1, n), cp.float16), normed=rec)
+    lc(u, z, 1, scratch, act="silu" if act else None, gu=cp.zeros((1, n), cp.float16), epilogue=rec)
 
     href = h0 + cp.asnumpy(y).astype(np.float32)
     np.testing.assert_allclose(cp.asnumpy(h), href, rtol=1e-6, atol=1e-6)
@@ -160,10 +160,12 @@ def rope_tables(length, rot, base=10000.0):
 @settings(max_examples=EXAMPLES or 30, deadline=None)
 @given(b=st.integers(1, 3), t=st.integers(1, 5), kv=st.integers(1, 3), g=st.integers(1, 3),
        hd=st.sampled_from([16, 24, 64, 128, 256]), partial=st.booleans(), qk_norm=st.booleans(),
-       fmt=st.sampled_from(["float", "int8", "fp8", "fp8-offsets"]), seed=st.integers(0, 2**31))
-def test_rope_append(b, t, kv, g, hd, partial, qk_norm, fmt, seed):
+       fmt=st.sampled_from(["float", "int8", "fp8", "fp8-offsets"]), paired=st.booleans(), seed=st.integers(0, 2**31))
+def test_rope_append(b, t, kv, g, hd, partial, qk_norm, fmt, paired, seed):
     """q rotated into q_out; k (rotated) and v written at positions pos[b] + t in the cache's format
-    (int8/fp8 codes and scales as kvcache.py's reference encodes them; fp8 also centred by offsets)."""
+    (int8/fp8 codes and scales as kvcache.py's reference encodes them; fp8 also centred by offsets).
+    paired: qkv in the GPU's row order (kernels.qkv_row_order), the reference reads it in the
+    checkpoint's."""
     import cupy as cp
 
     from minillm.gpu import kernels as K
@@ -187,8 +189,9 @@ def test_rope_append(b, t, kv, g, hd, partial, qk_norm, fmt, seed):
     kn = rng.normal(size=hd).astype(np.float32) if qk_norm else None
     cos, sin = rope_tables(length, rot)
     q_out = poisoned(cp, (b * t, h, hd), cp.float16)
-    K.rope_append(cp.asarray(qkv), q_out, None if qn is None else cp.asarray(qn), None if kn is None else cp.asarray(kn),
-                  1e-6, cp.asarray(cos), cp.asarray(sin), cache.pos, b * t, t, cfg, cache.layer(0))
+    given_qkv = np.ascontiguousarray(qkv[:, K.qkv_row_order(cfg)]) if paired else qkv
+    K.rope_append(cp.asarray(given_qkv), q_out, None if qn is None else cp.asarray(qn), None if kn is None else cp.asarray(kn),
+                  1e-6, cp.asarray(cos), cp.asarray(sin), cache.pos, b * t, t, cfg, cache.layer(0), paired=paired)
 
     x = qkv.astype(np.float32).reshape(b, t, h + 2 * kv, hd)
     q, k, v = x[:, :, :h], x[:, :, h : h + kv], x[:, :, h + kv :]
@@ -216,6 +219,80 @@ def test_rope_append(b, t, kv, g, hd, partial, qk_norm, fmt, seed):
                 want = cls.decode(codes, scale) + mu
                 bound = 0.02 * np.abs(want).max(-1, keepdims=True) + 1e-3  # fp16 input vs fp32: rare flips
             assert np.all(np.abs(have - want) <= bound), name
+
+
+@settings(max_examples=EXAMPLES or 30, deadline=None)
+@given(kind=st.sampled_from(["fp16", "w8", "w4"]), w4_kernel=st.sampled_from(["0", "4", "16"]),
+       w4_group=st.sampled_from([32, 128]), kv=st.integers(1, 3), g=st.integers(1, 3),
+       hd=st.sampled_from([16, 24, 64, 128]), d=st.integers(1, 300), length=st.integers(1, 50),
+       normed=st.booleans(), seed=st.integers(0, 2**31))
+def test_rope_in_qkv_product(kind, w4_kernel, w4_group, kv, g, hd, d, length, normed, seed):
+    """Batch 1, one token: the qkv product with the rotary epilogue (rows in kernels.qkv_row_order)
+    writes RoPE(q), RoPE(k) and v where rope_append would, from the float reference of x W^T scaled
+    by a carried norm's factor, and writes nothing else (q and the caches poisoned before). Every
+    batch-1 kernel: fp16 and W8 GEMVs, W4 GEMV ("0") or tensor-core kernel with 4 / 16 warps."""
+    import cupy as cp
+
+    from minillm.gpu import kernels as K
+
+    rng = np.random.default_rng(seed)
+    h = kv * g
+    cfg = Cfg(h, kv, hd)
+    n = (h + 2 * kv) * hd
+    w = rng.normal(size=(n, d)).astype(np.float32)
+    parts = [quantize_rtn(w, _spec(kind, w4_group))] if kind != "fp16" else [w]
+    from minillm.gpu.linear import GpuLinear
+
+    lin = GpuLinear.from_host(parts, order=K.qkv_row_order(cfg))
+    x = cp.zeros((1, K.round_up(d, 32)), cp.float16)
+    x[0, :d] = cp.asarray(rng.normal(size=d).astype(np.float16))
+    pos_h = int(rng.integers(0, length))
+    pos = cp.asarray(np.array([pos_h], np.int32))
+    cos, sin = rope_tables(length, hd)
+    q = poisoned(cp, (h, hd), cp.float16)
+    keys, vals = poisoned(cp, (1, kv, length, hd), cp.float16), poisoned(cp, (1, kv, length, hd), cp.float16)
+    rec, factor = None, 1.0
+    if normed:  # a consumer's record: its sums scaled by 2^k / sqrt(sum of partials / D + eps)
+        partials = cp.asarray(rng.random(7).astype(np.float32) * 50)
+        rec = K.norm_consumer(partials, 7, 40, 1e-5, 2)
+        factor = 4.0 / math.sqrt(float(partials.sum()) / 40 + 1e-5)
+    before = os.environ.get("MINILLM_W4_TC1")
+    os.environ["MINILLM_W4_TC1"] = w4_kernel
+    try:
+        lin(x, cp.zeros((1, n), cp.float16), 1, LinearScratch(1, K.round_up(d, 32)),
+            epilogue=K.rope_epilogue(rec, pos, cp.asarray(cos), cp.asarray(sin), q, keys, vals, cfg, length))
+    finally:
+        if before is None:
+            del os.environ["MINILLM_W4_TC1"]
+        else:
+            os.environ["MINILLM_W4_TC1"] = before
+
+    wq = np.asarray(parts[0].dequantize() if kind != "fp16" else w.astype(np.float16), np.float64)
+    xf = cp.asnumpy(x[0, :d]).astype(np.float64)
+    y = factor * (wq @ xf)
+    # The product's own error (fp16 weights and scales, fp32 sums: |W| |x| 2^-9 as in the carried-norm
+    # test), then qkv's rounding to fp16 before the rotation, then the output's rounding.
+    slack = factor * (np.abs(wq) @ np.abs(xf)) * 2.0**-9 + 1e-3 + fp16_bound(y)
+    assume(np.abs(y).max() < 3e4)
+    c, s = cos[pos_h], sin[pos_h]
+    half = hd // 2
+
+    def rotated(v, err):  # [heads, hd]: (a c - b s, b c + a s), error <= err_a + err_b
+        a, b = v[:, :half], v[:, half:]
+        out = np.concatenate([a * c - b * s, b * c + a * s], 1)
+        e = err[:, :half] + err[:, half:]
+        return out, np.concatenate([e, e], 1) + fp16_bound(out)
+
+    yq, yk, yv = y[: h * hd].reshape(h, hd), y[h * hd : (h + kv) * hd].reshape(kv, hd), y[(h + kv) * hd :].reshape(kv, hd)
+    eq, ek, ev = (slack[: h * hd].reshape(h, hd), slack[h * hd : (h + kv) * hd].reshape(kv, hd),
+                  slack[(h + kv) * hd :].reshape(kv, hd))
+    got_k, got_v = cp.asnumpy(keys[0]).astype(np.float64), cp.asnumpy(vals[0]).astype(np.float64)
+    for name, (want, bound), got in (("q", rotated(yq, eq), cp.asnumpy(q).astype(np.float64)),
+                                     ("k", rotated(yk, ek), got_k[:, pos_h]), ("v", (yv, ev + fp16_bound(yv)), got_v[:, pos_h])):
+        err = np.abs(got - want) - bound
+        assert np.all(err <= 0), (name, err.max())
+    others = np.arange(length) != pos_h
+    assert np.isnan(got_k[:, others]).all() and np.isnan(got_v[:, others]).all()
 
 
 @settings(max_examples=EXAMPLES or 40, deadline=None)

@@ -58,7 +58,7 @@ def test_launch_arguments_are_passed_as_cupy_passes_them():
     assert _arg_bytes(np.int32(-3)) == np.int32(-3).tobytes()
     assert _arg_bytes(np.float32(0.5)) == np.float32(0.5).tobytes()
     assert _arg_bytes(0) == bytes(8)  # a null pointer
-    assert _arg_bytes(K.NO_NORM) == bytes(64)  # common.cuh NormIO, by value
+    assert _arg_bytes(K.NO_EPILOGUE) == bytes(128)  # common.cuh EpilogueIO, by value
     with pytest.raises(TypeError):
         _arg_bytes(0.5)
 

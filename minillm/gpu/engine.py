@@ -12,7 +12,7 @@ batch-1 decode step captured once as a CUDA graph.
 
 The batch-1 decode step launches no add_rmsnorm after the first: RMSNorm multiplies a row by one
 number, so o and down add their output into h and write h * w, and the next product multiplies its
-sums by 1 / rms(h) (cuda_kernels/common.cuh, NormIO).
+sums by 1 / rms(h) (cuda_kernels/common.cuh, EpilogueIO).
 
 It reads the same ModelConfig as the NumPy reference (model.py) and the same checkpoints; its
 activations are fp16 with fp32 accumulation and an fp32 residual stream, so it matches the reference
@@ -119,17 +119,19 @@ class GpuModel:
         def norm(name):
             return cp.asarray(host(name) + np.float32(c.norm_offset))
 
-        def lin(prefix, parts, interleave=False):
+        def lin(prefix, parts, interleave=False, order=None):
             ws = [weights[f"{prefix}{p}.weight"] for p in parts]
             bs = [weights.get(f"{prefix}{p}.bias") for p in parts]
-            return GpuLinear.from_host(ws, bs, interleave)
+            return GpuLinear.from_host(ws, bs, interleave, order)
+
+        qkv_order = K.qkv_row_order(c)  # query and key heads' rows in rotation pairs (rope_append paired=)
 
         layers = []
         for i in range(c.num_layers):
             p = f"model.layers.{i}."
             layers.append(Layer(
                 attn_norm=norm(p + "input_layernorm.weight"),
-                qkv=lin(p + "self_attn.", ["q_proj", "k_proj", "v_proj"]),
+                qkv=lin(p + "self_attn.", ["q_proj", "k_proj", "v_proj"], order=qkv_order),
                 q_norm=norm(p + "self_attn.q_norm.weight") if c.qk_norm else None,
                 k_norm=norm(p + "self_attn.k_norm.weight") if c.qk_norm else None,
                 o=lin(p + "self_attn.", ["o_proj"]),
@@ -209,7 +211,11 @@ class GpuModel:
         carry_norm (one row: the batch-1 decode step): each residual branch's product does the
         residual add and leaves h * w in buf.x, and the next product scales its sums by 1 / rms(h)
         (GpuLinear norm=, carry=); the return value is then what the LM head must be called with
-        (normed=), else None."""
+        (epilogue=), else None.
+
+        One row and one token over an fp16 cache (the batch-1 decode step): the qkv product rotates q
+        and k and appends k and v itself (kernels.rope_epilogue) unless q/k norms, a partial rotation
+        or a bias need rope_append's pass over whole heads."""
         c = self.config
         carry = carry_norm and rows == 1 and os.environ.get("MINILLM_CARRY_NORM", "1") != "0"
         eps = c.rms_norm_eps
@@ -218,11 +224,17 @@ class GpuModel:
         parts = buf.parts(plan, buf.q.shape[0], c)
         K.embed_rows(buf.tok, self.embed, buf.h, rows, c.embedding_scale)
         K.add_rmsnorm(buf.h, None, self.layers[0].attn_norm, buf.x, rows, eps)
+        rope_in_qkv = (rows == 1 and t == 1 and cache.kind == "float" and not c.qk_norm and c.rotary_dim == c.head_dim
+                       and os.environ.get("MINILLM_ROPE_IN_QKV", "1") != "0")
         normed = None  # with carry: the scale record for the product that reads buf.x next
         for i, layer in enumerate(self.layers):
-            layer.qkv(buf.x, buf.qkv, rows, buf, normed=normed)
-            K.rope_append(buf.qkv, buf.q, layer.q_norm, layer.k_norm, eps, cos, sin, cache.pos, rows, t, c,
-                          cache.layer(i))
+            if rope_in_qkv and layer.qkv.bias is None:
+                layer.qkv(buf.x, buf.qkv, rows, buf, epilogue=K.rope_epilogue(
+                    normed, cache.pos, cos, sin, buf.q, cache.keys[i], cache.values[i], c, cache.max_len))
+            else:
+                layer.qkv(buf.x, buf.qkv, rows, buf, epilogue=normed)
+                K.rope_append(buf.qkv, buf.q, layer.q_norm, layer.k_norm, eps, cos, sin, cache.pos, rows, t, c,
+                              cache.layer(i), paired=True)
             if cache.kind == "int4":
                 K.kivi_flush(cache.kivi(i), cache.pos, cache.batch, t, c)
                 K.decode_attention_int4(buf.q, cache.kivi(i), cache.pos, rows, t, c, layer.window, parts, buf.attn,
@@ -234,7 +246,7 @@ class GpuModel:
             # Each residual branch's product ends with h += delta and the next sublayer's norm.
             mlp_norm = (buf.h, layer.mlp_norm, buf.x, eps, layer.mlp_norm_k)
             normed = layer.o(buf.attn, buf.delta, rows, buf, norm=mlp_norm, carry=carry)
-            layer.gate_up(buf.x, buf.act, rows, buf, act=c.activation, gu=buf.gu, normed=normed)
+            layer.gate_up(buf.x, buf.act, rows, buf, act=c.activation, gu=buf.gu, epilogue=normed)
             nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
             w, k = (nxt.attn_norm, nxt.attn_norm_k) if nxt else (self.final_norm, self.final_norm_k)
             normed = layer.down(buf.act, buf.delta, rows, buf, norm=(buf.h, w, buf.x, eps, k), carry=carry)
@@ -319,7 +331,7 @@ class GpuModel:
     def _decode_body(self, buf: Buffers, cache: GpuKVCache, temperature: float, seed: int):
         b = cache.batch
         normed = self._layers(buf, cache, b, 1, False, carry_norm=True)
-        self.lm_head(buf.x, buf.logits, b, buf, normed=normed)
+        self.lm_head(buf.x, buf.logits, b, buf, epilogue=normed)
         K.next_token(buf.logits, b, self.config.vocab_size, buf.tok, cache.pos, temperature, seed)
 
     def _feed(self, tokens, cache: GpuKVCache) -> Buffers:

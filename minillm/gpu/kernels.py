@@ -70,22 +70,38 @@ def add_rmsnorm(h, delta, weight, out, rows: int, eps: float):
         weight, out, i32(out.shape[1]), i32(d), np.float32(eps)))
 
 
-# common.cuh's NormIO, field by field in its layout (five pointers, two ints, three floats), 8-byte
-# aligned as the C struct is: passed to the GEMV kernels by value (CuPy sends a numpy record's bytes).
-_NORM_IO = np.dtype({"names": ["in_ss", "h", "w", "u", "out_ss", "in_blocks", "D", "eps", "in_scale", "out_scale"],
-                     "formats": [np.uint64] * 5 + [np.int32] * 2 + [np.float32] * 3,
-                     "offsets": [0, 8, 16, 24, 32, 40, 44, 48, 52, 56], "itemsize": 64, "aligned": True})
+# common.cuh's EpilogueIO, field by field in its layout (five pointers, two ints, three floats; then
+# six pointers and four ints for the rotary epilogue), 8-byte aligned as the C struct is: passed to
+# the batch-1 product kernels by value (CuPy sends a numpy record's bytes).
+_EPILOGUE_IO = np.dtype({"names": ["in_ss", "h", "w", "u", "out_ss", "in_blocks", "D", "eps", "in_scale", "out_scale",
+                                   "pos", "cos", "sin", "q", "k", "v", "H", "KV", "hd", "L"],
+                         "formats": [np.uint64] * 5 + [np.int32] * 2 + [np.float32] * 3 + [np.uint64] * 6 + [np.int32] * 4,
+                         "offsets": [0, 8, 16, 24, 32, 40, 44, 48, 52, 56, 64, 72, 80, 88, 96, 104, 112, 116, 120, 124],
+                         "itemsize": 128, "aligned": True})
 
 
-def _record(**fields):
-    """A NormIO as a numpy record (a scalar CuPy passes by value; a captured graph keeps the bytes)."""
-    rec = np.zeros(1, _NORM_IO)
+def _record(base=None, **fields):
+    """An EpilogueIO as a numpy record (a scalar CuPy passes by value; a captured graph keeps the
+    bytes): `base`'s fields (a record) with `fields` set."""
+    rec = np.zeros(1, _EPILOGUE_IO)
+    if base is not None:
+        rec[0] = base
     for name, value in fields.items():
         rec[name] = value
     return rec[0]
 
 
-NO_NORM = _record()  # the plain instances' argument: every pointer null
+NO_EPILOGUE = _record()  # the plain instances' argument: every pointer null
+
+
+def epilogue_suffix(rec) -> str:
+    """The kernel instance a record needs: "" (none), "_n" (a carried norm) or "_nr" (the norm and the
+    rotary epilogue: the qkv product); compiled apart so the other products keep their registers."""
+    if rec is None:
+        return ""
+    if rec["pos"]:
+        return "_nr"
+    return "_n" if rec["h"] or rec["in_ss"] else ""
 
 
 def norm_exponent(weight) -> int:
@@ -99,13 +115,21 @@ def norm_exponent(weight) -> int:
 def norm_producer(h, weight, u, partials, k: int):
     """For a product whose output is a residual branch, at batch 1: it adds its output into h, writes
     u = h * weight * 2^-k (k = norm_exponent(weight)) and per-block sums of h^2 into partials
-    (common.cuh, NormIO). Returns the record."""
+    (common.cuh, EpilogueIO). Returns the record."""
     return _record(h=h.data.ptr, w=weight.data.ptr, u=u.data.ptr, out_ss=partials.data.ptr, out_scale=2.0**-k)
 
 
 def norm_consumer(partials, blocks: int, d: int, eps: float, k: int):
     """For the product that reads u: scale its sums by 2^k / sqrt(sum of the partials / d + eps)."""
     return _record(in_ss=partials.data.ptr, in_blocks=blocks, D=d, eps=float(eps), in_scale=2.0**k)
+
+
+def rope_epilogue(normed, pos, cos, sin, q, keys, values, cfg, max_len: int):
+    """The qkv product's record (`normed`'s norm fields, if any) with the rotary epilogue: at batch 1
+    and one new token, q rotated into q [H, hd] and the new key and value written into the layer's
+    fp16 caches [1, KV, max_len, hd] at pos[0] (common.cuh store_rope), as rope_append would."""
+    return _record(normed, pos=pos.data.ptr, cos=cos.data.ptr, sin=sin.data.ptr, q=q.data.ptr, k=keys.data.ptr,
+                   v=values.data.ptr, H=cfg.num_heads, KV=cfg.num_kv_heads, hd=cfg.head_dim, L=max_len)
 
 
 def add_bias(y, bias, rows: int):
@@ -125,15 +149,29 @@ def gather_cols(x, perm, out, rows: int):
         x, i32(x.shape[1]), perm, out, i32(out.shape[1]), i32(k)))
 
 
-def rope_append(qkv, q_out, q_norm, k_norm, eps, cos, sin, pos, rows, t, cfg, layer_cache):
+def rope_append(qkv, q_out, q_norm, k_norm, eps, cos, sin, pos, rows, t, cfg, layer_cache, paired: bool = False):
     """Rotate q and k of `rows` rows (t new tokens per batch row), write q to q_out and k, v into the
-    cache at positions pos[b] + t (encoded in the cache's format)."""
+    cache at positions pos[b] + t (encoded in the cache's format). paired: qkv's query and key heads
+    come in the GPU's row order (qkv_row_order), else in the checkpoint's."""
     h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     kc, vc, ks, vs, fmt, max_len, k_off, v_off = layer_cache
     fn("decode_ops", "rope_append")((rows, h + 2 * kv), (128,), (
         qkv, i32(qkv.shape[1]), q_out, q_norm if q_norm is not None else 0, k_norm if k_norm is not None else 0,
         np.float32(eps), cos, sin, pos, i32(t), i32(h), i32(kv), i32(hd), i32(cfg.rotary_dim), i32(max_len),
-        i32(fmt), kc, vc, _ptr(ks), _ptr(vs), _ptr(k_off), _ptr(v_off)))
+        i32(fmt), kc, vc, _ptr(ks), _ptr(vs), _ptr(k_off), _ptr(v_off), i32(int(paired))))
+
+
+def qkv_row_order(cfg) -> np.ndarray:
+    """The fused qkv weight's rows as the GPU keeps them: in every query and key head the rotated
+    dims in pairs (j, j + rot/2), then the unrotated rest; value heads as they are. Rows n, n + 1 of
+    a product are then the two values a rotation mixes, so the product can rotate them itself
+    (common.cuh store_rope); the dot products of attention do not see the order."""
+    hd, rot = cfg.head_dim, cfg.rotary_dim
+    half = rot // 2
+    within = np.concatenate([np.stack([np.arange(half), np.arange(half) + half], 1).reshape(-1), np.arange(rot, hd)])
+    heads = cfg.num_heads + cfg.num_kv_heads
+    paired = (np.arange(heads)[:, None] * hd + within[None, :]).reshape(-1)
+    return np.concatenate([paired, np.arange(heads * hd, (heads + cfg.num_kv_heads) * hd)])
 
 
 def _ptr(a):
@@ -283,14 +321,14 @@ ACT_CODES = {"silu": 0, "gelu_tanh": 1}
 
 def gemv_f16(w, x, y, m: int, n: int, act: int = -1, nio=None) -> int:
     """y[:m, :n] = x[:m] @ w.T for fp16 w [n, 8C] (m a compiled batch size); act >= 0: w's rows are
-    (gate, up) pairs and y[:m, :n/2] = act(gate) * up; nio: a NormIO record (m = 1). Returns the
+    (gate, up) pairs and y[:m, :n/2] = act(gate) * up; nio: an EpilogueIO record (m = 1). Returns the
     number of blocks launched."""
     rows = _GEMV_ROWS[m]
     warps = -(-n // rows)
     blocks = -(-warps // 4)
     c = w.shape[1] // 8
-    fn("gemv", f"gemv_f16_m{m}_r{rows}" + ("_n" if nio is not None else ""))((blocks,), (128,), (
-        w, x, i32(x.shape[1]), y, i32(y.shape[1]), i32(n), i32(c), i32(act), NO_NORM if nio is None else nio))
+    fn("gemv", f"gemv_f16_m{m}_r{rows}" + epilogue_suffix(nio))((blocks,), (128,), (
+        w, x, i32(x.shape[1]), y, i32(y.shape[1]), i32(n), i32(c), i32(act), NO_EPILOGUE if nio is None else nio))
     return blocks
 
 
@@ -299,9 +337,9 @@ def gemv_i8(codes, scales, zeros, group, x, y, m: int, n: int, act: int = -1, ni
     warps = -(-n // rows)
     blocks = -(-warps // 4)
     c = codes.shape[1] // 16
-    fn("gemv", f"gemv_i8_m{m}_r{rows}" + ("_n" if nio is not None else ""))((blocks,), (128,), (
+    fn("gemv", f"gemv_i8_m{m}_r{rows}" + epilogue_suffix(nio))((blocks,), (128,), (
         codes, scales, zeros if zeros is not None else 0, x, i32(x.shape[1]), y, i32(y.shape[1]), i32(n), i32(c),
-        i32(scales.shape[1]), i32(max(1, group // 16)), i32(act), NO_NORM if nio is None else nio))
+        i32(scales.shape[1]), i32(max(1, group // 16)), i32(act), NO_EPILOGUE if nio is None else nio))
     return blocks
 
 

@@ -29,23 +29,27 @@ class GpuLinear:
     # -- construction -----------------------------------------------------------------------------
 
     @classmethod
-    def from_host(cls, parts, biases=None, interleave: bool = False):
+    def from_host(cls, parts, biases=None, interleave: bool = False, order=None):
         """Fuse weights that read the same input, stacked along the output dimension. Each part is
         a float array [N_i, K] or a QuantizedTensor; 4-bit and 8-bit ones stay packed when their
         layouts agree and the kernels take them, others are dequantized to fp16. interleave (two
         equal parts: gate, up): rows ordered gate_0, up_0, gate_1, ... so that one warp computes a
-        pair and can apply the gated activation itself (act= in __call__)."""
+        pair and can apply the gated activation itself (act= in __call__). order: the stacked rows
+        in this order instead (kernels.qkv_row_order)."""
         cp = get_xp("cuda")
         n = sum(p.shape[0] for p in parts)
         k = parts[0].shape[1]
-        order = np.arange(n).reshape(2, n // 2).T.reshape(-1) if interleave else slice(None)
+        if interleave:
+            order = np.arange(n).reshape(2, n // 2).T.reshape(-1)
+        elif order is None:
+            order = slice(None)
         bias = None
         if biases is not None and any(b is not None for b in biases):
             bias = np.concatenate([np.zeros(p.shape[0], np.float32) if b is None else np.asarray(b, np.float32)
                                    for p, b in zip(parts, biases)])
             bias = cp.asarray(bias[order].astype(np.float16))
         fused = _stack_quantized(parts)
-        if fused is not None and interleave:
+        if fused is not None and not isinstance(order, slice):
             fused = QuantizedTensor(fused.codes[order], fused.scales[order], fused.zeros[order], fused.spec, fused.g_idx)
         if fused is not None and fused.spec.bits == 4 and _group(fused) % 32 == 0:
             return cls("w4", n, k, w4=W4A16Weight.upload(fused), bias=bias)
@@ -86,7 +90,7 @@ class GpuLinear:
     # -- the product ------------------------------------------------------------------------------
 
     def __call__(self, x, y, rows: int, scratch, act: str | None = None, gu=None, norm=None, carry: bool = False,
-                 normed=None):
+                 epilogue=None):
         """y[:rows, :N] = x[:rows, :K] W^T (+ b). With act ("silu" / "gelu_tanh"; W an interleaved
         gate/up pair), y[:rows, :N/2] = act(gate) * up instead, fused into the GEMV when it can be
         (no bias, <= 16 rows), else through the buffer `gu`. `scratch` provides a gather buffer for
@@ -94,22 +98,26 @@ class GpuLinear:
         (x_perm, weight(n, k), norm_partials).
 
         norm = (h, weight, out, eps, k) when y is a residual branch: then h += y and out = RMSNorm(h) *
-        weight. With carry (one row, no bias), the GEMV does it (common.cuh NormIO): out gets h *
+        weight. With carry (one row, no bias), the GEMV does it (common.cuh EpilogueIO): out gets h *
         weight * 2^-k unnormalised (k = kernels.norm_exponent(weight), computed when the weight was
         loaded), and the return value is the record the next product must be called with
-        (`normed=`) to scale its sums; otherwise add_rmsnorm runs and None is returned."""
+        (`epilogue=`) to scale its sums; otherwise add_rmsnorm runs and None is returned.
+
+        epilogue: an EpilogueIO record for one row (no bias): a norm to scale by (the return value
+        above), and/or the rotary epilogue of the qkv product (kernels.rope_epilogue), which every
+        batch-1 kernel takes (rows in pairs: tc1, and the GEMVs at two rows a warp)."""
         if self.perm is not None:
             K.gather_cols(x, self.perm, scratch.x_perm, rows)
             x = scratch.x_perm
         fused = act is not None and rows <= 16 and self.bias is None
         out = y if act is None or fused else gu
         code = K.ACT_CODES[act] if fused else -1
-        nio, k = normed, None
+        nio, k = epilogue, None
         if norm is not None and carry and rows == 1 and self.bias is None:
             k = norm[4]
             nio = K.norm_producer(norm[0], norm[1], norm[2], scratch.norm_partials, k)
-        if nio is not None and rows != 1:
-            raise ValueError("a NormIO is for one row (the batch-1 decode step)")
+        if nio is not None and (rows != 1 or (nio["pos"] and self.bias is not None)):
+            raise ValueError("an EpilogueIO is for one row (the batch-1 decode step), and a rotary one for no bias")
         if rows <= 16:
             m = K.padded_batch(rows)
             if self.kind == "fp16":

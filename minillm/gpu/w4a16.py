@@ -27,10 +27,11 @@ MMA_MIN_ROWS = 2  # from this batch on the tensor-core kernel is faster (bench/g
 _MMA_WARPS = 8  # WARPS in w4a16_mma.cu
 
 
-def kernel(m: int, rows: int, ksplit: int = 1, norm: bool = False):
+def kernel(m: int, rows: int, ksplit: int = 1, suffix: str = ""):
+    """suffix: kernels.epilogue_suffix (batch 1: "_n" with a carried norm, "_nr" also the rotary epilogue)."""
     from .kernels import fn  # noqa: PLC0415 - the handle is cached there
 
-    return fn("w4a16_gemv", f"w4a16_gemv_m{m}_r{rows}" + (f"_k{ksplit}" if ksplit > 1 else "") + ("_n" if norm else ""))
+    return fn("w4a16_gemv", f"w4a16_gemv_m{m}_r{rows}" + (f"_k{ksplit}" if ksplit > 1 else "") + suffix)
 
 
 def pack_sz(scales, zeros):
@@ -89,14 +90,14 @@ def _launch(x_pad, w: W4A16Weight, y, m_kernel: int, rows: int | None = None, ac
     rows: rows per warp of the GEMV kernel; tiles: 16-row tiles per block of the tensor-core kernel
     (0 forces the GEMV kernel); ksplit: warps sharing each row's K at one row of x; None picks.
     tc: warps per 16 rows of the batch-1 tensor-core kernel (0 forces the GEMV kernel).
-    nio: a NormIO record (common.cuh; the kernels at one row). Returns the blocks launched."""
-    from .kernels import NO_NORM  # noqa: PLC0415
+    nio: an EpilogueIO record (common.cuh; the kernels at one row). Returns the blocks launched."""
+    from .kernels import NO_EPILOGUE, epilogue_suffix  # noqa: PLC0415
 
     if m_kernel == 1 and tc is None and rows is None and tiles is None and ksplit is None:
         forced = os.environ.get("MINILLM_W4_TC1")  # "0" / "4" / "8" / "16" force the choice (benchmarks)
         tc = _tc1_warps(w) if forced is None else int(forced)
     if m_kernel == 1 and tc and 64 * w.chunks <= TC1_MAX_X_BYTES:  # (else x would not fit: the GEMV)
-        return _launch_tc1(x_pad, w, y, tc, act, NO_NORM if nio is None else nio)
+        return _launch_tc1(x_pad, w, y, tc, act, NO_EPILOGUE if nio is None else nio)
     if tiles is None and rows is None and m_kernel >= MMA_MIN_ROWS:
         tiles = _mma_tiles(w.n, m_kernel)
     if tiles:
@@ -109,10 +110,10 @@ def _launch(x_pad, w: W4A16Weight, y, m_kernel: int, rows: int | None = None, ac
         rows = _INSTANCES[m_kernel]
     warps = -(-w.n // rows) * ksplit
     blocks = -(-warps // (_THREADS // 32))
-    kernel(m_kernel, rows, ksplit, nio is not None)((blocks,), (_THREADS,), (
+    kernel(m_kernel, rows, ksplit, epilogue_suffix(nio))((blocks,), (_THREADS,), (
         w.qweight, w.sz, x_pad, y, np.int32(y.shape[1]),
         np.int32(w.n), np.int32(w.chunks), np.int32(w.groups), *_group_args(w), np.int32(act),
-        NO_NORM if nio is None else nio))
+        NO_EPILOGUE if nio is None else nio))
     return blocks
 
 
@@ -154,15 +155,15 @@ def _tc1_warps(w: W4A16Weight) -> int:
 
 
 def _launch_tc1(x_pad, w: W4A16Weight, y, warps: int, act: int, nio) -> int:
-    from .kernels import fn  # noqa: PLC0415
+    from .kernels import epilogue_suffix, fn  # noqa: PLC0415
 
     # Groups of a multiple of 128 put a warp's 4 chunks in one group: the scale then multiplies the
     # fp32 sum (_g); smaller groups multiply the fp16 codes (_h). w4a16_mma.cu explains both.
     form = "g" if w.group_size % 128 == 0 else "h"
-    norm = "_n" if nio["h"] or nio["in_ss"] else ""
+    norm = epilogue_suffix(nio)
     f = fn("w4a16_mma", f"w4a16_tc1_s{warps}_{form}{norm}")
     blocks = -(-w.n // 16)
-    smem = 64 * w.chunks  # x, staged in shared memory by each block
+    smem = 64 * w.chunks + 4 * int(nio["in_blocks"])  # x, and a consumer's norm partials (w4a16_mma.cu)
     if smem > 48 * 1024 and f.function.max_dynamic_shared_size_bytes < smem:  # past the default limit
         f.function.max_dynamic_shared_size_bytes = smem
     f((blocks,), (32 * warps,), (

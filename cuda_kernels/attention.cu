@@ -350,6 +350,7 @@ __device__ __forceinline__ void attn_decode(const __half* __restrict__ q, const 
         }
     }
 
+    pdl_trigger();  // o_proj's blocks may launch and load their weights during the merge (common.cuh)
     if constexpr (CL) {
         __shared__ float sm_res[MAX_CLUSTER_OUT], sm_res_m[32], sm_res_l[32];
         write_split<E, ITERS, GROUP, true>(acc, m, l, hd, G, g, stream, r, H, kvh, split, nsplit, sm_part, sm_m,

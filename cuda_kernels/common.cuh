@@ -271,12 +271,25 @@ __device__ __forceinline__ void norm_block_sum(const EpilogueIO& p, float s) {
 // stream-serialization attribute, a kernel is launched as soon as every block of the kernel before
 // it has exited (or triggered, which no kernel here does: see launch.py for what triggering early
 // cost), and must then wait, with griddepcontrol.wait, until that kernel's memory is visible. So
-// every kernel here calls pdl_begin in every block before it reads or writes anything, early exits
-// included: a kernel then cannot complete before the one it follows, and one wait covers every
-// earlier kernel of the step. Without the attribute (older GPUs, MINILLM_PDL=0) it does nothing.
+// every kernel here calls pdl_begin in every block before it reads or writes anything an earlier
+// kernel writes, early exits included: a kernel then cannot complete before the one it follows, and
+// one wait covers every earlier kernel of the step. Without the attribute (older GPUs, MINILLM_PDL=0)
+// it does nothing.
 __device__ __forceinline__ void pdl_begin() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+// Lets the next kernel launch once every block of this one has called it (or exited). The product
+// kernels and attention call it after their main loop, so the next kernel's blocks start while this
+// one finishes (its partial sums, merge and stores) and read what does not depend on it, their first
+// weights, before they wait: H100, 7B W4 step 2138 -> 2086 us (bench/NOTES.md session 9). Called at
+// a kernel's start instead, every later kernel's blocks would sit waiting in SM slots the running
+// one needs (session 6: 5-10% slower).
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
 

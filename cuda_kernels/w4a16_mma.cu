@@ -260,7 +260,6 @@ __device__ __forceinline__ void tc1_body(const uint4* __restrict__ qweight, cons
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
     const int n0 = blockIdx.x * 16;
-    pdl_begin();  // before any load (common.cuh)
     const uint4* xv = reinterpret_cast<const uint4*>(x);  // chunk c, word j: xv[c * 4 + j]
     // Rows g and g + 8 (past N: the last row again, computed and never written).
     const uint4* w0p = qweight + (size_t)min(n0 + g, N - 1) * C;
@@ -279,7 +278,8 @@ __device__ __forceinline__ void tc1_body(const uint4* __restrict__ qweight, cons
     };
     uint4 n0w, n1w;
     uint32_t n0s, n1s;
-    load(4 * warp + t, n0w, n1w, n0s, n1s);
+    load(4 * warp + t, n0w, n1w, n0s, n1s);  // the weights: no earlier kernel writes them
+    pdl_begin();  // before x and the epilogue's inputs (common.cuh)
     // With a carried norm, what the epilogue needs is read here, in the same round trip as x, instead
     // of on the block's critical path at its end (or, for a consumer, at warp 0's start): a consumer's
     // partial sums of h^2 (into shared memory after x), a producer's h and w of its 16 rows.
@@ -341,6 +341,7 @@ __device__ __forceinline__ void tc1_body(const uint4* __restrict__ qweight, cons
         if (it + S < steps) load(c + 4 * S, n0w, n1w, n0s, n1s);
         tc1_multiply<SCALE_ACC>(w0, w1, q0, q1, c, C, g, xs, acc);
     }
+    pdl_trigger();  // the next kernel may launch and load its weights (common.cuh)
 
     // ---------------------------------------------------------------------------------------------
     // The S warps' sums, added in warp order; warp 0 writes (rows 2i, 2i + 1 together for act).

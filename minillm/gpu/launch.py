@@ -13,16 +13,21 @@ programmatic edge, so the replayed step keeps it; launches outside a capture go 
 before. H100, 7B decode step (alternating off/on in one process): W4 404-411 -> 417-431 tok/s on
 three machines, 407-409 -> 414.5 on a fourth; fp16 176-182 -> 179-186.
 
-What did not pay (same device, bench/NOTES.md session 6): letting kernel N + 1 launch earlier, by
-`griddepcontrol.launch_dependents` at the start of every block (W4 414 -> 378 tok/s; not profiled:
-presumably the waiting blocks' SM slots) or after each block's main loop (+1%), and having each
-product ask L2 for its weights before waiting (`prefetch.global.L2`; 10-15% slower with or
-without PDL), or load its first steps' weights into registers before waiting, with or without
-attention triggering at its start so that o_proj's blocks could load during it (no gain).
+Earlier launches (`griddepcontrol.launch_dependents`, common.cuh pdl_trigger): what pays is the two
+together, measured in session 9 (bench/NOTES.md): the batch-1 W4 tensor-core kernel and attention
+trigger after their main loop, and the tensor-core kernel loads its first weights before it waits,
+so the next product's first loads overlap the previous kernel's last work (7B W4 step 2138 -> 2086
+us). Each alone did not pay (session 6): a trigger at the start of every block (W4 414 -> 378
+tok/s: waiting blocks hold SM slots), a trigger after the main loop with nothing to do before the
+wait (+1%), first weights loaded before a wait that no trigger brings forward (no gain), L2
+prefetches of the weights (`prefetch.global.L2`; 10-15% slower). The fp16 GEMV with both is slower
+(session 9, 7B fp16 step 5263 -> 5436 us: its many waves of blocks trigger late and then crowd the
+SMs), so it keeps the plain wait.
 
 CuPy's RawKernel launches through cuLaunchKernel, which takes no attributes, so this module calls
 the driver's cuLaunchKernelEx through ctypes with the bytes CuPy would pass. Every kernel in
-cuda_kernels/ calls pdl_begin first in every block (tests/test_gpu_pdl.py checks the sources);
+cuda_kernels/ calls pdl_begin in every block before it touches what an earlier kernel writes, and
+before any return (tests/test_gpu_pdl.py checks the sources);
 MINILLM_PDL=0 launches plainly.
 """
 

@@ -142,7 +142,7 @@ __device__ __forceinline__ void mma_m16n8k16(float* d, uint32_t a0, uint32_t a1,
 // separate add_rmsnorm was 6 us (ncu) for 16 KB, 13% of a 7B W4 step.
 //
 // Rotary embedding and the cache append in the qkv product (pos non-null). The engine stores the
-// rows of every query and key head paired, (d, d + hd/2) side by side (minillm/gpu/engine.py
+// rows of every query and key head paired, (d, d + hd/2) side by side (minillm/gpu/kernels.py
 // qkv_row_order), so the two outputs a rotation mixes are rows n, n + 1 of one warp (or lane) and the
 // product writes q and the fp16 cache's new key and value itself: no rope_append kernel and no round
 // trip of qkv through memory (1.8 us a layer of a 7B step, bench/NOTES.md session 8).
@@ -192,7 +192,7 @@ __device__ __forceinline__ void store_rope(const EpilogueIO& p, int n, int pos, 
     dst[j + half] = __float2half_rn(b * cs.x + a * cs.y);
 }
 
-// Consumer: the factor for this product's outputs (1 without a EpilogueIO). Lane 0 of every warp adds
+// Consumer: the factor for this product's outputs (1 without an EpilogueIO). Lane 0 of every warp adds
 // the same partial sums in the same order, so the factor is the same in every warp and every run.
 // The loads are issued 16 at a time before any is added: a plain loop would wait out one L2
 // latency per partial (16-32 of them at the start of every warp: +2-3 us per product; ncu).
@@ -269,8 +269,8 @@ __device__ __forceinline__ void norm_block_sum(const EpilogueIO& p, float s) {
 // In a stream, and in the decode step's CUDA graph, a kernel normally starts only after the one
 // before it has completed and its writes are flushed. Launched with the programmatic
 // stream-serialization attribute, a kernel is launched as soon as every block of the kernel before
-// it has exited (or triggered, which no kernel here does: see launch.py for what triggering early
-// cost), and must then wait, with griddepcontrol.wait, until that kernel's memory is visible. So
+// it has exited or triggered (pdl_trigger below), and must then wait, with griddepcontrol.wait,
+// until that kernel's memory is visible. So
 // every kernel here calls pdl_begin in every block before it reads or writes anything an earlier
 // kernel writes, early exits included: a kernel then cannot complete before the one it follows, and
 // one wait covers every earlier kernel of the step. Without the attribute (older GPUs, MINILLM_PDL=0)

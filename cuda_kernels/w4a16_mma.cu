@@ -382,7 +382,8 @@ __device__ __forceinline__ void tc1_body(const uint4* __restrict__ qweight, cons
     }
 // The instances the launcher picks among (minillm/gpu/w4a16.py _tc1_warps): 4, 8 or 16 warps a block,
 // for each scale form (_g: groups of 128 or a multiple, the scale on the fp32 sum; _h: smaller
-// groups, HMUL2 on the codes) with and without a carried norm (_n).
+// groups, HMUL2 on the codes) with and without a carried norm (_n), and with the rotary epilogue of
+// the qkv product as well (_nr; kernels.py epilogue_suffix picks).
 #define W4A16_TC1_WARPS(SCALE_ACC, NORM, ROPE, SUFFIX)                          \
     W4A16_TC1_KERNEL(4, SCALE_ACC, NORM, ROPE, w4a16_tc1_s4_##SUFFIX)           \
     W4A16_TC1_KERNEL(8, SCALE_ACC, NORM, ROPE, w4a16_tc1_s8_##SUFFIX)           \

@@ -4,6 +4,7 @@ Run with `python3 -m pytest -m gpu`; skipped without CUDA."""
 
 import math
 import os
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -46,6 +47,21 @@ class LinearScratch:
         import cupy as cp
 
         return cp.empty((n, k), cp.float16)
+
+
+@contextmanager
+def forced_w4_kernel(choice: str):
+    """MINILLM_W4_TC1 set to `choice` ("0": the W4 GEMV, "4" / "16": the batch-1 tensor-core kernel with
+    that many warps a block) for the products launched inside, restored after."""
+    before = os.environ.get("MINILLM_W4_TC1")
+    os.environ["MINILLM_W4_TC1"] = choice
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["MINILLM_W4_TC1"]
+        else:
+            os.environ["MINILLM_W4_TC1"] = before
 
 
 def fp16_bound(x):
@@ -93,8 +109,6 @@ def test_norm_carried_between_products(producer, consumer, d, k, n, big_w, act, 
     scales its sums by 1 / rms(h): the same as add_rmsnorm between them, within the fp16 rounding
     of the input either way. W4 products run the GEMV ("0") or the batch-1 tensor-core kernel with 4
     or 16 warps a block (MINILLM_W4_TC1), with groups of 32 (scale on the codes) or 128 (on the sums)."""
-    import os
-
     import cupy as cp
 
     from minillm.gpu import kernels as K
@@ -104,15 +118,8 @@ def test_norm_carried_between_products(producer, consumer, d, k, n, big_w, act, 
     n = 2 * n if act else n  # a gate/up pair per output
     wc = rng.normal(size=(n, d)).astype(np.float32)
     lp, lc = _linear(producer, wp, w4_group), _linear(consumer, wc, w4_group)
-    before = os.environ.get("MINILLM_W4_TC1")
-    os.environ["MINILLM_W4_TC1"] = w4_kernel
-    try:
+    with forced_w4_kernel(w4_kernel):
         _carry_and_check(cp, K, rng, lp, lc, consumer, wc, d, k, n, big_w, act, w4_group)
-    finally:
-        if before is None:
-            del os.environ["MINILLM_W4_TC1"]
-        else:
-            os.environ["MINILLM_W4_TC1"] = before
 
 
 def _carry_and_check(cp, K, rng, lp, lc, consumer, wc, d, k, n, big_w, act, w4_group):
@@ -234,6 +241,7 @@ def test_rope_in_qkv_product(kind, w4_kernel, w4_group, kv, g, hd, d, length, no
     import cupy as cp
 
     from minillm.gpu import kernels as K
+    from minillm.gpu.linear import GpuLinear
 
     rng = np.random.default_rng(seed)
     h = kv * g
@@ -241,8 +249,6 @@ def test_rope_in_qkv_product(kind, w4_kernel, w4_group, kv, g, hd, d, length, no
     n = (h + 2 * kv) * hd
     w = rng.normal(size=(n, d)).astype(np.float32)
     parts = [quantize_rtn(w, _spec(kind, w4_group))] if kind != "fp16" else [w]
-    from minillm.gpu.linear import GpuLinear
-
     lin = GpuLinear.from_host(parts, order=K.qkv_row_order(cfg))
     x = cp.zeros((1, K.round_up(d, 32)), cp.float16)
     x[0, :d] = cp.asarray(rng.normal(size=d).astype(np.float16))
@@ -256,16 +262,9 @@ def test_rope_in_qkv_product(kind, w4_kernel, w4_group, kv, g, hd, d, length, no
         partials = cp.asarray(rng.random(7).astype(np.float32) * 50)
         rec = K.norm_consumer(partials, 7, 40, 1e-5, 2)
         factor = 4.0 / math.sqrt(float(partials.sum()) / 40 + 1e-5)
-    before = os.environ.get("MINILLM_W4_TC1")
-    os.environ["MINILLM_W4_TC1"] = w4_kernel
-    try:
+    with forced_w4_kernel(w4_kernel):
         lin(x, cp.zeros((1, n), cp.float16), 1, LinearScratch(1, K.round_up(d, 32)),
             epilogue=K.rope_epilogue(rec, pos, cp.asarray(cos), cp.asarray(sin), q, keys, vals, cfg, length))
-    finally:
-        if before is None:
-            del os.environ["MINILLM_W4_TC1"]
-        else:
-            os.environ["MINILLM_W4_TC1"] = before
 
     wq = np.asarray(parts[0].dequantize() if kind != "fp16" else w.astype(np.float16), np.float64)
     xf = cp.asnumpy(x[0, :d]).astype(np.float64)

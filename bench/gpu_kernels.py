@@ -5,7 +5,7 @@ the bytes each kernel must read (its weights + scale/zero words + x, and y writt
 percentage of the device-to-device copy bandwidth measured at the start of the same run. Weights are
 rotated among enough copies to exceed the L2 cache, so every timing reads HBM.
 
-    python3 bench/gpu_kernels.py [--batches 1,2,4,8,16]    (on a machine with CUDA, CuPy and torch)
+    python3 bench/gpu_kernels.py [--batches 1,2,4,8,16] [--shapes 4096x4096,...]    (CUDA, CuPy and torch)
 """
 
 from __future__ import annotations
@@ -162,13 +162,16 @@ def main():
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)), help="comma-separated batch sizes")
-    batches = [int(b) for b in ap.parse_args().batches.split(",")]
+    ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="comma-separated KxN")
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     name = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
     bw = copy_bandwidth()
     print(f"device: {name}; device-to-device copy {bw:.0f} GB/s (bytes read + written)")
     rng = np.random.default_rng(0)
     rows = []
-    for k, n in SHAPES:
+    for k, n in shapes:
         for m in batches:
             rel = check_against_reference(k, n, m)
             assert rel < 1e-3, f"W4A16 kernel wrong on {k}x{n} at batch {m}: relative error {rel}"

@@ -221,7 +221,7 @@ __device__ __forceinline__ void cluster_merge(int r, int H, int kvh, int G, int 
     }
 }
 
-template <int FMT, int ITERS, bool PIPE, bool CL = false, int UN = Fmt<FMT>::UNROLL>
+template <int FMT, int ITERS, bool PIPE, bool CL = false, int UN = Fmt<FMT>::UNROLL, bool PRE = false>
 __device__ __forceinline__ void attn_decode(const __half* __restrict__ q, const void* __restrict__ kc,
                                             const void* __restrict__ vc, const float* __restrict__ k_scale,
                                             const float* __restrict__ v_scale, const int* __restrict__ pos, int T,
@@ -246,6 +246,44 @@ __device__ __forceinline__ void attn_decode(const __half* __restrict__ q, const 
     const char* kbase = reinterpret_cast<const char*>(kc);
     const char* vbase = reinterpret_cast<const char*>(vc);
 
+    float m = NEG_INF, l = 0.0f;
+    const int step = PER_WARP * W;  // positions covered by one pass of the block's warps of head g
+
+    // PIPE (software pipelining): the keys and values of the next U positions are loaded while the
+    // current ones are used, so a group always has loads in flight. The 8-bit formats spend about
+    // as long on arithmetic per byte as on waiting for it; with many blocks (batch 8) the overlap
+    // takes them from ~87% to ~98% of copy bandwidth, but the extra registers cost occupancy, and
+    // with few blocks (batch 1) the plain loop is faster (bench/NOTES.md).
+    uint4 kr[U][ITERS], vr[U][ITERS];
+    float ks[U], vs[U];
+    // part: 0 every position, 1 only those cached before this step, 2 only the others (PRE below).
+    const int old = len - r % T - 1;  // positions [0, old) were cached by earlier steps
+    auto load = [&](int jw, uint4 (&kk)[U][ITERS], uint4 (&vv)[U][ITERS], float* kss, float* vss, int part = 0) {
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int j = jw + grp + u * step;
+            const int jj = j < c1 ? j : c0;
+            if (part != 0 && (jj < old) != (part == 1)) continue;
+            const size_t rowi = bk * L + jj;
+#pragma unroll
+            for (int it = 0; it < ITERS; it++) {
+                const int e = it * 128 + lig * E;
+                if (e < hd) {
+                    kk[u][it] = *reinterpret_cast<const uint4*>(kbase + (rowi * hd + e) * BYTES);
+                    vv[u][it] = *reinterpret_cast<const uint4*>(vbase + (rowi * hd + e) * BYTES);
+                }
+            }
+            kss[u] = FMT == KV_FP16 ? 1.0f : k_scale[rowi];
+            vss[u] = FMT == KV_FP16 ? 1.0f : v_scale[rowi];
+        }
+    };
+    const int first = c0 + stream * PER_WARP;
+    // PRE: the first positions' keys and values that earlier steps cached are loaded before the PDL
+    // wait (the qkv product before this kernel writes only q and the step's new positions), so their
+    // DRAM round trip overlaps the end of that product; the new positions and q come after it.
+    if (PRE && first < c1) load(first, kr, vr, ks, vs, 1);
+    if (PRE) pdl_begin();
+    if (PRE && first < c1) load(first, kr, vr, ks, vs, 2);
     float qv[E * ITERS], acc[E * ITERS];
 #pragma unroll
     for (int it = 0; it < ITERS; it++) {
@@ -260,41 +298,13 @@ __device__ __forceinline__ void attn_decode(const __half* __restrict__ q, const 
 #pragma unroll
         for (int i = 0; i < E; i++) acc[it * E + i] = 0.0f;
     }
-    float m = NEG_INF, l = 0.0f;
-    const int step = PER_WARP * W;  // positions covered by one pass of the block's warps of head g
-
-    // PIPE (software pipelining): the keys and values of the next U positions are loaded while the
-    // current ones are used, so a group always has loads in flight. The 8-bit formats spend about
-    // as long on arithmetic per byte as on waiting for it; with many blocks (batch 8) the overlap
-    // takes them from ~87% to ~98% of copy bandwidth, but the extra registers cost occupancy, and
-    // with few blocks (batch 1) the plain loop is faster (bench/NOTES.md).
-    uint4 kr[U][ITERS], vr[U][ITERS];
-    float ks[U], vs[U];
-    auto load = [&](int jw, uint4 (&kk)[U][ITERS], uint4 (&vv)[U][ITERS], float* kss, float* vss) {
-#pragma unroll
-        for (int u = 0; u < U; u++) {
-            const int j = jw + grp + u * step;
-            const size_t rowi = bk * L + (j < c1 ? j : c0);
-#pragma unroll
-            for (int it = 0; it < ITERS; it++) {
-                const int e = it * 128 + lig * E;
-                if (e < hd) {
-                    kk[u][it] = *reinterpret_cast<const uint4*>(kbase + (rowi * hd + e) * BYTES);
-                    vv[u][it] = *reinterpret_cast<const uint4*>(vbase + (rowi * hd + e) * BYTES);
-                }
-            }
-            kss[u] = FMT == KV_FP16 ? 1.0f : k_scale[rowi];
-            vss[u] = FMT == KV_FP16 ? 1.0f : v_scale[rowi];
-        }
-    };
-    const int first = c0 + stream * PER_WARP;
     if (PIPE && first < c1) load(first, kr, vr, ks, vs);
 
     // Warp-uniform loop (the shuffles need all 32 lanes); each group checks its own positions.
     for (int jw = first; jw < c1; jw += step * U) {
         uint4 nk[U][ITERS], nv[U][ITERS];
         float nks[U], nvs[U];
-        if (!PIPE) load(jw, kr, vr, ks, vs);
+        if (!PIPE && !(PRE && jw == first)) load(jw, kr, vr, ks, vs);
         else if (jw + step * U < c1) load(jw + step * U, nk, nv, nks, nvs);
         float score[U];
         float mu = m;
@@ -568,15 +578,17 @@ ATTN_INSTANCE(attn_decode_fp8_1_pipe, KV_FP8, 1, true)
 // -> 2257 us a token. With U = 4: 600 positions 0.8 us slower, 32k 0.7% faster; U = 8 (one round
 // of loads at 600) and 16 warps were slower still (bench/NOTES.md, session 8). The 8-bit caches
 // keep the global merge: their lanes do more per byte, and with 8 splits instead of 17 they were
-// 1.1-1.6x slower.
+// 1.1-1.6x slower. The first U positions of each group that earlier steps cached are loaded before
+// the PDL wait (attn_decode's PRE): the 7B W4 step 2084 -> 2056 us (session 10). With that, U = 3 /
+// 4 / 5 (more of a split loaded before the wait) cost +12 / +35 / +71 us a step, 4 / 16 warps +40 /
+// +129 (bench/NOTES.md).
 #define CLUSTER_INSTANCE(NAME, FMT, ITERS, U)                                                             \
     extern "C" __global__ void __cluster_dims__(1, CLUSTER, 1)                                          \
         NAME(const __half* q, const void* kc, const void* vc, const float* k_scale, const float* v_scale, \
              const int* pos, int T, int H, int KV, int hd, int L, int chunk, int window, float qscale,     \
              float* part_acc, float* part_m, float* part_l, int* counter, __half* out, int ld_out,        \
              const float* v_off) {                                                                     \
-        pdl_begin();                                                                                  \
-        attn_decode<FMT, ITERS, false, true, U>(q, kc, vc, k_scale, v_scale, pos, T, H, KV, hd, L, chunk, \
+        attn_decode<FMT, ITERS, false, true, U, true>(q, kc, vc, k_scale, v_scale, pos, T, H, KV, hd, L, chunk, \
                                                 window, qscale, part_acc, part_m, part_l, counter, out,   \
                                                 ld_out, v_off);                                           \
     }

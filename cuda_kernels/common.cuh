@@ -271,10 +271,14 @@ __device__ __forceinline__ void norm_block_sum(const EpilogueIO& p, float s) {
 // stream-serialization attribute, a kernel is launched as soon as every block of the kernel before
 // it has exited or triggered (pdl_trigger below), and must then wait, with griddepcontrol.wait,
 // until that kernel's memory is visible. So
-// every kernel here calls pdl_begin in every block before it reads or writes anything an earlier
-// kernel writes, early exits included: a kernel then cannot complete before the one it follows, and
-// one wait covers every earlier kernel of the step. Without the attribute (older GPUs, MINILLM_PDL=0)
-// it does nothing.
+// every kernel here calls pdl_begin in every block before it reads or writes anything the kernel
+// before it may write, early exits included: a kernel then cannot complete before the one it
+// follows, and one wait covers every earlier kernel of the step. Before the wait a kernel may read
+// what no kernel writes (weights) and what only kernels two or more launches back wrote: every
+// kernel triggers after its own wait, so when this one launches, those have completed and are
+// visible (decode attention reads the positions earlier steps cached and pos this way; only q and
+// the new position come from the product before it). Without the attribute (older GPUs,
+// MINILLM_PDL=0) it does nothing.
 __device__ __forceinline__ void pdl_begin() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;\n" ::: "memory");

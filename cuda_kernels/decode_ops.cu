@@ -26,63 +26,43 @@
 
 #include "common.cuh"
 
-// The small kernels below load a batch of values before they store or compare any: a loop that
-// loads, uses and loads again waits out one memory latency per iteration (next_token over 32000
-// logits with 1024 threads: 31 in a row, 14.8 us; ncu, bench/NOTES.md).
-#define LOAD_BATCH 8
-
-extern "C" __global__ void embed_rows(const int* __restrict__ tok, const __half* __restrict__ E,
-                                      float* __restrict__ h, int D, float scale) {
-    pdl_begin();
-    const int r = blockIdx.x;
-    const __half* e = E + (size_t)tok[r] * D;
-    for (int i0 = threadIdx.x; i0 < D; i0 += LOAD_BATCH * blockDim.x) {
-        float v[LOAD_BATCH];
-#pragma unroll
-        for (int u = 0; u < LOAD_BATCH; u++) {
-            const int i = i0 + u * blockDim.x;
-            v[u] = i < D ? __half2float(e[i]) : 0.0f;
-        }
-#pragma unroll
-        for (int u = 0; u < LOAD_BATCH; u++) {
-            const int i = i0 + u * blockDim.x;
-            if (i < D) h[(size_t)r * D + i] = v[u] * scale;
-        }
-    }
-}
-
 // h[r] += delta[r] (when delta is given), then out[r] = h[r] / rms(h[r]) * w: the residual add of
 // the previous sublayer fused with the next RMSNorm (one read and one write of h instead of two).
-// A row's values stay in registers between the two passes (up to NORM_PER_THREAD per thread; longer
-// rows are read again).
+// With tok given, h[r] = E[tok[r]] * escale instead (the step's first kernel: the embedding and the
+// first layer's norm in one pass). A row's values stay in registers between the two passes (up to
+// NORM_PER_THREAD per thread; longer rows are read again).
 #define NORM_PER_THREAD 16
 extern "C" __global__ void add_rmsnorm(float* __restrict__ h, const __half* __restrict__ delta, int ld_delta,
                                        const float* __restrict__ w, __half* __restrict__ out, int ld_out,
-                                       int D, float eps) {
+                                       int D, float eps, const int* __restrict__ tok, const __half* __restrict__ E,
+                                       float escale) {
     pdl_begin();
     __shared__ float red[32];
     const int r = blockIdx.x;
     float* hr = h + (size_t)r * D;
+    const __half* er = tok ? E + (size_t)tok[r] * D : nullptr;
+    const bool write_h = delta || tok;
+    auto value = [&](int i) {  // the row's new h[i]
+        if (er) return __half2float(er[i]) * escale;
+        return hr[i] + (delta ? __half2float(delta[(size_t)r * ld_delta + i]) : 0.0f);
+    };
     float keep[NORM_PER_THREAD], wk[NORM_PER_THREAD];
     float ss = 0.0f;
 #pragma unroll
     for (int k = 0; k < NORM_PER_THREAD; k++) {  // every load first (h, delta, and w for later)
         const int i = threadIdx.x + k * blockDim.x;
-        keep[k] = i < D ? hr[i] + (delta ? __half2float(delta[(size_t)r * ld_delta + i]) : 0.0f) : 0.0f;
+        keep[k] = i < D ? value(i) : 0.0f;
         wk[k] = i < D ? w[i] : 0.0f;
     }
 #pragma unroll
     for (int k = 0; k < NORM_PER_THREAD; k++) {
         const int i = threadIdx.x + k * blockDim.x;
-        if (delta && i < D) hr[i] = keep[k];
+        if (write_h && i < D) hr[i] = keep[k];
         ss += keep[k] * keep[k];
     }
     for (int i = threadIdx.x + NORM_PER_THREAD * blockDim.x; i < D; i += blockDim.x) {
-        float v = hr[i];
-        if (delta) {
-            v += __half2float(delta[(size_t)r * ld_delta + i]);
-            hr[i] = v;
-        }
+        const float v = value(i);
+        if (write_h) hr[i] = v;
         ss += v * v;
     }
     const float inv = rsqrtf(block_reduce(ss, red, false) / D + eps);
@@ -212,54 +192,82 @@ __device__ __forceinline__ float uniform01(uint64_t seed, uint32_t a, uint32_t b
     return ((float)(z >> 40) + 0.5f) * (1.0f / 16777216.0f);
 }
 
-// The next token of each row: argmax of the logits (inv_temp = 0), or a sample from
-// softmax(logits * inv_temp) by the Gumbel-max trick: argmax(logits * inv_temp - log(-log u)) is
-// distributed exactly as the softmax. Writes tok[b] and, with advance, moves pos[b] on by one, so
-// the next replay of the step reads the new token at the new position. One block per row.
-extern "C" __global__ void next_token(const __half* __restrict__ logits, int ld, int V, float inv_temp,
-                                      unsigned long long seed, int* __restrict__ tok, int* __restrict__ pos,
-                                      int advance) {
-    pdl_begin();
-    __shared__ float best_v[1024];
-    __shared__ int best_i[1024];
-    const int b = blockIdx.x;
-    const __half* row = logits + (size_t)b * ld;
-    float bv = NEG_INF;
-    int bi = 0x7fffffff;
-    const uint32_t step = (uint32_t)pos[b];
-    for (int i0 = threadIdx.x; i0 < V; i0 += LOAD_BATCH * blockDim.x) {
-        float xs[LOAD_BATCH];
+// Every load of a round comes before any compare: a loop that loads, uses and loads again waits out
+// one memory latency per iteration (32000 logits, 1024 threads, one at a time: 31 in a row, 14.8 us;
+// ncu, bench/NOTES.md). 1024 threads x 32 take a vocabulary of up to 32768 in one round.
+#define ARGMAX_BATCH 32
+
+// The larger of two (value, index) candidates; the lower index on a tie (the first maximum wins).
+__device__ __forceinline__ void argmax_pair(float& bv, int& bi, float ov, int oi) {
+    if (ov > bv || (ov == bv && oi < bi)) {
+        bv = ov;
+        bi = oi;
+    }
+}
+
+__device__ __forceinline__ void warp_argmax(float& bv, int& bi) {
 #pragma unroll
-        for (int u = 0; u < LOAD_BATCH; u++) {
+    for (int off = 16; off > 0; off >>= 1) {
+        const float ov = __shfl_xor_sync(FULL_MASK, bv, off);
+        const int oi = __shfl_xor_sync(FULL_MASK, bi, off);
+        argmax_pair(bv, bi, ov, oi);
+    }
+}
+
+// This thread's best (value, index) over the logits i = threadIdx.x + k * blockDim.x; SAMPLE adds
+// Gumbel noise -log(-log u) to logits * inv_temp.
+template <int BATCH, bool SAMPLE>
+__device__ __forceinline__ void scan_logits(const __half* __restrict__ row, int V, float inv_temp, uint64_t seed,
+                                            uint32_t step, float& bv, int& bi) {
+    for (int i0 = threadIdx.x; i0 < V; i0 += BATCH * blockDim.x) {
+        float xs[BATCH];
+#pragma unroll
+        for (int u = 0; u < BATCH; u++) {
             const int i = i0 + u * blockDim.x;
             xs[u] = i < V ? __half2float(row[i]) : NEG_INF;
         }
 #pragma unroll
-        for (int u = 0; u < LOAD_BATCH; u++) {
-            const int i = i0 + u * blockDim.x;
-            if (i >= V) break;
+        for (int u = 0; u < BATCH; u++) {
+            const int i = i0 + u * blockDim.x;  // (past V: x = -inf, never taken)
             float x = xs[u];
-            if (inv_temp > 0.0f) x = x * inv_temp - __logf(-__logf(uniform01(seed + b, step, (uint32_t)i)));
+            if (SAMPLE) x = x * inv_temp - __logf(-__logf(uniform01(seed, step, (uint32_t)i)));
             if (x > bv) { bv = x; bi = i; }  // i increases: the first maximum wins within a thread
         }
     }
-    best_v[threadIdx.x] = bv;
-    best_i[threadIdx.x] = bi;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) {
-            const float ov = best_v[threadIdx.x + s];
-            const int oi = best_i[threadIdx.x + s];
-            if (ov > best_v[threadIdx.x] || (ov == best_v[threadIdx.x] && oi < best_i[threadIdx.x])) {
-                best_v[threadIdx.x] = ov;
-                best_i[threadIdx.x] = oi;
-            }
-        }
-        __syncthreads();
+}
+
+// The next token of each row: argmax of the logits (inv_temp = 0), or a sample from
+// softmax(logits * inv_temp) by the Gumbel-max trick: argmax(logits * inv_temp - log(-log u)) is
+// distributed exactly as the softmax. Writes tok[b] and, with advance, moves pos[b] on by one, so
+// the next replay of the step reads the new token at the new position. One block per row.
+extern "C" __global__ void __launch_bounds__(1024) next_token(const __half* __restrict__ logits, int ld, int V, float inv_temp,
+                                      unsigned long long seed, int* __restrict__ tok, int* __restrict__ pos,
+                                      int advance) {
+    pdl_begin();
+    __shared__ float best_v[32];
+    __shared__ int best_i[32];
+    const int b = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const __half* row = logits + (size_t)b * ld;
+    float bv = NEG_INF;
+    int bi = 0x7fffffff;
+    const uint32_t step = (uint32_t)pos[b];
+    if (inv_temp > 0.0f) scan_logits<8, true>(row, V, inv_temp, seed + b, step, bv, bi);  // (hash: registers)
+    else scan_logits<ARGMAX_BATCH, false>(row, V, 0.0f, 0, step, bv, bi);
+    warp_argmax(bv, bi);  // a shuffle tree per warp, then one over the warps' winners
+    if (lane == 0) {
+        best_v[warp] = bv;
+        best_i[warp] = bi;
     }
-    if (threadIdx.x == 0) {
-        tok[b] = best_i[0];
-        if (advance) pos[b] += 1;
+    __syncthreads();
+    if (warp == 0) {
+        const int nwarps = blockDim.x >> 5;
+        bv = lane < nwarps ? best_v[lane] : NEG_INF;
+        bi = lane < nwarps ? best_i[lane] : 0x7fffffff;
+        warp_argmax(bv, bi);
+        if (lane == 0) {
+            tok[b] = bi;
+            if (advance) pos[b] += 1;
+        }
     }
 }
 

@@ -70,8 +70,11 @@ def fp16_bound(x):
 
 
 @settings(max_examples=EXAMPLES or 25, deadline=None)
-@given(rows=st.integers(1, 9), d=st.integers(1, 700), with_delta=st.booleans(), seed=st.integers(0, 2**31))
-def test_add_rmsnorm(rows, d, with_delta, seed):
+@given(rows=st.integers(1, 9), d=st.integers(1, 700), source=st.sampled_from(["h", "delta", "embed"]),
+       seed=st.integers(0, 2**31))
+def test_add_rmsnorm(rows, d, source, seed):
+    """out = RMSNorm(h') * w with h' = h, h + delta, or an embedding row E[tok] * scale (the step's
+    first kernel); h' written back to h when it is new."""
     import cupy as cp
 
     from minillm.gpu import kernels as K
@@ -79,10 +82,13 @@ def test_add_rmsnorm(rows, d, with_delta, seed):
     rng = np.random.default_rng(seed)
     h = rng.normal(size=(rows, d)).astype(np.float32) * 3
     delta = rng.normal(size=(rows, d)).astype(np.float16)
+    table = rng.normal(size=(50, d)).astype(np.float16)
+    tok, scale = rng.integers(0, 50, size=rows).astype(np.int32), float(rng.uniform(0.5, 8))
     w = rng.normal(size=d).astype(np.float32)
     hd, out = cp.asarray(h), poisoned(cp, (rows, K.round_up(d, 32)), cp.float16)
-    K.add_rmsnorm(hd, cp.asarray(delta) if with_delta else None, cp.asarray(w), out, rows, 1e-5)
-    href = h + delta.astype(np.float32) if with_delta else h
+    embed = (cp.asarray(tok), cp.asarray(table), scale) if source == "embed" else None
+    K.add_rmsnorm(hd, cp.asarray(delta) if source == "delta" else None, cp.asarray(w), out, rows, 1e-5, embed=embed)
+    href = {"h": h, "delta": h + delta.astype(np.float32), "embed": table[tok].astype(np.float32) * np.float32(scale)}[source]
     ref = href / np.sqrt((href**2).mean(-1, keepdims=True) + 1e-5) * w
     np.testing.assert_allclose(cp.asnumpy(hd), href, rtol=1e-6, atol=1e-6)
     got = cp.asnumpy(out[:, :d]).astype(np.float64)
@@ -397,18 +403,31 @@ def test_gpu_linear(n, k, m, bits, group, sym, seed):
     assert np.all(np.abs(got - ref) <= bound)
 
 
-def test_next_token_argmax_and_sampling():
+@settings(max_examples=EXAMPLES or 25, deadline=None)
+@given(rows=st.integers(1, 4), vocab=st.integers(1, 70000), pad=st.integers(0, 40), levels=st.integers(2, 1000),
+       seed=st.integers(0, 2**31))
+def test_next_token_argmax(rows, vocab, pad, levels, seed):
+    """Greedy next token = the first maximum of each row (np.argmax), over vocabularies of one and of
+    more than one round of loads (32768), with ties (logits drawn from `levels` values) and padded
+    rows whose columns past the vocabulary must be ignored; pos advances by one."""
     import cupy as cp
 
     from minillm.gpu import kernels as K
 
-    rng = np.random.default_rng(0)
-    logits = rng.normal(size=(3, 5000)).astype(np.float16)
-    logits[1, 4321] = 30  # a clear maximum
-    tok, pos = cp.full(3, -1, cp.int32), cp.asarray(np.array([5, 6, 7], np.int32))
-    K.next_token(cp.asarray(logits), 3, 5000, tok, pos)
-    assert cp.asnumpy(tok).tolist() == np.argmax(logits.astype(np.float32), axis=1).tolist()
-    assert cp.asnumpy(pos).tolist() == [6, 7, 8]
+    rng = np.random.default_rng(seed)
+    logits = rng.integers(0, levels, size=(rows, vocab + pad)).astype(np.float16)
+    logits[:, vocab:] = 60000  # padding, larger than any logit: must not be chosen
+    tok, pos = cp.full(rows, -1, cp.int32), cp.asarray(np.arange(rows, dtype=np.int32) + 5)
+    K.next_token(cp.asarray(logits), rows, vocab, tok, pos)
+    assert cp.asnumpy(tok).tolist() == np.argmax(logits[:, :vocab].astype(np.float32), axis=1).tolist()
+    assert cp.asnumpy(pos).tolist() == (np.arange(rows) + 6).tolist()
+
+
+def test_next_token_sampling():
+    import cupy as cp
+
+    from minillm.gpu import kernels as K
+
     # Gumbel-max sampling follows softmax(logits / T): frequencies over many draws (a fresh
     # position each draw) against the exact probabilities of a 4-word vocabulary.
     small = np.log(np.array([[0.1, 0.2, 0.3, 0.4]], np.float32)).astype(np.float16)

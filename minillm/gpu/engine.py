@@ -1,7 +1,7 @@
 """The decoder on the GPU: the forward pass of model.py with every step a CUDA kernel of our own, and the
 batch-1 decode step captured once as a CUDA graph.
 
-    h        = E[tok] * embedding_scale;  x = RMSNorm(h)                      embed_rows, add_rmsnorm
+    h        = E[tok] * embedding_scale;  x = RMSNorm(h)                      add_rmsnorm (embed=)
     per layer:
       qkv    = x [Wq; Wk; Wv]^T                                               one fused product
       q, K, V= RoPE(q), RoPE(k) -> cache, v -> cache (quantized on append)    rope_append
@@ -222,8 +222,8 @@ class GpuModel:
         cos, sin = self.rope_tables(cache.max_len)
         plan = K.attention_plan(c, cache.max_len, rows)
         parts = buf.parts(plan, buf.q.shape[0], c)
-        K.embed_rows(buf.tok, self.embed, buf.h, rows, c.embedding_scale)
-        K.add_rmsnorm(buf.h, None, self.layers[0].attn_norm, buf.x, rows, eps)
+        K.add_rmsnorm(buf.h, None, self.layers[0].attn_norm, buf.x, rows, eps,
+                      embed=(buf.tok, self.embed, c.embedding_scale))
         rope_in_qkv = (rows == 1 and t == 1 and cache.kind == "float" and not c.qk_norm and c.rotary_dim == c.head_dim
                        and os.environ.get("MINILLM_ROPE_IN_QKV", "1") != "0")
         normed = None  # with carry: the scale record for the product that reads buf.x next

@@ -57,17 +57,15 @@ def round_up(n: int, k: int) -> int:
 
 # -- row-wise and element-wise kernels (decode_ops.cu) -----------------------------------------------
 
-def embed_rows(tok, embed, h, rows: int, scale: float):
-    fn("decode_ops", "embed_rows")((rows,), (256,), (tok, embed, h, i32(embed.shape[1]), np.float32(scale)))
-
-
-def add_rmsnorm(h, delta, weight, out, rows: int, eps: float):
-    """h += delta (if not None); out = RMSNorm(h) * weight (fp16)."""
+def add_rmsnorm(h, delta, weight, out, rows: int, eps: float, embed=None):
+    """h += delta (if not None); out = RMSNorm(h) * weight (fp16). embed = (tok, E, scale): h = E[tok] *
+    scale instead (the step's embedding and first norm in one kernel)."""
     d = h.shape[1]
+    tok, table, scale = embed if embed is not None else (0, 0, 0.0)
     threads = min(1024, max(128, round_up(-(-d // 4), 32)))  # ~4 values a thread, kept in registers
     fn("decode_ops", "add_rmsnorm")((rows,), (threads,), (
         h, delta if delta is not None else 0, i32(delta.shape[1] if delta is not None else 0),
-        weight, out, i32(out.shape[1]), i32(d), np.float32(eps)))
+        weight, out, i32(out.shape[1]), i32(d), np.float32(eps), tok, table, np.float32(scale)))
 
 
 # common.cuh's EpilogueIO, field by field in its layout (five pointers, two ints, three floats; then

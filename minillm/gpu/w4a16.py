@@ -95,7 +95,7 @@ def _launch(x_pad, w: W4A16Weight, y, m_kernel: int, rows: int | None = None, ac
 
     if m_kernel == 1 and tc is None and rows is None and tiles is None and ksplit is None:
         forced = os.environ.get("MINILLM_W4_TC1")  # "0" / "4" / "8" / "16" force the choice (benchmarks)
-        tc = _tc1_warps(w) if forced is None else int(forced)
+        tc = _tc1_warps(w, in_step=nio is not None) if forced is None else int(forced)
     if m_kernel == 1 and tc and 64 * w.chunks <= TC1_MAX_X_BYTES:  # (else x would not fit: the GEMV)
         return _launch_tc1(x_pad, w, y, tc, act, NO_EPILOGUE if nio is None else nio)
     if tiles is None and rows is None and m_kernel >= MMA_MIN_ROWS:
@@ -135,7 +135,7 @@ def _ksplit(w: W4A16Weight, rows: int) -> int:
 TC1_MAX_X_BYTES = 200 * 1024  # x staged in shared memory (an H100 SM has 227 KB): K up to 102400
 
 
-def _tc1_warps(w: W4A16Weight) -> int:
+def _tc1_warps(w: W4A16Weight, in_step: bool = False) -> int:
     """Warps per block (16 rows) of the batch-1 tensor-core kernel, or 0 for the GEMV kernel. With x
     staged in shared memory (session 8) the tensor-core kernel is as fast as the GEMV or faster on
     every shape measured while its warps fit one wave (32 a SM at 64 registers); the most warps a
@@ -143,13 +143,23 @@ def _tc1_warps(w: W4A16Weight) -> int:
     session 8): 4096x4096 16 warps 6.09 us vs GEMV 6.45; 11008x4096 16: 11.67 vs 13.05; 4096x11008
     4: 11.92 vs 13.41; 4096x12288 4: 12.55 vs 14.09; 2048x8192, 5120x5120, 8192x8192 8: 5.85 / 8.31
     / 15.75 vs 6.22 / 8.56 / 16.18. Past one wave: 8 warps up to three waves (4096x22016: 20.83 vs
-    21.79), else the GEMV (8192x28672: 49.46 vs 49.72-50.38)."""
+    21.79), else the GEMV (8192x28672: 49.46 vs 49.72-50.38).
+
+    in_step (the product carries an epilogue record: it runs in the batch-1 decode step, between
+    other kernels under PDL): 8 warps where the rule above gives 4 and 8 fit in three waves. Each
+    warp then has half the steps, and its first step is loaded before the PDL wait, during the
+    previous kernel's end. H100, session 10: the 7B step's qkv product (4096x12288) at 8 warps took
+    the step from 2084 to 2055 us, while alone, launched back to back, it is faster at 4 (11.8 vs
+    12.4 us; 4096x11008 11.3 vs 11.7). Where the rule gives 8 or 16 the step agrees (4096x22016 at
+    4 / 16: +24 / +185 us; 4096-row outputs at 8: +66)."""
     from .kernels import sm_count  # noqa: PLC0415
 
     sms = sm_count()
     tiles, steps = -(-w.n // 16), -(-w.chunks // 4)
     for s in (16, 8, 4):
         if steps >= s and tiles * s <= 32 * sms:
+            if s == 4 and in_step and steps >= 8 and tiles * 8 <= 96 * sms:
+                return 8
             return s
     return 8 if steps >= 8 and tiles * 8 <= 96 * sms else 0
 

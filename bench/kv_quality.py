@@ -40,6 +40,12 @@ def run(m, ids, size, count, kinds=KINDS):
     return scores
 
 
+def model_and_text():
+    """The default model (SmolLM2-135M-Instruct, float32) and the evaluation text's token ids."""
+    m = minillm.load(progress=False)
+    return m, m.require_tokenizer().encode_plain(evaluation_text())
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--windows-512", type=int, default=40)
@@ -50,8 +56,7 @@ def main():
     if args.int4_sizes:
         return int4_sizes(args)
     kinds = args.kinds.split(",")
-    m = minillm.load(progress=False)
-    ids = m.require_tokenizer().encode_plain(evaluation_text())
+    m, ids = model_and_text()
     cache_bytes = {k: m.new_cache(max_len=8192, kind=k).nbytes for k in ["float", *kinds]}
     print("\nSmolLM2-135M-Instruct, float32 weights; KV cache formats (attention reads through the cache)\n")
     print("| cache | windows | perplexity | vs float | KL to float cache | top-1 agreement | bytes for 8192 tokens |")
@@ -70,8 +75,7 @@ def main():
 def int4_sizes(args):
     from minillm.kvcache import Int4KVCache
 
-    m = minillm.load(progress=False)
-    ids = m.require_tokenizer().encode_plain(evaluation_text())
+    m, ids = model_and_text()
     print("\nSmolLM2-135M-Instruct, float32 weights; INT4 (KIVI) cache by key block and value group\n")
     print("| key block | value group | bits a value | windows | perplexity | vs float | KL to float cache | top-1 agreement |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")

@@ -298,7 +298,7 @@ __device__ __forceinline__ void attn_decode(const __half* __restrict__ q, const 
 #pragma unroll
         for (int i = 0; i < E; i++) acc[it * E + i] = 0.0f;
     }
-    if (PIPE && first < c1) load(first, kr, vr, ks, vs);
+    if (PIPE && !PRE && first < c1) load(first, kr, vr, ks, vs);  // (PRE loaded them above)
 
     // Warp-uniform loop (the shuffles need all 32 lanes); each group checks its own positions.
     for (int jw = first; jw < c1; jw += step * U) {
@@ -581,14 +581,19 @@ ATTN_INSTANCE(attn_decode_fp8_1_pipe, KV_FP8, 1, true)
 // 1.1-1.6x slower. The first U positions of each group that earlier steps cached are loaded before
 // the PDL wait (attn_decode's PRE): the 7B W4 step 2084 -> 2056 us (session 10). With that, U = 3 /
 // 4 / 5 (more of a split loaded before the wait) cost +12 / +35 / +71 us a step, 4 / 16 warps +40 /
-// +129 (bench/NOTES.md).
+// +129 (bench/NOTES.md). The loop is software-pipelined (PIPE: the next U positions load while these
+// are used; a split at decode lengths takes 2-4 rounds after the wait): 2036 -> 2024 us at 514
+// positions, 2091 -> 2077 at 802 (session 11). More positions in flight instead (U = 4, 6, 8 with the
+// same 2 before the wait) were slower (+24 / +87 / +111 us), and so were U = 1 and 3 with the pipeline
+// (+8 / +80), 1 position before the wait (+1 / +7), the loop capped at 64 registers (+59 / +112),
+// and a merge without the in-block stage (every warp pushing its own result to block 0: +50).
 #define CLUSTER_INSTANCE(NAME, FMT, ITERS, U)                                                             \
     extern "C" __global__ void __cluster_dims__(1, CLUSTER, 1)                                          \
         NAME(const __half* q, const void* kc, const void* vc, const float* k_scale, const float* v_scale, \
              const int* pos, int T, int H, int KV, int hd, int L, int chunk, int window, float qscale,     \
              float* part_acc, float* part_m, float* part_l, int* counter, __half* out, int ld_out,        \
              const float* v_off) {                                                                     \
-        attn_decode<FMT, ITERS, false, true, U, true>(q, kc, vc, k_scale, v_scale, pos, T, H, KV, hd, L, chunk, \
+        attn_decode<FMT, ITERS, true, true, U, true>(q, kc, vc, k_scale, v_scale, pos, T, H, KV, hd, L, chunk, \
                                                 window, qscale, part_acc, part_m, part_l, counter, out,   \
                                                 ld_out, v_off);                                           \
     }

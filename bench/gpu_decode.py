@@ -4,7 +4,8 @@ vocabulary 32000) with random weights, in fp16 and in W4 g128, one run.
 For each: prefill of a 512-token prompt, then batch-1 decoding, tokens/s delivered to the host with the
 step captured as a CUDA graph (a step queued ahead, as the chat decodes; and one step at a time) and
 launched eagerly, against the bandwidth limit = copy bandwidth / bytes read per token
-(every weight once, the LM head in fp16, and the KV cache so far). Then prefill of a 2048-token
+(every weight once, the LM head in fp16, and the KV cache at the measured tokens' mean context: each
+of the three timed runs starts again from the prompt's end). Then prefill of a 2048-token
 prompt, W4 against fp16. With --smollm2 GGUF, SmolLM2-135M decode tokens/s on the GPU and the CPU.
 
     python3 bench/gpu_decode.py [--smollm2 PATH.gguf] [--tokens 128]
@@ -28,30 +29,36 @@ sys.path.insert(0, str(ROOT / "bench"))
 from gpu_kernels import copy_bandwidth  # noqa: E402
 
 
-def bytes_per_token(model, context: int) -> int:
-    """Bytes a decode step must read: all linear weights, norms, one embedding row, the KV cache."""
+def bytes_per_token(model, context: float) -> int:
+    """Bytes a decode step must read: all linear weights, norms, one embedding row, the KV cache of
+    `context` positions."""
     c = model.config
     weights = model.nbytes - model.embed.nbytes + c.hidden_size * 2
     if model.lm_head.w is model.embed:
         weights += model.embed.nbytes
     kv = 2 * c.num_layers * c.num_kv_heads * c.head_dim * 2 * context
-    return weights + kv
+    return int(weights + kv)
 
 
 def decode_rate(model, prompt_len: int, steps: int, graph: bool, ahead: bool = True):
-    """Tokens/s delivered to the host (graph replay or eager launches), median of 3 runs of `steps`:
-    through decode_stream, which keeps a step queued ahead (what stream_generate and the chat use), or
-    with ahead=False decode_next, one step at a time (the GPU idles while the host takes each token)."""
+    """Tokens/s delivered to the host (graph replay or eager launches), median of 3 runs of `steps`,
+    each from the same position (the cache truncated back to it), and the mean context the runs'
+    steps read (step i attends to start + i + 1 positions): through decode_stream, which keeps a step
+    queued ahead (what stream_generate and the chat use), or with ahead=False decode_next, one step at
+    a time (the GPU idles while the host takes each token)."""
     import cupy as cp
 
     model.cuda_graph = graph
-    cache = model.new_cache(max_len=prompt_len + 3 * steps + 8)
+    cache = model.new_cache(max_len=prompt_len + steps + 8)
     prompt = np.random.default_rng(0).integers(0, model.config.vocab_size, size=prompt_len)
     model(prompt, cache, last_only=True)
     tok = model.decode_next([1], cache)[0]  # warm-up: compiles, captures
-    tok = model.decode_next([tok], cache)[0]
+    first = tok = model.decode_next([tok], cache)[0]
+    start = cache.length
     rates = []
     for _ in range(3):
+        cache.truncate(start)  # (the device's copy of the length is rewritten by the next step)
+        tok = first
         cp.cuda.runtime.deviceSynchronize()
         t0 = time.perf_counter()
         if ahead:
@@ -65,7 +72,7 @@ def decode_rate(model, prompt_len: int, steps: int, graph: bool, ahead: bool = T
                 tok = model.decode_next([tok], cache)[0]
             elapsed = time.perf_counter() - t0
         rates.append(steps / elapsed)
-    return statistics.median(rates), cache.length
+    return statistics.median(rates), start + (steps + 1) / 2
 
 
 def prefill_time(model, length: int, reps: int = 3) -> float:
@@ -110,7 +117,8 @@ def main():
         rows[weights] = (graph_rate, eager_rate, per_token, limit, single_rate)
         prefill[weights] = prefill_time(model, 2048)
         print(f"{weights}: graph {graph_rate:.1f} tok/s (one step at a time {single_rate:.1f}), eager {eager_rate:.1f} tok/s, "
-              f"{per_token / 1e9:.2f} GB/token, limit {limit:.0f} tok/s; prefill 2048 {prefill[weights] * 1e3:.1f} ms",
+              f"{per_token / 1e9:.2f} GB/token at a mean context of {ctx:.0f}, limit {limit:.0f} tok/s; "
+              f"prefill 2048 {prefill[weights] * 1e3:.1f} ms",
               flush=True)
         del model
         cp.get_default_memory_pool().free_all_blocks()
@@ -122,7 +130,8 @@ def main():
 
 
 def print_7b(args, name, bw, rows, prefill):
-    print(f"\nLlama-2-7B shape, random weights, batch 1, prompt {args.prompt}, {args.tokens} new tokens; "
+    print(f"\nLlama-2-7B shape, random weights, batch 1, prompt {args.prompt}, {args.tokens} new tokens (3 runs "
+          f"from the same position, the median; the limit at their mean context); "
           f"{name}, copy bandwidth {bw:.0f} GB/s\n")
     print("| weights | GB read / token | limit (tok/s) | graph (tok/s) | % of limit | graph, one step at a time | "
           "eager (tok/s) | graph speedup |")

@@ -1,0 +1,74 @@
+"""GPU time of one batch-1 decode step of the Llama-2-7B-shaped model (random weights, W4 g128 or fp16):
+graph replays launched back to back on one stream and timed with CUDA events, from one cache position,
+so the host never enters the figure. This is how the step's changes are compared (docs/kernels.md
+section 7): run each variant in its own process, with a baseline in the same device session (two
+H100 machines have differed by ~1.7% on one build).
+
+--without attention replaces decode attention by nothing (the rest of the step unchanged; the output
+is wrong, the timing is what the other kernels cost): the difference is what attention costs in the
+step, beyond its bytes at that context.
+
+    python3 bench/gpu_step.py [--weights w4|fp16] [--context 514] [--rounds 5] [--without attention]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def step_times(weights: str, context: int, rounds: int, replays: int = 128, without: str | None = None):
+    """GPU microseconds per step, one figure per round: `replays` graph replays with `context` positions
+    cached before the first (each round starts there again, so every round reads the same lengths)."""
+    import cupy as cp
+    import numpy as np
+
+    from minillm.gpu import kernels as K
+    from minillm.gpu.synthetic import llama_config, random_model
+
+    if without == "attention":
+        K.decode_attention = lambda *args, **kwargs: None
+    model = random_model(llama_config(), weights=weights)
+    cache = model.new_cache(max_len=context + replays + 8)
+    prompt = np.random.default_rng(0).integers(0, model.config.vocab_size, size=context - 2)
+    model(prompt, cache, last_only=True)
+    tok = model.decode_next([1], cache)[0]  # compiles, then captures the graph
+    model.decode_next([tok], cache)
+    start, stream = cache.length, model._stream
+    times = []
+    for _ in range(rounds):
+        cache.pos.set(np.array([start], np.int32), stream=stream)
+        begin, end = cp.cuda.Event(), cp.cuda.Event()
+        with stream:
+            begin.record(stream)
+            for _ in range(replays):
+                model.replay(cache)
+            end.record(stream)
+        end.synchronize()
+        times.append(cp.cuda.get_elapsed_time(begin, end) * 1e3 / replays)
+    return times
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--weights", choices=("w4", "fp16"), default="w4")
+    ap.add_argument("--context", type=int, default=514, help="positions cached before the first replay")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--without", choices=("attention",), default=None)
+    args = ap.parse_args()
+    import cupy as cp
+
+    times = step_times(args.weights, args.context, args.rounds, without=args.without)
+    name = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    what = f", without {args.without}" if args.without else ""
+    print(f"{name}: 7B-shaped {args.weights} decode step after {args.context} cached positions{what}: "
+          f"{statistics.median(times):.1f} us a token (median of {args.rounds} rounds of 128 graph replays: "
+          f"{' '.join(f'{t:.0f}' for t in times)})")
+
+
+if __name__ == "__main__":
+    main()

@@ -584,9 +584,9 @@ ATTN_INSTANCE(attn_decode_fp8_1_pipe, KV_FP8, 1, true)
 // +129 (bench/NOTES.md). The loop is software-pipelined (PIPE: the next U positions load while these
 // are used; a split at decode lengths takes 2-4 rounds after the wait): 2036 -> 2024 us at 514
 // positions, 2091 -> 2077 at 802 (session 11). More positions in flight instead (U = 4, 6, 8 with the
-// same 2 before the wait) were slower (+24 / +87 / +111 us), and so were U = 1 and 3 with the pipeline
-// (+8 / +80), 1 position before the wait (+1 / +7), the loop capped at 64 registers (+59 / +112),
-// and a merge without the in-block stage (every warp pushing its own result to block 0: +50).
+// same 2 before the wait, unpipelined) were slower (+24 / +87 / +111 us at 514), and so were U = 1
+// and 3 with the pipeline (+8 / +80), 1 position before the wait (+1 / +7 at 514 / 802), and a merge
+// without the in-block stage (every warp pushing its own result to block 0's 64 slots: +50 / +48).
 #define CLUSTER_INSTANCE(NAME, FMT, ITERS, U)                                                             \
     extern "C" __global__ void __cluster_dims__(1, CLUSTER, 1)                                          \
         NAME(const __half* q, const void* kc, const void* vc, const float* k_scale, const float* v_scale, \

@@ -253,7 +253,9 @@ __device__ __forceinline__ void attn_decode(const __half* __restrict__ q, const 
     // current ones are used, so a group always has loads in flight. The 8-bit formats spend about
     // as long on arithmetic per byte as on waiting for it; with many blocks (batch 8) the overlap
     // takes them from ~87% to ~98% of copy bandwidth, but the extra registers cost occupancy, and
-    // with few blocks (batch 1) the plain loop is faster (bench/NOTES.md).
+    // with few blocks (batch 1) the plain loop is faster (bench/NOTES.md). The fp16 cluster instances
+    // pipeline too: in the decode step their rounds after the PDL wait are on the step's critical
+    // path (CLUSTER_INSTANCE below).
     uint4 kr[U][ITERS], vr[U][ITERS];
     float ks[U], vs[U];
     // part: 0 every position, 1 only those cached before this step, 2 only the others (PRE below).

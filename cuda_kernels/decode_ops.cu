@@ -240,9 +240,12 @@ __device__ __forceinline__ void scan_logits(const __half* __restrict__ row, int 
 // softmax(logits * inv_temp) by the Gumbel-max trick: argmax(logits * inv_temp - log(-log u)) is
 // distributed exactly as the softmax. Writes tok[b] and, with advance, moves pos[b] on by one, so
 // the next replay of the step reads the new token at the new position. One block per row.
+// mailbox (or null): pinned host memory [slots, rows], mapped into the device's address space
+// (unified addressing), where the token also goes, at slot pos[b] % slots: the host reads it once
+// the step's event has completed, so no device-to-host copy waits in the stream between two steps.
 extern "C" __global__ void __launch_bounds__(1024) next_token(const __half* __restrict__ logits, int ld, int V, float inv_temp,
                                       unsigned long long seed, int* __restrict__ tok, int* __restrict__ pos,
-                                      int advance) {
+                                      int advance, int* __restrict__ mailbox, int slots) {
     pdl_begin();
     __shared__ float best_v[32];
     __shared__ int best_i[32];
@@ -267,6 +270,10 @@ extern "C" __global__ void __launch_bounds__(1024) next_token(const __half* __re
         if (lane == 0) {
             tok[b] = bi;
             if (advance) pos[b] += 1;
+            if (mailbox) {
+                mailbox[(size_t)(step % (uint32_t)slots) * gridDim.x + b] = bi;
+                __threadfence_system();  // (before the kernel's end, which the host's event observes)
+            }
         }
     }
 }

@@ -409,18 +409,26 @@ def test_gpu_linear(n, k, m, bits, group, sym, seed):
 def test_next_token_argmax(rows, vocab, pad, levels, seed):
     """Greedy next token = the first maximum of each row (np.argmax), over vocabularies of one and of
     more than one round of loads (32768), with ties (logits drawn from `levels` values) and padded
-    rows whose columns past the vocabulary must be ignored; pos advances by one."""
+    rows whose columns past the vocabulary must be ignored; pos advances by one; the host's mailbox
+    (pinned memory the kernel writes itself) holds each row's token at slot pos % slots."""
     import cupy as cp
 
     from minillm.gpu import kernels as K
+    from minillm.gpu.cache import TokenMailbox
 
     rng = np.random.default_rng(seed)
     logits = rng.integers(0, levels, size=(rows, vocab + pad)).astype(np.float16)
     logits[:, vocab:] = 60000  # padding, larger than any logit: must not be chosen
     tok, pos = cp.full(rows, -1, cp.int32), cp.asarray(np.arange(rows, dtype=np.int32) + 5)
-    K.next_token(cp.asarray(logits), rows, vocab, tok, pos)
-    assert cp.asnumpy(tok).tolist() == np.argmax(logits[:, :vocab].astype(np.float32), axis=1).tolist()
+    box = TokenMailbox(rows, slots=3)
+    box.view[...] = -1
+    K.next_token(cp.asarray(logits), rows, vocab, tok, pos, mailbox=box)
+    cp.cuda.runtime.deviceSynchronize()
+    want = np.argmax(logits[:, :vocab].astype(np.float32), axis=1).tolist()
+    assert cp.asnumpy(tok).tolist() == want
     assert cp.asnumpy(pos).tolist() == (np.arange(rows) + 6).tolist()
+    assert [int(box.view[(5 + b) % 3, b]) for b in range(rows)] == want
+    assert int((box.view == -1).sum()) == 3 * rows - rows  # nothing else written
 
 
 def test_next_token_sampling():

@@ -7,6 +7,9 @@ for the kernels, so a captured decode step replays with the current length.
 
 from __future__ import annotations
 
+import ctypes
+import weakref
+
 import numpy as np
 
 from ..backend import get_xp
@@ -47,6 +50,28 @@ def check_fits(what: str, need: int) -> None:
                            f"of the {total / 2**30:.1f} GiB are free")
 
 
+class TokenMailbox:
+    """Where the decode step leaves its chosen tokens for the host: pinned host memory [slots, batch]
+    int32, allocated mapped (cudaHostAllocMapped), so that under unified addressing the device writes
+    it at the host pointer itself. next_token stores each token there at slot position % slots (the
+    position the step was fed at) as well as in device memory, and the host reads a step's tokens once
+    the step's event has completed: no device-to-host copy is queued between two steps (H100, the 7B
+    W4 decode: it cost ~10-16 us a token, bench/NOTES.md session 11). slots must exceed the steps in
+    flight (decode_stream keeps two)."""
+
+    def __init__(self, batch: int, slots: int = 4):
+        cp = get_xp("cuda")
+        self.slots, self.batch = slots, batch
+        self.ptr = cp.cuda.runtime.hostAlloc(4 * slots * batch, cp.cuda.runtime.hostAllocMapped)
+        weakref.finalize(self, cp.cuda.runtime.freeHost, self.ptr)
+        words = (ctypes.c_int32 * (slots * batch)).from_address(self.ptr)
+        self.view = np.frombuffer(words, np.int32).reshape(slots, batch)
+
+    def tokens(self, position: int) -> list[int]:
+        """The tokens of the step fed at `position`, once that step has completed."""
+        return [int(x) for x in self.view[position % self.slots]]
+
+
 class GpuKVCache:
     def __init__(self, cfg, kind: str, batch: int, max_len: int, offsets=None):
         """offsets (fp8 only): keys' and values' [layers, kv_heads, head_dim] means, subtracted before
@@ -84,6 +109,7 @@ class GpuKVCache:
                                       for o in offsets)
         self.pos = cp.zeros(batch, cp.int32)  # device copy of `length`, one per batch row
         self.graph = None  # (sampling key, the captured decode step for this cache): engine.py
+        self.mailbox = TokenMailbox(batch)  # the decode step's tokens for the host
         self.warm = False  # a decode step has run eagerly (kernels compiled, scratch allocated)
         self.dev_length = None  # the length cache.pos holds
 

@@ -332,7 +332,8 @@ class GpuModel:
         b = cache.batch
         normed = self._layers(buf, cache, b, 1, False, carry_norm=True)
         self.lm_head(buf.x, buf.logits, b, buf, epilogue=normed)
-        K.next_token(buf.logits, b, self.config.vocab_size, buf.tok, cache.pos, temperature, seed)
+        K.next_token(buf.logits, b, self.config.vocab_size, buf.tok, cache.pos, temperature, seed,
+                     mailbox=cache.mailbox)
 
     def _feed(self, tokens, cache: GpuKVCache) -> Buffers:
         """The decode step's input: one token per sequence into buf.tok, and the cache's length into
@@ -349,16 +350,15 @@ class GpuModel:
     def decode_next(self, tokens, cache: GpuKVCache, temperature: float = 0.0, seed: int = 0):
         """Feed one token per sequence at the cache's end and return the next token of each, chosen on
         the GPU (argmax, or a temperature sample). Only the ids cross to the host."""
-        b = cache.batch
-        buf = self._feed(tokens, cache)
+        self._feed(tokens, cache)
         stream = self._stream
         with stream:
             self.replay(cache, temperature, seed)
-            out = buf.tok[:b].get(stream=stream)
         stream.synchronize()
+        out = cache.mailbox.tokens(cache.length)  # (the step fed at this position wrote them there)
         cache.advance(1)
         cache.dev_length = cache.length
-        return [int(x) for x in out]
+        return out
 
     def decode_stream(self, tokens, cache: GpuKVCache, temperature: float = 0.0, seed: int = 0):
         """Like calling decode_next over and over, each step fed the token the last one chose: yields
@@ -367,13 +367,11 @@ class GpuModel:
         step n's token, so the GPU does not idle while the host hands a token to its caller and comes
         back (H100, 7B W4: 30-190 us a token, bench/NOTES.md). A step launched but never consumed wrote
         one position past the cache's length; that position is stale, as after truncate(), and the
-        next step overwrites it."""
+        next step overwrites it. The tokens come back through cache.mailbox (pinned host memory the
+        step writes itself), so nothing but the steps is queued on the stream."""
         cp = self.xp
-        b = cache.batch
-        buf = self._feed(tokens, cache)
+        self._feed(tokens, cache)
         stream = self._stream
-        host = [cp.cuda.alloc_pinned_memory(4 * b) for _ in range(2)]  # pinned: the copies are asynchronous
-        pinned = [np.frombuffer(h, np.int32, b) for h in host]
         done = [cp.cuda.Event(disable_timing=True) for _ in range(2)]
         start, launched, consumed = cache.length, 0, 0
 
@@ -381,9 +379,6 @@ class GpuModel:
             nonlocal launched
             with stream:
                 self.replay(cache, temperature, seed)
-                # (ndarray.get would wait for the copy, and so for the step: no step would be ahead)
-                cp.cuda.runtime.memcpyAsync(host[launched % 2].ptr, buf.tok.data.ptr, 4 * b,
-                                            cp.cuda.runtime.memcpyDeviceToHost, stream.ptr)
                 done[launched % 2].record(stream)
             launched += 1
 
@@ -395,7 +390,7 @@ class GpuModel:
                 elif launched == consumed:
                     cache.check_room(1)  # raises: the context is full
                 done[consumed % 2].synchronize()
-                out = [int(x) for x in pinned[consumed % 2]]
+                out = cache.mailbox.tokens(start + consumed)
                 consumed += 1
                 cache.advance(1)
                 cache.dev_length = start + launched

@@ -2,7 +2,9 @@
 codes with one float scale per (batch, head, position) (the layouts of minillm/kvcache.py's Int8 and
 FP8 caches, which are the reference). Allocated whole for the requested context, after checking
 that it fits. The length lives twice: `length` on the host for bookkeeping, `pos` in device memory
-for the kernels, so a captured decode step replays with the current length.
+for the kernels, so a captured decode step replays with the current length. A cache also carries
+the decode step's state that is tied to it: the captured graph, and the TokenMailbox the step leaves
+its tokens in for the host (engine.py).
 """
 
 from __future__ import annotations

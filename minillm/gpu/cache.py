@@ -65,7 +65,9 @@ class TokenMailbox:
         cp = get_xp("cuda")
         self.slots, self.batch = slots, batch
         self.ptr = cp.cuda.runtime.hostAlloc(4 * slots * batch, cp.cuda.runtime.hostAllocMapped)
-        weakref.finalize(self, cp.cuda.runtime.freeHost, self.ptr)
+        # Freed with the mailbox; not at interpreter exit, where the process's end returns it anyway and
+        # CUDA may already be shutting down.
+        weakref.finalize(self, cp.cuda.runtime.freeHost, self.ptr).atexit = False
         words = (ctypes.c_int32 * (slots * batch)).from_address(self.ptr)
         self.view = np.frombuffer(words, np.int32).reshape(slots, batch)
 

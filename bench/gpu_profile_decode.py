@@ -16,19 +16,16 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def run(weights: str):
+    """One eager decode step after 514 cached positions (bench/gpu_step.py's default context)."""
     import cupy as cp
-    import numpy as np
 
-    from minillm.gpu.synthetic import llama_config, random_model
+    from gpu_step import prepared_step
 
-    model = random_model(llama_config(), weights=weights)
-    model.cuda_graph = False
-    cache = model.new_cache(max_len=1024)
-    model(np.arange(512) % 32000, cache, last_only=True)
-    tok = model.decode_next([1], cache)[0]
+    model, cache, tok = prepared_step(weights, 514, 1024, cuda_graph=False)
     cp.cuda.runtime.deviceSynchronize()
     cp.cuda.nvtx.RangePush("decode")
     model.decode_next([tok], cache)

@@ -21,6 +21,23 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def prepared_step(weights: str, context: int, max_len: int, cuda_graph: bool = True):
+    """The 7B-shaped random model and a cache holding `context` positions, the last two fed by decode
+    steps (the first compiles every kernel and, with the graph on, captures the step): (model, cache,
+    the last token chosen). bench/gpu_profile_decode.py profiles the next step from here."""
+    import numpy as np
+
+    from minillm.gpu.synthetic import llama_config, random_model
+
+    model = random_model(llama_config(), weights=weights)
+    model.cuda_graph = cuda_graph
+    cache = model.new_cache(max_len=max_len)
+    prompt = np.random.default_rng(0).integers(0, model.config.vocab_size, size=context - 2)
+    model(prompt, cache, last_only=True)
+    tok = model.decode_next([1], cache)[0]
+    return model, cache, model.decode_next([tok], cache)[0]
+
+
 def step_times(weights: str, context: int, rounds: int, replays: int = 128, without: str | None = None):
     """GPU microseconds per step, one figure per round: `replays` graph replays with `context` positions
     cached before the first (each round starts there again, so every round reads the same lengths)."""
@@ -28,16 +45,10 @@ def step_times(weights: str, context: int, rounds: int, replays: int = 128, with
     import numpy as np
 
     from minillm.gpu import kernels as K
-    from minillm.gpu.synthetic import llama_config, random_model
 
     if without == "attention":
         K.decode_attention = lambda *args, **kwargs: None
-    model = random_model(llama_config(), weights=weights)
-    cache = model.new_cache(max_len=context + replays + 8)
-    prompt = np.random.default_rng(0).integers(0, model.config.vocab_size, size=context - 2)
-    model(prompt, cache, last_only=True)
-    tok = model.decode_next([1], cache)[0]  # compiles, then captures the graph
-    model.decode_next([tok], cache)
+    model, cache, _ = prepared_step(weights, context, context + replays + 8)
     start, stream = cache.length, model._stream
     times = []
     for _ in range(rounds):

@@ -10,6 +10,7 @@ its tokens in for the host (engine.py).
 from __future__ import annotations
 
 import ctypes
+from functools import cached_property
 import weakref
 
 import numpy as np
@@ -113,9 +114,15 @@ class GpuKVCache:
                                       for o in offsets)
         self.pos = cp.zeros(batch, cp.int32)  # device copy of `length`, one per batch row
         self.graph = None  # (sampling key, the captured decode step for this cache): engine.py
-        self.mailbox = TokenMailbox(batch)  # the decode step's tokens for the host
         self.warm = False  # a decode step has run eagerly (kernels compiled, scratch allocated)
         self.dev_length = None  # the length cache.pos holds
+
+    @cached_property
+    def mailbox(self) -> TokenMailbox:
+        """The decode step's tokens for the host, allocated when the first decode step asks for it (a
+        cache that only ever sees prefill, as in evaluation, never does); the graph captured then keeps
+        its address."""
+        return TokenMailbox(self.batch)
 
     def _init_int4(self, layers, batch, kv, hd, max_len):
         """KIVI: packed codes for every position, (scale, zero) per key channel and block and per value

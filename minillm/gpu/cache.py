@@ -10,8 +10,8 @@ its tokens in for the host (engine.py).
 from __future__ import annotations
 
 import ctypes
-from functools import cached_property
 import weakref
+from functools import cached_property
 
 import numpy as np
 

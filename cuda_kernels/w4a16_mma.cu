@@ -252,6 +252,20 @@ __device__ __forceinline__ void tc1_multiply(uint4 w0q, uint4 w1q, uint32_t sz0,
     acc[2] = fmaf(f1, part[0][2] + part[1][2], acc[2]);
 }
 
+// A weight load that asks L2 for the whole 128-byte line around it: a warp's step reads 64 bytes of
+// each of its 16 rows, and the block's next warps want the rest of those lines (the steps after it).
+// Fetched as one request each, the lines reach L2 before those warps ask, so more of the weights are
+// in flight than the one step ahead a warp's registers hold. H100, 7B W4 decode step at 516 cached
+// positions: 2021.1 / 2023.1 -> 1976.2 / 1977.3 us (L2::256B 1979.1 / 1980.1; L1::no_allocate alone
+// 2018.0; bench/NOTES.md session 12).
+__device__ __forceinline__ uint4 ldg_codes(const uint4* p) {
+    uint4 v;
+    asm("ld.global.nc.L1::no_allocate.L2::128B.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p));
+    return v;
+}
+
 template <int S, bool SCALE_ACC, bool NORM, bool ROPE>
 __device__ __forceinline__ void tc1_body(const uint4* __restrict__ qweight, const uint32_t* __restrict__ sz,
                                          const __half* __restrict__ x, __half* __restrict__ y, int ldy, int N, int C,
@@ -271,8 +285,8 @@ __device__ __forceinline__ void tc1_body(const uint4* __restrict__ qweight, cons
     // One step ahead: its codes and its group's scale words are in flight while this one is multiplied.
     auto load = [&](int c, uint4& w0, uint4& w1, uint32_t& q0, uint32_t& q1) {
         const int cc = min(c, C - 1), grp = group_of(cc, chunks_per_group, cpg_shift);
-        w0 = c < C ? __ldg(w0p + c) : make_uint4(0, 0, 0, 0);
-        w1 = c < C ? __ldg(w1p + c) : make_uint4(0, 0, 0, 0);
+        w0 = c < C ? ldg_codes(w0p + c) : make_uint4(0, 0, 0, 0);
+        w1 = c < C ? ldg_codes(w1p + c) : make_uint4(0, 0, 0, 0);
         q0 = __ldg(s0p + grp);
         q1 = __ldg(s1p + grp);
     };

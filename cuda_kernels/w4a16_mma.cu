@@ -259,11 +259,15 @@ __device__ __forceinline__ void tc1_multiply(uint4 w0q, uint4 w1q, uint32_t sz0,
 // positions: 2021.1 / 2023.1 -> 1976.2 / 1977.3 us (L2::256B 1979.1 / 1980.1; L1::no_allocate alone
 // 2018.0; bench/NOTES.md session 12).
 __device__ __forceinline__ uint4 ldg_codes(const uint4* p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 750  // (the fetch-size qualifier's first architecture)
     uint4 v;
     asm("ld.global.nc.L1::no_allocate.L2::128B.v4.u32 {%0, %1, %2, %3}, [%4];"
         : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
         : "l"(p));
     return v;
+#else
+    return __ldg(p);
+#endif
 }
 
 template <int S, bool SCALE_ACC, bool NORM, bool ROPE>

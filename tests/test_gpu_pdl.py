@@ -63,6 +63,18 @@ def test_launch_arguments_are_passed_as_cupy_passes_them():
         _arg_bytes(0.5)
 
 
+def test_next_token_refuses_a_mailbox_of_another_batch():
+    """next_token writes row b's token at mailbox slot * rows + b (its grid is the row stride): a
+    mailbox with fewer rows would be written past its end, so the launch is refused before it."""
+    from types import SimpleNamespace
+
+    from minillm.gpu import kernels as K
+
+    box = SimpleNamespace(batch=1, slots=4, ptr=0)
+    with pytest.raises(ValueError, match="mailbox of 1 rows for 2 rows"):
+        K.next_token(None, 2, 10, None, None, mailbox=box)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("weights, kv_cache, kv_heads", [("w4", "float", 16), ("fp16", "int8", 4), ("w4", "int4", 16)])
 def test_decode_step_with_pdl_equals_without(weights, kv_cache, kv_heads, monkeypatch):

@@ -180,7 +180,10 @@ def _ptr(a):
 def next_token(logits, rows: int, vocab: int, tok, pos, temperature: float = 0.0, seed: int = 0,
                advance: bool = True, mailbox=None):
     """tok[:rows] = argmax (or a temperature sample) of each row of logits; pos advanced by one.
-    mailbox: a TokenMailbox (pinned host memory) that also receives the tokens, at slot pos % slots."""
+    mailbox: a TokenMailbox (pinned host memory) that also receives the tokens, at slot pos % slots;
+    the kernel's rows are its row stride, so it must hold exactly `rows` (else it would write past it)."""
+    if mailbox is not None and mailbox.batch != rows:
+        raise ValueError(f"a token mailbox of {mailbox.batch} rows for {rows} rows of logits")
     inv_t = 0.0 if temperature <= 0 else 1.0 / temperature
     fn("decode_ops", "next_token")((rows,), (1024,), (
         logits, i32(logits.shape[1]), i32(vocab), np.float32(inv_t), np.uint64(seed), tok, pos, i32(int(advance)),

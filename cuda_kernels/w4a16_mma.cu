@@ -398,13 +398,17 @@ __device__ __forceinline__ void tc1_body(const uint4* __restrict__ qweight, cons
              int act, const EpilogueIO nio) {                                                                     \
         tc1_body<S, SCALE_ACC, NORM, ROPE>(qweight, sz, x, y, ldy, N, C, ngroups, chunks_per_group, cpg_shift, act, nio); \
     }
-// The instances the launcher picks among (minillm/gpu/w4a16.py _tc1_warps): 4, 8 or 16 warps a block,
+// The instances the launcher picks among (minillm/gpu/w4a16.py _tc1_warps): 4, 5, 6, 8, 10 or 16 warps a
+// block (each a different count of blocks an SM at 64 registers: 8, 6, 5, 4, 3, 2),
 // for each scale form (_g: groups of 128 or a multiple, the scale on the fp32 sum; _h: smaller
 // groups, HMUL2 on the codes) with and without a carried norm (_n), and with the rotary epilogue of
 // the qkv product as well (_nr; kernels.py epilogue_suffix picks).
 #define W4A16_TC1_WARPS(SCALE_ACC, NORM, ROPE, SUFFIX)                          \
     W4A16_TC1_KERNEL(4, SCALE_ACC, NORM, ROPE, w4a16_tc1_s4_##SUFFIX)           \
+    W4A16_TC1_KERNEL(5, SCALE_ACC, NORM, ROPE, w4a16_tc1_s5_##SUFFIX)           \
+    W4A16_TC1_KERNEL(6, SCALE_ACC, NORM, ROPE, w4a16_tc1_s6_##SUFFIX)           \
     W4A16_TC1_KERNEL(8, SCALE_ACC, NORM, ROPE, w4a16_tc1_s8_##SUFFIX)           \
+    W4A16_TC1_KERNEL(10, SCALE_ACC, NORM, ROPE, w4a16_tc1_s10_##SUFFIX)         \
     W4A16_TC1_KERNEL(16, SCALE_ACC, NORM, ROPE, w4a16_tc1_s16_##SUFFIX)
 W4A16_TC1_WARPS(true, false, false, g)
 W4A16_TC1_WARPS(true, true, false, g_n)

@@ -51,7 +51,7 @@ class LinearScratch:
 
 @contextmanager
 def forced_w4_kernel(choice: str):
-    """MINILLM_W4_TC1 set to `choice` ("0": the W4 GEMV, "4" / "16": the batch-1 tensor-core kernel with
+    """MINILLM_W4_TC1 set to `choice` ("0": the W4 GEMV, "4" / "5" / "16": the batch-1 tensor-core kernel with
     that many warps a block) for the products launched inside, restored after."""
     before = os.environ.get("MINILLM_W4_TC1")
     os.environ["MINILLM_W4_TC1"] = choice
@@ -108,13 +108,13 @@ def _linear(kind, w, w4_group=32):
 @settings(max_examples=EXAMPLES or 30, deadline=None)
 @given(producer=st.sampled_from(["fp16", "w8", "w4"]), consumer=st.sampled_from(["fp16", "w8", "w4"]),
        d=st.integers(1, 600), k=st.integers(1, 300), n=st.integers(1, 300), big_w=st.booleans(),
-       act=st.booleans(), w4_group=st.sampled_from([32, 128]), w4_kernel=st.sampled_from(["0", "4", "16"]),
+       act=st.booleans(), w4_group=st.sampled_from([32, 128]), w4_kernel=st.sampled_from(["0", "4", "5", "16"]),
        seed=st.integers(0, 2**31))
 def test_norm_carried_between_products(producer, consumer, d, k, n, big_w, act, w4_group, w4_kernel, seed):
     """Batch 1: a product adds its output into h and leaves h * w (common.cuh EpilogueIO), the next one
     scales its sums by 1 / rms(h): the same as add_rmsnorm between them, within the fp16 rounding
-    of the input either way. W4 products run the GEMV ("0") or the batch-1 tensor-core kernel with 4
-    or 16 warps a block (MINILLM_W4_TC1), with groups of 32 (scale on the codes) or 128 (on the sums)."""
+    of the input either way. W4 products run the GEMV ("0") or the batch-1 tensor-core kernel with 4,
+    5 or 16 warps a block (MINILLM_W4_TC1), with groups of 32 (scale on the codes) or 128 (on the sums)."""
     import cupy as cp
 
     from minillm.gpu import kernels as K
@@ -235,7 +235,7 @@ def test_rope_append(b, t, kv, g, hd, partial, qk_norm, fmt, paired, seed):
 
 
 @settings(max_examples=EXAMPLES or 30, deadline=None)
-@given(kind=st.sampled_from(["fp16", "w8", "w4"]), w4_kernel=st.sampled_from(["0", "4", "16"]),
+@given(kind=st.sampled_from(["fp16", "w8", "w4"]), w4_kernel=st.sampled_from(["0", "4", "5", "16"]),
        w4_group=st.sampled_from([32, 128]), kv=st.integers(1, 3), g=st.integers(1, 3),
        hd=st.sampled_from([16, 24, 64, 128]), d=st.integers(1, 300), length=st.integers(1, 50),
        normed=st.booleans(), seed=st.integers(0, 2**31))
@@ -243,7 +243,7 @@ def test_rope_in_qkv_product(kind, w4_kernel, w4_group, kv, g, hd, d, length, no
     """Batch 1, one token: the qkv product with the rotary epilogue (rows in kernels.qkv_row_order)
     writes RoPE(q), RoPE(k) and v where rope_append would, from the float reference of x W^T scaled
     by a carried norm's factor, and writes nothing else (q and the caches poisoned before). Every
-    batch-1 kernel: fp16 and W8 GEMVs, W4 GEMV ("0") or tensor-core kernel with 4 / 16 warps."""
+    batch-1 kernel: fp16 and W8 GEMVs, W4 GEMV ("0") or tensor-core kernel with 4 / 5 / 16 warps."""
     import cupy as cp
 
     from minillm.gpu import kernels as K

@@ -136,32 +136,37 @@ TC1_MAX_X_BYTES = 200 * 1024  # x staged in shared memory (an H100 SM has 227 KB
 
 
 def _tc1_warps(w: W4A16Weight, in_step: bool = False) -> int:
-    """Warps per block (16 rows) of the batch-1 tensor-core kernel, or 0 for the GEMV kernel. With x
-    staged in shared memory (session 8) the tensor-core kernel is as fast as the GEMV or faster on
-    every shape measured while its warps fit one wave (32 a SM at 64 registers); the most warps a
-    block that do, each with at least one step of 128 k. H100, x staged, medians of 2 (bench/NOTES.md
-    session 8): 4096x4096 16 warps 6.09 us vs GEMV 6.45; 11008x4096 16: 11.67 vs 13.05; 4096x11008
-    4: 11.92 vs 13.41; 4096x12288 4: 12.55 vs 14.09; 2048x8192, 5120x5120, 8192x8192 8: 5.85 / 8.31
-    / 15.75 vs 6.22 / 8.56 / 16.18. Past one wave: 8 warps up to three waves (4096x22016: 20.83 vs
-    21.79), else the GEMV (8192x28672: 49.46 vs 49.72-50.38).
+    """Warps per block (16 rows) of the batch-1 tensor-core kernel, or 0 for the GEMV kernel.
+
+    The kernel is latency-bound, one step of 128 k in flight a warp, so its time is about the steps a
+    warp takes in a row: in one wave, steps / S; past it, waves of steps / S each, and a last wave
+    that is part-empty streams at part of the rate. The rule: the most warps a block (the fewest
+    steps a warp) whose blocks all fit one wave at 64 registers (32 // S blocks an SM; the compiled
+    S are 16, 10, 8, 6, 5, 4: every distinct blocks-an-SM count), each warp with at least one step.
+    H100, x staged, medians of 2 (bench/NOTES.md session 8): 4096x4096 16 warps 6.09 us vs GEMV 6.45;
+    11008x4096 16: 11.67 vs 13.05; 4096x11008 4: 11.92 vs 13.41; 2048x8192, 5120x5120, 8192x8192 8:
+    5.85 / 8.31 / 15.75 vs 6.22 / 8.56 / 16.18. The 7B step's qkv product (768 tiles) at 5 warps, 6
+    blocks an SM in one wave: 1972 -> 1953 us a step against 8 warps in 1.45 waves (4: 2018; 6, in
+    1.16 waves: 2019; session 13). Past one wave: 8 warps up to three waves (4096x22016: 20.83 vs
+    21.79; in the step 5 warps in 1.74 waves +37 us, 4 +26, 16 +190), else the GEMV (8192x28672:
+    49.46 vs 49.72-50.38).
 
     in_step (the product carries an epilogue record: it runs in the batch-1 decode step, between
-    other kernels under PDL): 8 warps where the rule above gives 4 and 8 fit in three waves. Each
-    warp then has half the steps, and its first step is loaded before the PDL wait, during the
-    previous kernel's end. H100, session 10: the 7B step's qkv product (4096x12288) at 8 warps took
-    the step from 2084 to 2055 us, while alone, launched back to back, it is faster at 4 (11.8 vs
-    12.4 us; 4096x11008 11.3 vs 11.7). Where the rule gives 8 or 16 the step agrees (4096x22016 at
-    4 / 16: +24 / +185 us; 4096-row outputs at 8: +66)."""
+    other kernels under PDL): 8 warps in up to three waves where the rule gives 4, whose 8 steps a
+    warp are then two rounds of 4 with the first loaded before the PDL wait, during the previous
+    kernel's end (session 10: qkv at 8 took the step from 2084 to 2055 us, alone 4 was faster)."""
     from .kernels import sm_count  # noqa: PLC0415
 
     sms = sm_count()
     tiles, steps = -(-w.n // 16), -(-w.chunks // 4)
-    for s in (16, 8, 4):
-        if steps >= s and tiles * s <= 32 * sms:
-            if s == 4 and in_step and steps >= 8 and tiles * 8 <= 96 * sms:
-                return 8
-            return s
-    return 8 if steps >= 8 and tiles * 8 <= 96 * sms else 0
+    three_waves_of_8 = steps >= 8 and tiles * 8 <= 96 * sms
+    for s in TC1_WARPS:
+        if steps >= s and tiles <= (32 // s) * sms:
+            return 8 if s == 4 and in_step and three_waves_of_8 else s
+    return 8 if three_waves_of_8 else 0
+
+
+TC1_WARPS = (16, 10, 8, 6, 5, 4)  # compiled in w4a16_mma.cu (W4A16_TC1_WARPS), most first
 
 
 def _launch_tc1(x_pad, w: W4A16Weight, y, warps: int, act: int, nio) -> int:

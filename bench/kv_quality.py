@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -29,11 +28,13 @@ from minillm.evaluate import compare_many, evaluation_text  # noqa: E402
 KINDS = ["int8", "fp8", "int4"]
 
 
-def run(m, ids, size, count, kinds=KINDS):
-    """Each cache type against the float cache, on the same model (only its cache type changes)."""
+def run(m, ids, size, count, kinds=KINDS, int4_options=None):
+    """Each cache type against the float cache, on the same model (only its cache type changes);
+    int4_options: the INT4 cache's key block and value group (Model.kv_cache_options)."""
 
     def use(kind):
         m.model.kv_cache = "float" if kind == "reference" else kind
+        m.model.kv_cache_options = dict(int4_options or {}) if kind == "int4" else {}
 
     scores = compare_many(m, {kind: m for kind in kinds}, ids, size, count, before_each=use)
     use("reference")
@@ -73,8 +74,6 @@ def main():
 
 
 def int4_sizes(args):
-    from minillm.kvcache import Int4KVCache
-
     m, ids = model_and_text()
     print("\nSmolLM2-135M-Instruct, float32 weights; INT4 (KIVI) cache by key block and value group\n")
     print("| key block | value group | bits a value | windows | perplexity | vs float | KL to float cache | top-1 agreement |")
@@ -82,13 +81,12 @@ def int4_sizes(args):
     for spec in args.int4_sizes.split(","):
         block, group = (int(v) for v in spec.split("x"))
         bits = 4 + (32 / block + 32 / group) / 2
-        with mock.patch.dict(Int4KVCache.__init__.__kwdefaults__, block=block, group=group):
-            for size, count in [(sz, n) for sz, n in ((512, args.windows_512), (2048, args.windows_2048)) if n > 0]:
-                scores = run(m, ids, size, count, ["int4"])
-                base, r = scores["reference"]["perplexity"], scores["int4"]
-                print(f"| {block} | {group} | {bits:.3f} | {count} x {size} | {r['perplexity']:.3f} | "
-                      f"{100 * (r['perplexity'] / base - 1):+.2f}% | {r['kl_divergence']:.5f} | "
-                      f"{100 * r['top1_agreement']:.2f}% |", flush=True)
+        for size, count in [(sz, n) for sz, n in ((512, args.windows_512), (2048, args.windows_2048)) if n > 0]:
+            scores = run(m, ids, size, count, ["int4"], int4_options={"block": block, "group": group})
+            base, r = scores["reference"]["perplexity"], scores["int4"]
+            print(f"| {block} | {group} | {bits:.3f} | {count} x {size} | {r['perplexity']:.3f} | "
+                  f"{100 * (r['perplexity'] / base - 1):+.2f}% | {r['kl_divergence']:.5f} | "
+                  f"{100 * r['top1_agreement']:.2f}% |", flush=True)
 
 
 if __name__ == "__main__":

@@ -265,16 +265,27 @@ class Int4KVCache(KVCache):
         return int(codes + meta + self.window_k.nbytes + self.window_v.nbytes)
 
 
+KV_CACHE_OPTIONS = {"int4": ("block", "group")}  # what a kind takes beyond its shape (Int4KVCache)
+
+
 def new_kv_cache(kind: str, num_layers, batch, num_kv_heads, head_dim, max_len, xp=np, dtype=np.float32,
-                 offsets=None):
-    """A cache of `kind`; offsets (keys', values' [layers, kv_heads, head_dim]) are used by fp8."""
+                 offsets=None, options=None):
+    """A cache of `kind`; offsets (keys', values' [layers, kv_heads, head_dim]) are used by fp8;
+    options: the kind's own settings (KV_CACHE_OPTIONS: the INT4 cache's key block and value group)."""
     classes = {"float": FloatKVCache, "int8": Int8KVCache, "int4": Int4KVCache, "fp8": FP8KVCache}
     if kind not in classes:
         raise MinillmError(f"unknown KV cache type {kind!r}: choose from {', '.join(KV_CACHE_TYPES)}")
     if kind != "float" and xp is not np:
         raise MinillmError(f"the {kind} KV cache has no GPU kernels yet: use --kv-cache float with --device cuda")
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(KV_CACHE_OPTIONS.get(kind, ())))
+    if unknown:
+        takes = ", ".join(KV_CACHE_OPTIONS.get(kind, ())) or "none"
+        raise MinillmError(f"the {kind} KV cache has no option {', '.join(unknown)} (it takes: {takes})")
+    if any(not isinstance(v, int) or v < 1 for v in options.values()):
+        raise MinillmError(f"KV cache options must be positive integers, not {options}")
     extra = {"offsets": offsets} if kind == "fp8" else {}
-    return classes[kind](num_layers, batch, num_kv_heads, head_dim, max_len, xp=xp, dtype=dtype, **extra)
+    return classes[kind](num_layers, batch, num_kv_heads, head_dim, max_len, xp=xp, dtype=dtype, **extra, **options)
 
 
 CALIBRATION_TOKENS = 512  # tokens whose mean keys and values centre the FP8 cache

@@ -141,6 +141,7 @@ class Model:
     def __init__(self, config: ModelConfig, weights: dict, xp=np, dtype=np.float32, kv_cache: str = "float"):
         self.config, self.xp, self.dtype = config, xp, dtype
         self.kv_cache = kv_cache  # the cache type a forward without an explicit cache uses
+        self.kv_cache_options = {}  # that type's own settings (kvcache.KV_CACHE_OPTIONS), e.g. INT4's block
         self.kv_calibration = None  # tokens -> FP8 cache offsets (kvcache.calibrated_offsets); set by load()
         _check_shapes(config, weights)
 
@@ -191,11 +192,14 @@ class Model:
 
     def new_cache(self, batch: int = 1, max_len: int | None = None, kind: str | None = None):
         """A cache for `max_len` positions (default: the model's context), of type `kind` (default:
-        the model's kv_cache: float, int8, int4 or fp8; kvcache.py)."""
+        the model's kv_cache: float, int8, int4 or fp8; kvcache.py), with kv_cache_options when it is
+        the model's own type."""
         c = self.config
+        options = self.kv_cache_options if kind in (None, self.kv_cache) else None
         kind = kind or self.kv_cache
         return new_kv_cache(kind, c.num_layers, batch, c.num_kv_heads, c.head_dim, max_len or self.context_length,
-                            xp=self.xp, dtype=self.dtype, offsets=calibrated_offsets(self) if kind == "fp8" else None)
+                            xp=self.xp, dtype=self.dtype, offsets=calibrated_offsets(self) if kind == "fp8" else None,
+                            options=options)
 
     def _cos_sin(self, start: int, t: int):
         """cos, sin of position * theta_i for positions start..start+t-1.  -> [T, rotary_dim/2] each"""

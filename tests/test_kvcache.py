@@ -202,6 +202,37 @@ def test_bad_cache_requests_are_clear_errors():
         model(np.arange(10), cache)
 
 
+@settings(max_examples=15, deadline=None)
+@given(block=st.sampled_from([4, 8, 16, 32, 64]), group=st.sampled_from([8, 16, 32]), length=st.integers(5, 100))
+def test_int4_options_reach_the_cache_a_forward_makes(block, group, length):
+    """Model.kv_cache_options (the INT4 cache's key block and value group) reach the cache a plain
+    forward makes for itself: its logits equal those of an explicitly built Int4KVCache of those
+    sizes, and the window holds what the block size says."""
+    model = tiny_model("int4")
+    model.kv_cache_options = {"block": block, "group": group}
+    tokens = np.random.default_rng(length).integers(0, 64, size=length)
+    c = model.config
+    explicit = Int4KVCache(c.num_layers, 1, c.num_kv_heads, c.head_dim, length, block=block, group=group)
+    np.testing.assert_array_equal(model(tokens), model(tokens, explicit))
+    made = model.new_cache(max_len=length)
+    assert (made.block, made.group) == (block, group)
+    model(tokens, made)
+    assert made.quantized_length() == (length // block) * block
+
+
+def test_kv_cache_options_a_kind_does_not_take_are_errors():
+    model = tiny_model("int8")
+    model.kv_cache_options = {"block": 64}
+    with pytest.raises(MinillmError, match="the int8 KV cache has no option block"):
+        model(np.arange(4))
+    model.kv_cache_options = {}
+    model(np.arange(4))  # and another type than the model's own ignores them:
+    model.kv_cache, model.kv_cache_options = "int4", {"block": 8}
+    assert model.new_cache(max_len=8, kind="float").length == 0
+    with pytest.raises(MinillmError, match="positive integers"):
+        new_kv_cache("int4", 1, 1, 1, 32, 16, options={"block": 0})
+
+
 def test_bench_capacity_arithmetic():
     """`minillm bench`: the W4 weight bytes equal the arrays a packed upload would hold (built here
     with pack_bits and pack_sz on a shrunken copy of the shape), each context fits the budget and

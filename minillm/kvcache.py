@@ -23,6 +23,8 @@ Storage is allocated for the whole context up front (`np.zeros` maps zero pages 
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
 from .attention import attention
@@ -282,9 +284,10 @@ def new_kv_cache(kind: str, num_layers, batch, num_kv_heads, head_dim, max_len, 
     if unknown:
         takes = ", ".join(KV_CACHE_OPTIONS.get(kind, ())) or "none"
         raise MinillmError(f"the {kind} KV cache has no option {', '.join(unknown)} (it takes: {takes})")
-    if any(not isinstance(v, int) or v < 1 for v in options.values()):
+    if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in options.values()):
         raise MinillmError(f"KV cache options must be positive integers, not {options}")
     extra = {"offsets": offsets} if kind == "fp8" else {}
+    options = {k: int(v) for k, v in options.items()}  # (numpy integers too)
     return classes[kind](num_layers, batch, num_kv_heads, head_dim, max_len, xp=xp, dtype=dtype, **extra, **options)
 
 

@@ -229,8 +229,10 @@ def test_kv_cache_options_a_kind_does_not_take_are_errors():
     model(np.arange(4))  # and another type than the model's own ignores them:
     model.kv_cache, model.kv_cache_options = "int4", {"block": 8}
     assert model.new_cache(max_len=8, kind="float").length == 0
-    with pytest.raises(MinillmError, match="positive integers"):
-        new_kv_cache("int4", 1, 1, 1, 32, 16, options={"block": 0})
+    for bad in (0, True, 8.0):
+        with pytest.raises(MinillmError, match="positive integers"):
+            new_kv_cache("int4", 1, 1, 1, 32, 16, options={"block": bad})
+    assert new_kv_cache("int4", 1, 1, 1, 32, 16, options={"block": np.int64(8)}).block == 8  # numpy ints
 
 
 def test_bench_capacity_arithmetic():

@@ -147,9 +147,11 @@ def _tc1_warps(w: W4A16Weight, in_step: bool = False) -> int:
     11008x4096 16: 11.67 vs 13.05; 4096x11008 4: 11.92 vs 13.41; 2048x8192, 5120x5120, 8192x8192 8:
     5.85 / 8.31 / 15.75 vs 6.22 / 8.56 / 16.18. The 7B step's qkv product (768 tiles) at 5 warps, 6
     blocks an SM in one wave: 1972 -> 1953 us a step against 8 warps in 1.45 waves (4: 2018; 6, in
-    1.16 waves: 2019; session 13). Past one wave: 8 warps up to three waves (4096x22016: 20.83 vs
-    21.79; in the step 5 warps in 1.74 waves +37 us, 4 +26, 16 +190), else the GEMV (8192x28672:
-    49.46 vs 49.72-50.38).
+    1.16 waves: 2019; session 13). Past one wave: 8 warps, with 8 steps or more (4096x22016: 20.83
+    vs 21.79, in the step 5 warps in 1.74 waves +37 us, 4 +26, 16 +190; since session 12's L2 fetch
+    also past three waves, session 14: 8192x28672 46.3 vs the GEMV's 49.7, 4096x32000 26.4 vs 29.4,
+    5120x27648 29.7 vs 31.4, 4 warps 47.8 / 25.3 / 29.2), else the GEMV. (Balancing the tiles over
+    the SMs instead, a block of 32 warps an SM, lost: bench/NOTES.md session 14.)
 
     in_step (the product carries an epilogue record: it runs in the batch-1 decode step, between
     other kernels under PDL): 8 warps in up to three waves where the rule gives 4, whose 8 steps a
@@ -163,7 +165,7 @@ def _tc1_warps(w: W4A16Weight, in_step: bool = False) -> int:
     for s in TC1_WARPS:
         if steps >= s and tiles <= (32 // s) * sms:
             return 8 if s == 4 and in_step and three_waves_of_8 else s
-    return 8 if three_waves_of_8 else 0
+    return 8 if steps >= 8 else 0
 
 
 TC1_WARPS = (16, 10, 8, 6, 5, 4)  # compiled in w4a16_mma.cu (W4A16_TC1_WARPS), most first

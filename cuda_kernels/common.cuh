@@ -285,6 +285,19 @@ __device__ __forceinline__ void pdl_begin() {
 #endif
 }
 
+// pdl_begin for a kernel that issued loads before it (weights, which no kernel writes). ptxas
+// schedules each basic block on its own and may move the wait above loads that precede it in the
+// source (waiting earlier is always correct): in every instance of the batch-1 W4 kernel it did, so
+// the first step's weights, loaded "before the wait" since session 9, were asked for after it
+// (nvdisasm: ACQBULK first). A branch ends the block and keeps the wait behind the loads; the one
+// here is a check worth having anyway (a null pointer traps rather than reading address 0).
+// tests/test_sass_order.py reads the compiled code. H100, 7B W4 decode step at 516 positions:
+// 1954 -> ~1910 us (bench/NOTES.md session 15).
+__device__ __forceinline__ void pdl_begin_after_loads(const void* loaded) {
+    if (loaded == nullptr) __trap();
+    pdl_begin();
+}
+
 // Lets the next kernel launch once every block of this one has called it (or exited). The product
 // kernels and attention call it after their main loop, so the next kernel's blocks start while this
 // one finishes (its partial sums, merge and stores) and read what does not depend on it, their first

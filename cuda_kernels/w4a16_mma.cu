@@ -297,7 +297,7 @@ __device__ __forceinline__ void tc1_body(const uint4* __restrict__ qweight, cons
     uint4 n0w, n1w;
     uint32_t n0s, n1s;
     load(4 * warp + t, n0w, n1w, n0s, n1s);  // the weights: no earlier kernel writes them
-    pdl_begin();  // before x and the epilogue's inputs (common.cuh)
+    pdl_begin_after_loads(qweight);  // before x and the epilogue's inputs (common.cuh)
     // With a carried norm, what the epilogue needs is read here, in the same round trip as x, instead
     // of on the block's critical path at its end (or, for a consumer, at warp 0's start): a consumer's
     // partial sums of h^2 (into shared memory after x), a producer's h and w of its 16 rows.

@@ -30,11 +30,12 @@ def _body(text: str, start: int) -> str:
 
 
 def _waits_first(body: str, functions: dict, seen=()) -> bool:
-    """pdl_begin() runs before any return, directly or as the first thing a called body does."""
-    begin = body.find("pdl_begin()")
+    """pdl_begin() (or pdl_begin_after_loads) runs before any return, directly or as the first thing a
+    called body does."""
+    wait = re.search(r"\bpdl_begin(?:_after_loads)?\s*\(", body)
     ret = re.search(r"\breturn\b", body)
-    if begin >= 0:
-        return ret is None or ret.start() > begin
+    if wait:
+        return ret is None or ret.start() > wait.start()
     for name in re.findall(r"\b(\w+)\s*(?:<[^;(){}]*>)?\s*\(", body):
         if name in functions and name not in seen:
             return _waits_first(functions[name], functions, seen + (name,))

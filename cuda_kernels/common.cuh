@@ -292,7 +292,7 @@ __device__ __forceinline__ void pdl_begin() {
 // (nvdisasm: ACQBULK first). A branch ends the block and keeps the wait behind the loads; the one
 // here is a check worth having anyway (a null pointer traps rather than reading address 0).
 // tests/test_sass_order.py reads the compiled code. H100, 7B W4 decode step at 516 positions:
-// 1954 -> ~1910 us (bench/NOTES.md session 15).
+// 1949.3 / 1950.0 -> 1890.1 / 1889.8 us (bench/NOTES.md session 15).
 __device__ __forceinline__ void pdl_begin_after_loads(const void* loaded) {
     if (loaded == nullptr) __trap();
     pdl_begin();

@@ -298,12 +298,17 @@ __device__ __forceinline__ void pdl_begin_after_loads(const void* loaded) {
     pdl_begin();
 }
 
-// Lets the next kernel launch once every block of this one has called it (or exited). The product
-// kernels and attention call it after their main loop, so the next kernel's blocks start while this
-// one finishes (its partial sums, merge and stores) and read what does not depend on it, their first
-// weights, before they wait: H100, 7B W4 step 2138 -> 2086 us (bench/NOTES.md session 9). Called at
-// a kernel's start instead, every later kernel's blocks would sit waiting in SM slots the running
-// one needs (session 6: 5-10% slower).
+// Lets the next kernel launch once every block of this one has called it (or exited); a kernel calls
+// it only after its own pdl_begin, so what the kernel before it wrote is visible to the one after.
+// Attention calls it after its main loop, so the next kernel's blocks start while it finishes (its
+// partial sums, merge and stores) and read what does not depend on it, their first weights, before
+// they wait (session 9: 7B W4 step 2138 -> 2086 us). The batch-1 W4 kernel calls it before its main
+// loop: with its first weights really loaded before its wait (pdl_begin_after_loads), the earlier
+// its successor's blocks launch, the more of their loads overlap its end (session 15: 1891.7 /
+// 1894.9 -> 1820.0 / 1820.1 us; in a sweep, after the main loop / at three quarters / half / a
+// quarter of it / before it: 1897 / 1882 / 1864 / 1832 / 1822).
+// Session 6 had measured a trigger at every block's start 5-10% slower, when that preload did not
+// run and the waiting blocks only took SM slots (bench/NOTES.md).
 __device__ __forceinline__ void pdl_trigger() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");

@@ -352,6 +352,9 @@ __device__ __forceinline__ void tc1_body(const uint4* __restrict__ qweight, cons
     __syncthreads();
     // The rotation of lane l's pair (rows n0 + 2l, + 1): asked for now, used after the loop.
     const float2 cs = ROPE && warp == 0 && lane < 8 ? rope_cs(nio, n0 + 2 * lane, pos) : make_float2(1.0f, 0.0f);
+    // The next kernel may launch now (common.cuh pdl_trigger): once every block of this grid has got
+    // here, its blocks take the SM slots this one frees and load their first weights before they wait.
+    pdl_trigger();
     for (int it = warp; it < steps; it += S) {
         const uint4 w0 = n0w, w1 = n1w;
         const uint32_t q0 = n0s, q1 = n1s;
@@ -359,7 +362,6 @@ __device__ __forceinline__ void tc1_body(const uint4* __restrict__ qweight, cons
         if (it + S < steps) load(c + 4 * S, n0w, n1w, n0s, n1s);
         tc1_multiply<SCALE_ACC>(w0, w1, q0, q1, c, C, g, xs, acc);
     }
-    pdl_trigger();  // the next kernel may launch and load its weights (common.cuh)
 
     // ---------------------------------------------------------------------------------------------
     // The S warps' sums, added in warp order; warp 0 writes (rows 2i, 2i + 1 together for act).

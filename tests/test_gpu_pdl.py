@@ -52,6 +52,20 @@ def test_every_kernel_waits_before_it_touches_the_step():
     assert not missing, f"kernels that never call pdl_begin, or return before it: {missing}"
 
 
+def test_every_trigger_follows_the_kernels_own_wait():
+    """pdl_trigger lets the next kernel launch, and that kernel reads what the kernels two launches
+    back wrote before it waits: so a kernel may trigger only after its own wait (common.cuh)."""
+    src = _sources()
+    bodies = [_body(src, m.end()) for m in re.finditer(
+        r"(?:__device__\s+__forceinline__\s+\w+|__global__\s+void(?:\s+__launch_bounds__\([^)]*\))?)\s+(\w+)\s*"
+        r"(?:\([^;{]*\))\s*(?=\{)", src)]
+    triggering = [b for b in bodies if "pdl_trigger()" in b and "__device__ __forceinline__ void pdl_trigger" not in b]
+    assert len(triggering) >= 2  # the batch-1 W4 kernel, decode attention
+    for body in triggering:
+        wait = re.search(r"\bpdl_begin(?:_after_loads)?\s*\(", body)
+        assert wait and wait.start() < body.index("pdl_trigger()"), body[:200]
+
+
 def test_launch_arguments_are_passed_as_cupy_passes_them():
     from minillm.gpu import kernels as K
     from minillm.gpu.launch import _arg_bytes

@@ -193,7 +193,9 @@ W4A16_MMA_KERNEL(2, 2)
 // Decomposition: a block owns 16 output rows; its S warps split K, warp w taking steps w, w + S,
 // ... of 4 chunks (lane t of a quad reads chunk 4 step + t of rows g and g + 8, as mma_body does).
 // x is staged in shared memory at the block's start (dynamic, 64 bytes per chunk). The next step's
-// codes and scale words are loaded before the current step is multiplied. The S
+// codes and scale words are loaded before the current step is multiplied, the first step's before
+// the PDL wait (common.cuh pdl_begin_after_loads), and the next kernel is let in before the main
+// loop (pdl_trigger), so its blocks load their own first step under this one's streaming. The S
 // partial sums per row meet in shared memory, added in warp order; warp 0 writes them (with a
 // carried norm, as the GEMV kernel does: common.cuh EpilogueIO). Fewer instructions do not make it
 // faster everywhere: it pays per warp for the split-K sums, and past one wave of warps (8192x28672)

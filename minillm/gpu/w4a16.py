@@ -156,7 +156,9 @@ def _tc1_warps(w: W4A16Weight, in_step: bool = False) -> int:
     in_step (the product carries an epilogue record: it runs in the batch-1 decode step, between
     other kernels under PDL): 8 warps in up to three waves where the rule gives 4, whose 8 steps a
     warp are then two rounds of 4 with the first loaded before the PDL wait, during the previous
-    kernel's end (session 10: qkv at 8 took the step from 2084 to 2055 us, alone 4 was faster)."""
+    kernel's end (session 10: qkv at 8 took the step from 2084 to 2055 us, alone 4 was faster). That
+    preload only really ran from session 15 (ptxas had moved the wait above it: common.cuh
+    pdl_begin_after_loads); the 7B step's counts re-swept with it moved nothing (bench/NOTES.md)."""
     from .kernels import sm_count  # noqa: PLC0415
 
     sms = sm_count()

@@ -4,7 +4,7 @@ NF4, FP8 and INT8 activations against independent references."""
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from minillm.errors import MinillmError
@@ -14,6 +14,9 @@ from minillm.quant.fp8 import decode_e4m3, encode_e4m3
 from minillm.quant.nf4 import NF4_LEVELS
 from minillm.quant.qlinear import QuantLinear
 from minillm.quant.rtn import mse_range, minmax_range, scale_zero, quantize_groups, to_groups
+
+LARGEST = {"float16": float(np.finfo(np.float16).max), "bfloat16": float(np.uint32(0x7F7F0000).view(np.float32)),
+           "float32": float(np.finfo(np.float32).max)}  # each storage dtype's largest finite value
 
 specs = st.builds(
     QuantSpec,
@@ -72,8 +75,10 @@ def test_rtn_properties(w, spec):
     err = np.abs(w.astype(np.float64) - dq)
     # (+ a few float32 ulps of w: dequantization itself rounds once)
     assert np.all(err[inside] <= s[inside] / 2 * (1 + 1e-6) + 4 * 2.0**-23 * np.abs(w[inside]))
-    # With min/max ranges (scales rounded up) every weight is inside.
-    assert inside.all()
+    # With min/max ranges (scales rounded up) every weight is inside, unless its group's range is too
+    # wide for the storage dtype: the scale then saturates at the largest finite value and the
+    # extremes clip (a 2-bit group holding 1e5 needs a scale above fp16's 65504).
+    assert inside[s < LARGEST[spec.scale_dtype]].all()
     # All-zero rows stay exactly zero.
     zero_rows = ~w.any(axis=1)
     assert np.all(dq[zero_rows] == 0)
@@ -81,6 +86,7 @@ def test_rtn_properties(w, spec):
 
 @settings(max_examples=60, deadline=None)
 @given(w=weights(), spec=specs)
+@example(w=np.array([[1e5]], np.float32), spec=QuantSpec(bits=2, granularity="tensor", sym=True, scale_dtype="float16"))
 def test_mse_clipping_never_worse_than_minmax(w, spec):
     groups = to_groups(w, spec)
 
@@ -90,6 +96,23 @@ def test_mse_clipping_never_worse_than_minmax(w, spec):
         return ((groups - dq) ** 2).sum(axis=-1)
 
     assert np.all(sq_err(*mse_range(groups, spec)) <= sq_err(*minmax_range(groups)) * (1 + 1e-9))
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_a_range_beyond_the_scale_dtype_saturates(sym):
+    """2-bit, fp16 scales, a 1e5 outlier (hypothesis found it): the scale (2e5 / 3 symmetric, 1e5 / 3
+    asymmetric with a -1e5 partner) would be inf in fp16 and dequantize to NaN. It saturates at
+    65504, the outlier clips to the grid's end, and everything else stays within half a step."""
+    w = np.array([[1e5, 1.0, -3.0, 0.5], [1e5 if sym else -1e5, 1e5, 2.0, -1.0]], np.float32)
+    spec = QuantSpec(bits=2, granularity="channel", sym=sym, scale_dtype="float16")
+    qt = quantize_rtn(w, spec)
+    dq = qt.dequantize()
+    assert np.isfinite(dq).all() and np.isfinite(qt.scales).all()
+    s = qt.scales[:, 0]
+    assert np.all(s <= 65504.0) and np.any(s == 65504.0)
+    grid = (np.arange(spec.qmax + 1)[None, :] - qt.zeros[:, :1].astype(np.float64)) * s[:, None]
+    nearest = grid[np.arange(2)[:, None], np.abs(w[:, :, None] - grid[:, None, :]).argmin(-1)]
+    np.testing.assert_allclose(dq, nearest, rtol=1e-6)  # each weight at its nearest grid point
 
 
 @pytest.mark.parametrize("bad", [dict(bits=5), dict(bits=1), dict(group_size=0), dict(group_size=100),

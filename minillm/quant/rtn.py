@@ -25,6 +25,9 @@ import numpy as np
 from .spec import QuantSpec, round_scales_up
 
 _TINY = {"float16": 2.0**-24, "bfloat16": 2.0**-133, "float32": 2.0**-149}  # smallest positive scale
+# The largest finite scale: a range too wide for the storage dtype saturates there (its extremes clip)
+# instead of storing an infinite scale that would dequantize to NaN.
+_HUGE = {"float16": 65504.0, "bfloat16": 3.3895313892515355e38, "float32": float(np.finfo(np.float32).max)}
 
 
 @dataclass
@@ -116,7 +119,7 @@ def scale_zero(lo, hi, spec: QuantSpec):
     else:
         scale = (hi - lo) / spec.qmax
     scale = np.where(scale > 0, scale, 1.0)  # an all-zero group: any scale reconstructs it exactly
-    scale = np.maximum(round_scales_up(scale, spec.scale_dtype), _TINY[spec.scale_dtype])
+    scale = np.clip(round_scales_up(scale, spec.scale_dtype), _TINY[spec.scale_dtype], _HUGE[spec.scale_dtype])
     if spec.sym:
         zero = np.full(scale.shape, spec.sym_zero, dtype=np.float32)
     else:

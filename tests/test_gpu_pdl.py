@@ -42,13 +42,23 @@ def _waits_first(body: str, functions: dict, seen=()) -> bool:
     return False
 
 
+def _functions(src: str) -> dict:
+    """name -> body of every __device__ __forceinline__ function."""
+    return {m.group(1): _body(src, m.end())
+            for m in re.finditer(r"__device__\s+__forceinline__\s+\w+\s+(\w+)\s*\([^;{]*\)\s*(?=\{)", src)}
+
+
+def _kernels(src: str) -> list:
+    """(name, body) of every entry point and entry-point macro (a macro's name is its parameter's)."""
+    return [(m.group(1), _body(src, m.end()))
+            for m in re.finditer(r'extern "C" __global__ void (?:__launch_bounds__\([^)]*\)\s*)?(\w+)\s*\(', src)]
+
+
 def test_every_kernel_waits_before_it_touches_the_step():
     src = _sources()
-    functions = {m.group(1): _body(src, m.end())
-                 for m in re.finditer(r"__device__\s+__forceinline__\s+\w+\s+(\w+)\s*\([^;{]*\)\s*(?=\{)", src)}
-    kernels = list(re.finditer(r'extern "C" __global__ void (?:__launch_bounds__\([^)]*\)\s*)?(\w+)\s*\(', src))
+    functions, kernels = _functions(src), _kernels(src)
     assert len(kernels) >= 15  # the entry points and entry-point macros of cuda_kernels/
-    missing = [m.group(1) for m in kernels if not _waits_first(_body(src, m.end()), functions)]
+    missing = [name for name, body in kernels if not _waits_first(body, functions)]
     assert not missing, f"kernels that never call pdl_begin, or return before it: {missing}"
 
 
@@ -56,10 +66,8 @@ def test_every_trigger_follows_the_kernels_own_wait():
     """pdl_trigger lets the next kernel launch, and that kernel reads what the kernels two launches
     back wrote before it waits: so a kernel may trigger only after its own wait (common.cuh)."""
     src = _sources()
-    bodies = [_body(src, m.end()) for m in re.finditer(
-        r"(?:__device__\s+__forceinline__\s+\w+|__global__\s+void(?:\s+__launch_bounds__\([^)]*\))?)\s+(\w+)\s*"
-        r"(?:\([^;{]*\))\s*(?=\{)", src)]
-    triggering = [b for b in bodies if "pdl_trigger()" in b and "__device__ __forceinline__ void pdl_trigger" not in b]
+    bodies = list(_functions(src).values()) + [body for _, body in _kernels(src)]
+    triggering = [b for b in bodies if "pdl_trigger()" in b]
     assert len(triggering) >= 2  # the batch-1 W4 kernel, decode attention
     for body in triggering:
         wait = re.search(r"\bpdl_begin(?:_after_loads)?\s*\(", body)

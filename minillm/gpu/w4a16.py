@@ -133,6 +133,7 @@ def _ksplit(w: W4A16Weight, rows: int) -> int:
 
 
 TC1_MAX_X_BYTES = 200 * 1024  # x staged in shared memory (an H100 SM has 227 KB): K up to 102400
+TC1_WARPS = (16, 10, 8, 6, 5, 4)  # compiled in w4a16_mma.cu (W4A16_TC1_WARPS), most first
 
 
 def _tc1_warps(w: W4A16Weight, in_step: bool = False) -> int:
@@ -168,9 +169,6 @@ def _tc1_warps(w: W4A16Weight, in_step: bool = False) -> int:
         if steps >= s and tiles <= (32 // s) * sms:
             return 8 if s == 4 and in_step and three_waves_of_8 else s
     return 8 if steps >= 8 else 0
-
-
-TC1_WARPS = (16, 10, 8, 6, 5, 4)  # compiled in w4a16_mma.cu (W4A16_TC1_WARPS), most first
 
 
 def _launch_tc1(x_pad, w: W4A16Weight, y, warps: int, act: int, nio) -> int:

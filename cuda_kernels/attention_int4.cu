@@ -100,17 +100,17 @@ constexpr uint32_t LO_MASK = 0x000F000Fu, HI_MASK = 0x00F000F0u;
 constexpr uint32_t LO_EXP = 0x64006400u;  // half2(1024, 1024): the low nibble reads 1024 + c
 constexpr uint32_t HI_EXP = 0x54005400u;  // half2(64, 64): bits 4-7 read 64 + c
 
-// N 32-bit words from an address aligned to 4N bytes.
+// N 32-bit words from an address aligned to 4N bytes (the warp's stage in shared memory), in one access.
 template <int N>
-__device__ __forceinline__ void load_words(const uint8_t* p, uint32_t* w) {
+__device__ __forceinline__ void read_words(const uint8_t* p, uint32_t* w) {
     if constexpr (N == 4) {
-        const uint4 x = __ldg(reinterpret_cast<const uint4*>(p));
+        const uint4 x = *reinterpret_cast<const uint4*>(p);
         w[0] = x.x, w[1] = x.y, w[2] = x.z, w[3] = x.w;
     } else if constexpr (N == 2) {
-        const uint2 x = __ldg(reinterpret_cast<const uint2*>(p));
+        const uint2 x = *reinterpret_cast<const uint2*>(p);
         w[0] = x.x, w[1] = x.y;
     } else {
-        w[0] = __ldg(reinterpret_cast<const uint32_t*>(p));
+        w[0] = *reinterpret_cast<const uint32_t*>(p);
     }
 }
 
@@ -127,7 +127,16 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
     using S = Shape<HD>;
     constexpr int HDP = S::HDP, KD = S::KD, KW = S::KW, KSTEPS = S::KSTEPS, VD = S::VD, VW = S::VW, MT = S::MT;
     constexpr int GROUP = S::GROUP, NG = S::NG, ROWB = HD / 2;  // bytes of codes per position
-    __shared__ float sm_acc[NW][8][HDP];
+    // A warp's next key block lands in shared memory while it computes on the current one (cp.async,
+    // two stages a warp, below): its codes as each lane will read them (keys [nt][lane], values
+    // [i, k][lane]), then the block's key scales and zero points (HD each) and its values' (NG a
+    // position), as they lie in the cache. Once the loop is done the same bytes hold sm_acc and the
+    // merge's weights (36 KB in all at head_dim 128, against 34 KB before the stages).
+    constexpr int KEYB = 4 * 32 * 4 * KW, VALB = 8 * 32 * 4 * VW, KSB = 2 * HD, VSB = 2 * RB * NG;
+    constexpr int STAGE = KEYB + VALB + 2 * KSB + 2 * VSB, ACCB = 4 * NW * 8 * HDP, ENDB = ACCB + 4 * MAX_MERGE;
+    __shared__ __align__(16) uint8_t smem[2 * NW * STAGE > ENDB ? 2 * NW * STAGE : ENDB];
+    auto sm_acc = reinterpret_cast<float (*)[8][HDP]>(smem);
+    float* const sm_w = reinterpret_cast<float*>(smem + ACCB);
     __shared__ float sm_m[NW][8], sm_l[NW][8];
 
     const int G = H / KV, qtiles = (G + 7) / 8;
@@ -203,58 +212,87 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
     // Quantized blocks
     // ---------------------------------------------------------------------------------------------
     const int zsrc = 4 * min(g * GROUP / VD, 7) + t;  // the lane holding group g's value scales
-    // A block's codes. Keys: position nt * 8 + g, the lane's KD dims; values: positions
-    // 16i + 2t + {0, 1, 8, 9} (k = 0..3), the lane's VD dims.
-    auto load_codes = [&](int blk, uint32_t (&kw)[4][KW], uint32_t (&vw)[2][4][VW]) {
-        const size_t row0 = bk * L + blk * RB;
-        const uint8_t* kp = kq + (row0 + g) * ROWB + kd0 / 2;
+    // A block's codes and scales, copied into the warp's stage (cp.async; committed as one group).
+    // Keys: position nt * 8 + g, the lane's KD dims; values: positions 16i + 2t + {0, 1, 8, 9}
+    // (k = 0..3), the lane's VD dims; the scales and zero points in 16-byte pieces, lane by lane.
+    constexpr int KP = KSB / 16, VP = VSB / 16;
+    const __half* const ksrc = (lane < KP ? ks : kz) + 8 * (lane % KP);  // this lane's scale pieces
+    const __half* const vsrc = (lane < VP ? vs : vz) + 8 * (lane % VP);
+    auto stage_of = [&](int blk) { return smem + (2 * warp + ((blk - c0 / RB) / NW & 1)) * STAGE; };
+    auto stage_in = [&](int blk) {
+        uint8_t* const st = stage_of(blk);
+        const size_t row0 = bk * L + (size_t)blk * RB;
+        if (k_in) {
+            const uint8_t* kp = kq + (row0 + g) * ROWB + kd0 / 2;
 #pragma unroll
-        for (int nt = 0; nt < 4; nt++) {
-            if (k_in) load_words<KW>(kp + nt * 8 * ROWB, kw[nt]);
+            for (int nt = 0; nt < 4; nt++) cp_async<4 * KW>(st + (nt * 32 + lane) * 4 * KW, kp + nt * 8 * ROWB);
+        }
+        if (v_in) {
+            const uint8_t* vp = vq + (row0 + 2 * t) * ROWB + vd0 / 2;
+#pragma unroll
+            for (int i = 0; i < 2; i++)
+#pragma unroll
+                for (int k = 0; k < 4; k++)
+                    cp_async<4 * VW>(st + KEYB + ((4 * i + k) * 32 + lane) * 4 * VW,
+                                     vp + (16 * i + (k & 1) + 8 * (k >> 1)) * ROWB);
+        }
+        // 16-byte pieces: the key scales and zeros (2 KP <= 32 of them), then the values' (2 VP <= 32)
+        if (lane < 2 * KP) cp_async<16>(st + KEYB + VALB + 16 * lane, ksrc + (bk * nb + blk) * HD);
+        if (lane < 2 * VP) cp_async<16>(st + KEYB + VALB + 2 * KSB + 16 * lane, vsrc + row0 * NG);
+    };
+    const int first = c0 / RB + warp;
+    if (first * RB < qend) stage_in(first);
+    cp_async_commit();
+    for (int blk = first; blk * RB < qend; blk += NW) {
+        const int j0 = blk * RB;
+        // Ask for the next block (into the other stage, which every lane finished reading in the
+        // previous step), then wait for this one: one group in flight while this block is computed.
+        __syncwarp();
+        if ((blk + NW) * RB < qend) stage_in(blk + NW);
+        cp_async_commit();  // (an empty group past the end: the wait below stays the same)
+        cp_async_wait_prior<1>();
+        __syncwarp();  // the scales were copied by other lanes
+        const uint8_t* const st = stage_of(blk);
+        const uint8_t* const st_scales = st + KEYB + VALB;  // ks, kz [HD] then vs, vz [RB][NG]
+        // The block's codes, read from the stage where they are used (fewer registers held): keys of
+        // n-tile nt; values of k-tile i (positions 16i + 2t + {0, 1, 8, 9}).
+        auto key_words = [&](int nt, uint32_t (&kw)[KW]) {
+            if (k_in) read_words<KW>(st + (nt * 32 + lane) * 4 * KW, kw);
             else
 #pragma unroll
-                for (int w = 0; w < KW; w++) kw[nt][w] = 0u;
-        }
-        const uint8_t* vp = vq + (row0 + 2 * t) * ROWB + vd0 / 2;
-#pragma unroll
-        for (int i = 0; i < 2; i++)
+                for (int w = 0; w < KW; w++) kw[w] = 0u;
+        };
+        auto value_words = [&](int i, uint32_t (&vw)[4][VW]) {
 #pragma unroll
             for (int k = 0; k < 4; k++) {
-                if (v_in) load_words<VW>(vp + (16 * i + (k & 1) + 8 * (k >> 1)) * ROWB, vw[i][k]);
+                if (v_in) read_words<VW>(st + KEYB + ((4 * i + k) * 32 + lane) * 4 * VW, vw[k]);
                 else
 #pragma unroll
-                    for (int w = 0; w < VW; w++) vw[i][k][w] = 0u;
+                    for (int w = 0; w < VW; w++) vw[k][w] = 0u;
             }
-    };
-    uint32_t kw[4][KW], vw[2][4][VW];
-    for (int blk = c0 / RB + warp; blk * RB < qend; blk += NW) {
-        const int j0 = blk * RB;
-        const size_t row0 = bk * L + j0;  // the block's first cache row
-        load_codes(blk, kw, vw);
-        // The block's key scales and zeros (the lane's KD channels), and its values' of the lane's
-        // group at the four positions.
+        };
+        // The key scales and zeros of the lane's KD channels, and its values' of the lane's group at
+        // the four positions.
         uint32_t sw[KD / 2], zw[KD / 2];
         __half vsc[2][4], vzr[2][4];
         {
-            const __half* sp = ks + (bk * nb + blk) * HD + kd0;
-            const __half* zp = kz + (bk * nb + blk) * HD + kd0;
 #pragma unroll
             for (int i = 0; i < KD / 8; i++) {
-                const uint4 a = k_in ? __ldg(reinterpret_cast<const uint4*>(sp) + i) : make_uint4(0, 0, 0, 0);
-                const uint4 c = k_in ? __ldg(reinterpret_cast<const uint4*>(zp) + i) : make_uint4(0, 0, 0, 0);
+                const uint4 a = k_in ? reinterpret_cast<const uint4*>(st_scales + 2 * kd0)[i] : make_uint4(0, 0, 0, 0);
+                const uint4 c = k_in ? reinterpret_cast<const uint4*>(st_scales + KSB + 2 * kd0)[i] : make_uint4(0, 0, 0, 0);
                 sw[4 * i] = a.x, sw[4 * i + 1] = a.y, sw[4 * i + 2] = a.z, sw[4 * i + 3] = a.w;
                 zw[4 * i] = c.x, zw[4 * i + 1] = c.y, zw[4 * i + 2] = c.z, zw[4 * i + 3] = c.w;
             }
             // MHA: the group of this lane's B column (below); else that of its value dims
             const int vg = MHA ? (g < NG ? g : g < 2 * NG ? g - NG : 0) : (v_in ? vd0 / GROUP : 0);
-            const size_t srow = (row0 + 2 * t) * NG + vg;
+            const __half* vsp = reinterpret_cast<const __half*>(st_scales + 2 * KSB);
 #pragma unroll
             for (int i = 0; i < 2; i++)
 #pragma unroll
                 for (int k = 0; k < 4; k++) {
                     const int dj = 16 * i + (k & 1) + 8 * (k >> 1);
-                    vsc[i][k] = __ldg(vs + srow + dj * NG);
-                    vzr[i][k] = __ldg(vz + srow + dj * NG);
+                    vsc[i][k] = vsp[(2 * t + dj) * NG + vg];
+                    vzr[i][k] = vsp[RB * NG + (2 * t + dj) * NG + vg];
                 }
         }
 
@@ -282,9 +320,11 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
 #pragma unroll
         for (int nt = 0; nt < 4; nt++) {
             float d[4] = {-bias, -bias, 0.0f, 0.0f};
+            uint32_t kw[KW];
+            key_words(nt, kw);
 #pragma unroll
             for (int w = 0; w < KW; w++) {
-                const uint32_t x = kw[nt][w], y = x >> 8;  // nibbles (0, 4), (1, 5) of x; (2, 6), (3, 7) of y
+                const uint32_t x = kw[w], y = x >> 8;  // nibbles (0, 4), (1, 5) of x; (2, 6), (3, 7) of y
                 const uint32_t* a = af[2 * w];
                 const uint32_t* c = af[2 * w + 1];
                 mma_m16n8k16(d, a[0], a[1], a[2], a[3], and_or(x, LO_MASK, LO_EXP), and_or(x, HI_MASK, HI_EXP));
@@ -300,11 +340,11 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
         softmax(sc, bp);
         // The value codes of m-tile md, k-tile i, as the product reads them: 64 + c (low nibbles
         // shifted up to bits 4-7) for rows g / g + 8 and positions (2t, 2t+1) / (2t+8, 2t+9).
-        auto value_codes = [&](int i, int md, uint32_t (&a)[4]) {
+        auto value_codes = [&](const uint32_t (&vw)[4][VW], int md, uint32_t (&a)[4]) {
             const int u = md >> 2, bt = md & 3;  // word, byte of the lane's value codes
             const uint32_t sel = bt | (bt << 4) | ((4 + bt) << 8) | ((4 + bt) << 12);
-            const uint32_t x01 = __byte_perm(vw[i][0][u], vw[i][1][u], sel);
-            const uint32_t x23 = __byte_perm(vw[i][2][u], vw[i][3][u], sel);
+            const uint32_t x01 = __byte_perm(vw[0][u], vw[1][u], sel);
+            const uint32_t x23 = __byte_perm(vw[2][u], vw[3][u], sel);
             a[0] = and_or(x01 << 4, HI_MASK, HI_EXP), a[1] = and_or(x01, HI_MASK, HI_EXP);
             a[2] = and_or(x23 << 4, HI_MASK, HI_EXP), a[3] = and_or(x23, HI_MASK, HI_EXP);
         };
@@ -316,6 +356,8 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
             // first and the second. No per-code multiply at all.
 #pragma unroll
             for (int i = 0; i < 2; i++) {
+                uint32_t vw[4][VW];
+                value_words(i, vw);
                 uint32_t s01 = h2pack(vsc[i][0], vsc[i][1]), s23 = h2pack(vsc[i][2], vsc[i][3]);
                 if (g >= NG) {
                     s01 = g < 2 * NG ? h2mul(s01, h2pack(vzr[i][0], vzr[i][1])) : 0u;
@@ -325,7 +367,7 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
 #pragma unroll
                 for (int md = 0; md < MT; md++) {
                     uint32_t a[4];
-                    value_codes(i, md, a);
+                    value_codes(vw, md, a);
                     mma_m16n8k16(acc[md], a[0], a[1], a[2], a[3], b0, b1);
                 }
                 const uint32_t ones = g == 0 ? 0x3C003C00u : 0u;  // half2(1, 1) in row 0
@@ -334,13 +376,15 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
         } else {
 #pragma unroll
         for (int i = 0; i < 2; i++) {
+            uint32_t vw[4][VW];
+            value_words(i, vw);
             // scale pairs of positions (2t, 2t+1) and (2t+8, 2t+9), and minus 64 times them
             const uint32_t s01 = h2pack(vsc[i][0], vsc[i][1]), s23 = h2pack(vsc[i][2], vsc[i][3]);
             const uint32_t m01 = h2mul(s01, 0xD400D400u), m23 = h2mul(s23, 0xD400D400u);  // half2(-64, -64)
 #pragma unroll
             for (int md = 0; md < MT; md++) {
                 uint32_t a[4];
-                value_codes(i, md, a);
+                value_codes(vw, md, a);
                 mma_m16n8k16(acc[md], h2fma(a[0], s01, m01), h2fma(a[1], s01, m01), h2fma(a[2], s23, m23),
                              h2fma(a[3], s23, m23), bp[i][0], bp[i][1]);
             }
@@ -407,6 +451,8 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
     // ---------------------------------------------------------------------------------------------
     l += __shfl_xor_sync(FULL_MASK, l, 1);
     l += __shfl_xor_sync(FULL_MASK, l, 2);
+    cp_async_wait_prior<0>();  // (nothing is left in flight: the last group was empty)
+    __syncthreads();  // sm_acc is the stages' memory: every warp is past its loop
     if (t == 0) {
         sm_m[warp][g] = m;
         sm_l[warp][g] = l;
@@ -439,7 +485,7 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
     __syncthreads();
     write_tile_partials<NW, HDP>(sm_acc, sm_m, sm_l, r, H, kvh, G, qt, split, nsplit, HD, part_acc, part_m, part_l);
     merge_splits<true>(r, H, KV, kvh, G, nsplit, nsplit * qtiles, len, span.chunk, HD, part_acc, part_m, part_l, counter,
-                 out, ld_out, nullptr);
+                 out, ld_out, nullptr, sm_w);
 }
 
 }  // namespace kivi

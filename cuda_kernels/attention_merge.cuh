@@ -97,12 +97,14 @@ __device__ __forceinline__ void write_tile_partials(const float (*sm_acc)[8][HDP
 // attention_int4.cu). VEC: the sums four outputs at a time (below).
 // v_off: the values' offsets of a centred cache ([KV, hd], or null), added back: the softmax
 // weights sum to 1, so sum_j p_j (v_j - mu) + mu = sum_j p_j v_j.
+// sm_w: MAX_MERGE floats of shared memory (the overload below declares them; attention_int4.cu
+// lends the memory its main loop used).
 template <bool VEC = false>
 __device__ __forceinline__ void merge_splits(int r, int H, int KV, int kvh, int G, int nsplit, int arrivals,
                                              int len, int chunk, int hd, const float* __restrict__ part_acc,
                                              const float* __restrict__ part_m, const float* __restrict__ part_l,
                                              int* __restrict__ counter, __half* __restrict__ out, int ld_out,
-                                             const float* __restrict__ v_off) {
+                                             const float* __restrict__ v_off, float* __restrict__ sm_w) {
     __shared__ int is_last;
     __threadfence();  // this block's partials are visible before it counts itself done
     __syncthreads();
@@ -117,7 +119,6 @@ __device__ __forceinline__ void merge_splits(int r, int H, int KV, int kvh, int 
     const int used = min(nsplit, (len + chunk - 1) / chunk);  // splits past the length hold nothing
     // Each split's weight 2^(m_s - m) / l, per query head, into shared memory first; then every
     // thread's sum over the splits is a stream of independent loads (no max or exp in the loop).
-    __shared__ float sm_w[MAX_MERGE];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
     for (int g = warp; g < G; g += nwarps) {  // warp by warp: the max and the normaliser of head g
         const size_t base = ((size_t)r * H + kvh * G + g) * nsplit;
@@ -192,4 +193,15 @@ __device__ __forceinline__ void merge_splits(int r, int H, int KV, int kvh, int 
                           (v_off ? v_off[(size_t)kvh * hd + e] : 0.0f);
         out[(size_t)r * ld_out + (kvh * G + gg) * hd + e] = __float2half(sum);
     }
+}
+
+template <bool VEC = false>
+__device__ __forceinline__ void merge_splits(int r, int H, int KV, int kvh, int G, int nsplit, int arrivals,
+                                             int len, int chunk, int hd, const float* __restrict__ part_acc,
+                                             const float* __restrict__ part_m, const float* __restrict__ part_l,
+                                             int* __restrict__ counter, __half* __restrict__ out, int ld_out,
+                                             const float* __restrict__ v_off) {
+    __shared__ float sm_w[MAX_MERGE];
+    merge_splits<VEC>(r, H, KV, kvh, G, nsplit, arrivals, len, chunk, hd, part_acc, part_m, part_l, counter, out, ld_out,
+                      v_off, sm_w);
 }

@@ -535,6 +535,18 @@ def test_gate_up_with_fused_activation(f, k, m, bits, act, bias, seed):
     assert np.all(np.abs(got - ref) <= bound)
 
 
+@pytest.mark.parametrize("kind", ["float", "int8", "fp8", "int4"])
+@pytest.mark.parametrize("max_len", [64, 70])
+def test_cache_bytes_are_what_is_allocated(kind, max_len):
+    """cache.cache_bytes (what `minillm info` and the capacity check count) is what GpuKVCache allocates;
+    the INT4 arrays hold whole 32-position blocks, a max_len of 70 included."""
+    from minillm.gpu.cache import GpuKVCache, cache_bytes
+
+    cfg = Cfg(8, 2, 64)
+    cfg.num_layers = 3
+    assert GpuKVCache(cfg, kind, 2, max_len).nbytes == cache_bytes(kind, 3, 2, 2, 64, max_len)
+
+
 @settings(max_examples=EXAMPLES or 20, deadline=None)
 @given(kv=st.integers(1, 3), g=st.sampled_from([1, 2, 3, 4, 8, 9]), hd=st.sampled_from([16, 32, 64, 96, 128]),
        length=st.integers(0, 150), t=st.integers(1, 8), outliers=st.booleans(), seed=st.integers(0, 2**31))
@@ -542,6 +554,9 @@ def test_gate_up_with_fused_activation(f, k, m, bits, act, bias, seed):
 @example(kv=2, g=1, hd=128, length=140, t=3, outliers=True, seed=1)
 @example(kv=1, g=1, hd=64, length=64, t=1, outliers=False, seed=2)
 @example(kv=2, g=4, hd=128, length=100, t=2, outliers=True, seed=3)
+# long enough that a warp takes several key blocks of its split (its two cp.async stages in turn)
+@example(kv=3, g=1, hd=128, length=5000, t=8, outliers=True, seed=4)
+@example(kv=3, g=4, hd=64, length=5000, t=8, outliers=False, seed=5)
 def test_int4_cache_kernels(kv, g, hd, length, t, outliers, seed):
     """The INT4 (KIVI) kernels — window append (rope_append), block flush (kivi_flush) and attention
     (attention_int4.cu) — against kvcache.Int4KVCache fed the same keys and values in the same pieces

@@ -36,8 +36,9 @@ def cache_bytes(kind: str, num_layers, batch, kv_heads, head_dim, max_len) -> in
     heads = num_layers * batch * kv_heads
     if kind == "int4":
         blocks = -(-max_len // KIVI_BLOCK)
-        per_head = (2 * max_len * head_dim // 2 + blocks * head_dim * 4
-                    + max_len * (head_dim // kivi_group(head_dim)) * 4 + 2 * KIVI_BLOCK * head_dim * 2)
+        rows = blocks * KIVI_BLOCK  # (whole blocks: see GpuKVCache._init_int4)
+        per_head = (2 * rows * head_dim // 2 + blocks * head_dim * 4
+                    + rows * (head_dim // kivi_group(head_dim)) * 4 + 2 * KIVI_BLOCK * head_dim * 2)
         return heads * per_head
     per_pos = head_dim * CODE_BYTES[kind] + (4 if kind != "float" else 0)
     return 2 * heads * max_len * per_pos
@@ -129,14 +130,17 @@ class GpuKVCache:
         group and position, and the fp16 window where new positions wait for their block to fill."""
         cp = get_xp("cuda")
         r, blocks, groups = KIVI_BLOCK, -(-max_len // KIVI_BLOCK), hd // kivi_group(hd)
+        # Rows for whole blocks, so that every block's codes and value scales start 16-byte aligned
+        # (attention_int4.cu copies them in 16-byte pieces with cp.async).
+        self.int4_rows = rows = blocks * r
 
         def z(*shape, dtype=cp.float32):
             return [cp.zeros(shape, dtype) for _ in range(layers)]
 
-        self.kq, self.vq = z(batch, kv, max_len, hd // 2, dtype=cp.uint8), z(batch, kv, max_len, hd // 2, dtype=cp.uint8)
+        self.kq, self.vq = z(batch, kv, rows, hd // 2, dtype=cp.uint8), z(batch, kv, rows, hd // 2, dtype=cp.uint8)
         half = cp.float16  # scales and zero points in fp16, as kvcache.Int4KVCache
         self.ks, self.kz = z(batch, kv, blocks, hd, dtype=half), z(batch, kv, blocks, hd, dtype=half)
-        self.vs, self.vz = z(batch, kv, max_len, groups, dtype=half), z(batch, kv, max_len, groups, dtype=half)
+        self.vs, self.vz = z(batch, kv, rows, groups, dtype=half), z(batch, kv, rows, groups, dtype=half)
         self.wk, self.wv = z(batch, kv, r, hd, dtype=cp.float16), z(batch, kv, r, hd, dtype=cp.float16)
         self.group = kivi_group(hd)
 
@@ -150,9 +154,10 @@ class GpuKVCache:
                 self.k_off[i], self.v_off[i])
 
     def kivi(self, i: int):
-        """INT4 layer i: (kq, vq, ks, kz, vs, vz, wk, wv, max_len, block, group)."""
+        """INT4 layer i: (kq, vq, ks, kz, vs, vz, wk, wv, rows, block, group); rows: max_len rounded up
+        to whole blocks, the arrays' stride."""
         return (self.kq[i], self.vq[i], self.ks[i], self.kz[i], self.vs[i], self.vz[i], self.wk[i], self.wv[i],
-                self.max_len, KIVI_BLOCK, self.group)
+                self.int4_rows, KIVI_BLOCK, self.group)
 
     def check_room(self, new_tokens: int) -> None:
         if self.length + new_tokens > self.max_len:

@@ -128,11 +128,10 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
     constexpr int HDP = S::HDP, KD = S::KD, KW = S::KW, KSTEPS = S::KSTEPS, VD = S::VD, VW = S::VW, MT = S::MT;
     constexpr int GROUP = S::GROUP, NG = S::NG, ROWB = HD / 2;  // bytes of codes per position
     // A warp's next key block lands in shared memory while it computes on the current one (cp.async,
-    // two stages a warp, below): its codes as each lane will read them (keys [nt][lane], values
-    // [i, k][lane]), then the block's key scales and zero points (HD each) and its values' (NG a
-    // position), as they lie in the cache. Once the loop is done the same bytes hold sm_acc and the
+    // two stages a warp, below): its key codes, value codes, key scales and zero points (HD each)
+    // and its values' (NG a position), each as it lies in the cache. Once the loop is done the same bytes hold sm_acc and the
     // merge's weights (36 KB in all at head_dim 128, against 34 KB before the stages).
-    constexpr int KEYB = 4 * 32 * 4 * KW, VALB = 8 * 32 * 4 * VW, KSB = 2 * HD, VSB = 2 * RB * NG;
+    constexpr int KEYB = RB * ROWB, VALB = RB * ROWB, KSB = 2 * HD, VSB = 2 * RB * NG;
     constexpr int STAGE = KEYB + VALB + 2 * KSB + 2 * VSB, ACCB = 4 * NW * 8 * HDP, ENDB = ACCB + 4 * MAX_MERGE;
     __shared__ __align__(16) uint8_t smem[2 * NW * STAGE > ENDB ? 2 * NW * STAGE : ENDB];
     auto sm_acc = reinterpret_cast<float (*)[8][HDP]>(smem);
@@ -222,19 +221,13 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
     auto stage_in = [&](int blk) {
         uint8_t* const st = stage_of(blk);
         const size_t row0 = bk * L + (size_t)blk * RB;
-        if (k_in) {
-            const uint8_t* kp = kq + (row0 + g) * ROWB + kd0 / 2;
+        // the block's codes: RB rows of ROWB bytes each, contiguous, in 16-byte pieces (HD of them)
+        const uint8_t* const kp = kq + row0 * ROWB;
+        const uint8_t* const vp = vq + row0 * ROWB;
 #pragma unroll
-            for (int nt = 0; nt < 4; nt++) cp_async<4 * KW>(st + (nt * 32 + lane) * 4 * KW, kp + nt * 8 * ROWB);
-        }
-        if (v_in) {
-            const uint8_t* vp = vq + (row0 + 2 * t) * ROWB + vd0 / 2;
-#pragma unroll
-            for (int i = 0; i < 2; i++)
-#pragma unroll
-                for (int k = 0; k < 4; k++)
-                    cp_async<4 * VW>(st + KEYB + ((4 * i + k) * 32 + lane) * 4 * VW,
-                                     vp + (16 * i + (k & 1) + 8 * (k >> 1)) * ROWB);
+        for (int c = lane; c < HD; c += 32) {
+            cp_async<16>(st + 16 * c, kp + 16 * c);
+            cp_async<16>(st + KEYB + 16 * c, vp + 16 * c);
         }
         // 16-byte pieces: the key scales and zeros (2 KP <= 32 of them), then the values' (2 VP <= 32)
         if (lane < 2 * KP) cp_async<16>(st + KEYB + VALB + 16 * lane, ksrc + (bk * nb + blk) * HD);
@@ -257,7 +250,7 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
         // The block's codes, read from the stage where they are used (fewer registers held): keys of
         // n-tile nt; values of k-tile i (positions 16i + 2t + {0, 1, 8, 9}).
         auto key_words = [&](int nt, uint32_t (&kw)[KW]) {
-            if (k_in) read_words<KW>(st + (nt * 32 + lane) * 4 * KW, kw);
+            if (k_in) read_words<KW>(st + (nt * 8 + g) * ROWB + kd0 / 2, kw);
             else
 #pragma unroll
                 for (int w = 0; w < KW; w++) kw[w] = 0u;
@@ -265,7 +258,7 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
         auto value_words = [&](int i, uint32_t (&vw)[4][VW]) {
 #pragma unroll
             for (int k = 0; k < 4; k++) {
-                if (v_in) read_words<VW>(st + KEYB + ((4 * i + k) * 32 + lane) * 4 * VW, vw[k]);
+                if (v_in) read_words<VW>(st + KEYB + (16 * i + 2 * t + (k & 1) + 8 * (k >> 1)) * ROWB + vd0 / 2, vw[k]);
                 else
 #pragma unroll
                     for (int w = 0; w < VW; w++) vw[k][w] = 0u;

@@ -51,9 +51,12 @@
 //   grid (KV x query tiles of 8 heads, S splits of `chunk` positions, R rows); NW warps per block,
 //   warp w takes key blocks w, w + NW, ... of its chunk, keeps an online softmax per query
 //   (Milakov & Gimelshein 2018; scores in the log2 domain), and the warps merge in a fixed order
-//   in shared memory. The split containing the row's last positions also reads the float window
-//   (fp16 keys and values, the same two products). HD is a template parameter (16, 32, 64, 96,
-//   128): every offset inside a block is then a constant of the instruction.
+//   in shared memory. A warp copies its next key block into shared memory (cp.async) before it
+//   computes the current one, so a block's DRAM round trip overlaps a block's arithmetic (H100, 32k,
+//   32 kv heads, batch 8: 506 -> 462 us, 88% -> 97% of copy). The split containing the row's last
+//   positions also reads the float window (fp16 keys and values, the same two products). HD is a
+//   template parameter (16, 32, 64, 96, 128): every offset inside a block is then a constant of
+//   the instruction.
 
 #include "common.cuh"
 #include "attention_merge.cuh"
@@ -129,8 +132,8 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
     constexpr int GROUP = S::GROUP, NG = S::NG, ROWB = HD / 2;  // bytes of codes per position
     // A warp's next key block lands in shared memory while it computes on the current one (cp.async,
     // two stages a warp, below): its key codes, value codes, key scales and zero points (HD each)
-    // and its values' (NG a position), each as it lies in the cache. Once the loop is done the same bytes hold sm_acc and the
-    // merge's weights (36 KB in all at head_dim 128, against 34 KB before the stages).
+    // and its values' (NG a position), each as it lies in the cache. Once the loop is done the same
+    // bytes hold sm_acc and the merge's weights (40 KB in all at head_dim 128; 34 KB before).
     constexpr int KEYB = RB * ROWB, VALB = RB * ROWB, KSB = 2 * HD, VSB = 2 * RB * NG;
     constexpr int STAGE = KEYB + VALB + 2 * KSB + 2 * VSB, ACCB = 4 * NW * 8 * HDP, ENDB = ACCB + 4 * MAX_MERGE;
     __shared__ __align__(16) uint8_t smem[2 * NW * STAGE > ENDB ? 2 * NW * STAGE : ENDB];
@@ -211,9 +214,8 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
     // Quantized blocks
     // ---------------------------------------------------------------------------------------------
     const int zsrc = 4 * min(g * GROUP / VD, 7) + t;  // the lane holding group g's value scales
-    // A block's codes and scales, copied into the warp's stage (cp.async; committed as one group).
-    // Keys: position nt * 8 + g, the lane's KD dims; values: positions 16i + 2t + {0, 1, 8, 9}
-    // (k = 0..3), the lane's VD dims; the scales and zero points in 16-byte pieces, lane by lane.
+    // A block's codes and scales copied into the warp's stage (cp.async, 16 bytes a copy), the lanes
+    // taking consecutive pieces; each lane then reads its own words out of the stage (below).
     constexpr int KP = KSB / 16, VP = VSB / 16;
     const __half* const ksrc = (lane < KP ? ks : kz) + 8 * (lane % KP);  // this lane's scale pieces
     const __half* const vsrc = (lane < VP ? vs : vz) + 8 * (lane % VP);

@@ -307,7 +307,7 @@ def test_rope_in_qkv_product(kind, w4_kernel, w4_group, kv, g, hd, d, length, no
        kernel=st.sampled_from(["plain", "pipe", "gqa", "mma", "cluster"]), seed=st.integers(0, 2**31))
 @example(b=2, t=1, kv=4, g=1, hd=128, fmt="float", max_len=700, window=0, outliers=False, kernel="cluster", seed=1)
 @example(b=1, t=3, kv=2, g=3, hd=64, fmt="float", max_len=900, window=300, outliers=True, kernel="cluster", seed=2)
-# long splits: each warp of the tensor-core kernel takes many key blocks (its two cp.async stages in turn)
+# long splits: each warp of the tensor-core kernel (attention_mma.cu) takes many key blocks
 @example(b=2, t=4, kv=4, g=4, hd=128, fmt="int8", max_len=20000, window=0, outliers=True, kernel="mma", seed=3)
 @example(b=2, t=4, kv=4, g=8, hd=64, fmt="fp8-offsets", max_len=12345, window=300, outliers=False, kernel="mma", seed=4)
 def test_decode_attention(b, t, kv, g, hd, fmt, max_len, window, outliers, kernel, seed):

@@ -219,35 +219,34 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
     constexpr int KP = KSB / 16, VP = VSB / 16;
     const __half* const ksrc = (lane < KP ? ks : kz) + 8 * (lane % KP);  // this lane's scale pieces
     const __half* const vsrc = (lane < VP ? vs : vz) + 8 * (lane % VP);
-    auto stage_of = [&](int blk) { return smem + (2 * warp + ((blk - c0 / RB) / NW & 1)) * STAGE; };
-    auto stage_in = [&](int blk) {
-        uint8_t* const st = stage_of(blk);
+    auto stage_in = [&](int blk, uint8_t* st) {
         const size_t row0 = bk * L + (size_t)blk * RB;
         // the block's codes: RB rows of ROWB bytes each, contiguous, in 16-byte pieces (HD of them)
         const uint8_t* const kp = kq + row0 * ROWB;
         const uint8_t* const vp = vq + row0 * ROWB;
 #pragma unroll
         for (int c = lane; c < HD; c += 32) {
-            cp_async<16>(st + 16 * c, kp + 16 * c);
-            cp_async<16>(st + KEYB + 16 * c, vp + 16 * c);
+            cp_async16(st + 16 * c, kp + 16 * c);
+            cp_async16(st + KEYB + 16 * c, vp + 16 * c);
         }
         // 16-byte pieces: the key scales and zeros (2 KP <= 32 of them), then the values' (2 VP <= 32)
-        if (lane < 2 * KP) cp_async<16>(st + KEYB + VALB + 16 * lane, ksrc + (bk * nb + blk) * HD);
-        if (lane < 2 * VP) cp_async<16>(st + KEYB + VALB + 2 * KSB + 16 * lane, vsrc + row0 * NG);
+        if (lane < 2 * KP) cp_async16(st + KEYB + VALB + 16 * lane, ksrc + (bk * nb + blk) * HD);
+        if (lane < 2 * VP) cp_async16(st + KEYB + VALB + 2 * KSB + 16 * lane, vsrc + row0 * NG);
     };
     const int first = c0 / RB + warp;
-    if (first * RB < qend) stage_in(first);
+    uint8_t* st = smem + 2 * warp * STAGE;  // the warp's two stages, taken in turn
+    uint8_t* st_next = st + STAGE;
+    if (first * RB < qend) stage_in(first, st);
     cp_async_commit();
     for (int blk = first; blk * RB < qend; blk += NW) {
         const int j0 = blk * RB;
         // Ask for the next block (into the other stage, which every lane finished reading in the
         // previous step), then wait for this one: one group in flight while this block is computed.
         __syncwarp();
-        if ((blk + NW) * RB < qend) stage_in(blk + NW);
+        if ((blk + NW) * RB < qend) stage_in(blk + NW, st_next);
         cp_async_commit();  // (an empty group past the end: the wait below stays the same)
         cp_async_wait_prior<1>();
         __syncwarp();  // the scales were copied by other lanes
-        const uint8_t* const st = stage_of(blk);
         const uint8_t* const st_scales = st + KEYB + VALB;  // ks, kz [HD] then vs, vz [RB][NG]
         // The block's codes, read from the stage where they are used (fewer registers held): keys of
         // n-tile nt; values of k-tile i (positions 16i + 2t + {0, 1, 8, 9}).
@@ -390,6 +389,9 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
             mma_m16n8k16(zacc, g < NG ? za0 : 0u, 0u, g < NG ? za2 : 0u, 0u, bp[i][0], bp[i][1]);
         }
         }
+        uint8_t* const done = st;  // the next block is in the other stage; this one takes the one after
+        st = st_next;
+        st_next = done;
     }
 
     // ---------------------------------------------------------------------------------------------

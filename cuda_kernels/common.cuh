@@ -318,13 +318,10 @@ __device__ __forceinline__ void pdl_trigger() {
 // cp.async (sm_80): a copy from global to shared memory that holds no registers while in flight, so
 // a warp can ask for its next block of data and compute on the current one meanwhile. A thread sees
 // its own copies after cp_async_wait_prior; other threads of its warp after that and a __syncwarp.
-template <int BYTES>
-__device__ __forceinline__ void cp_async(void* smem, const void* gmem) {
+// 16 bytes, both addresses aligned to 16; .cg: through L2 only (streamed once, nothing for L1 to keep).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
     const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-    if constexpr (BYTES == 16)  // .cg: through L2 only (streamed once, nothing for L1 to keep)
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
-    else
-        asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(s), "l"(gmem), "n"(BYTES) : "memory");
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
 }
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }

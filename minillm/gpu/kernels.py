@@ -283,7 +283,8 @@ def decode_attention_int4(q, kivi, pos, rows, t, cfg, window, parts, out, plan):
     (attention_int4.cu): blocks of (kv head, 8 query heads) x splits x rows."""
     kq, vq, ks, kz, vs, vz, wk, wv, max_len, block, group = kivi
     h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    qtiles = -(-(h // kv) // 8)
+    g = h // kv
+    qtiles = -(-g // 8)
     # One wave: as many splits as keep every (kv head, query tile, row) at most INT4_BLOCKS_PER_SM
     # blocks a SM together; a second, partial wave would leave the GPU to its stragglers (H100,
     # 32k positions, 32 kv heads x batch 8: 2 splits 494 us, 3 splits 591; bench/NOTES.md).
@@ -293,7 +294,6 @@ def decode_attention_int4(q, kivi, pos, rows, t, cfg, window, parts, out, plan):
     # merges G x splits partial results alone while the GPU idles (attention_merge.cuh), and since
     # each warp streams its next key block during the current one (attention_int4.cu), fewer blocks
     # keep the memory busy (H100, 8 kv heads, batch 1, 32k: 64 / 32 / 16 splits 29.4 / 23.7 / 32.0 us).
-    g = h // kv
     splits = max(1, min(-(-max_len // (32 * MMA_WARPS)), INT4_BLOCKS_PER_SM * sm_count() // pairs, plan[1],
                         max(1, 128 // g)))
     chunk = round_up(-(-max_len // splits), 64)

@@ -133,7 +133,7 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
     // A warp's next key block lands in shared memory while it computes on the current one (cp.async,
     // two stages a warp, below): its key codes, value codes, key scales and zero points (HD each)
     // and its values' (NG a position), each as it lies in the cache. Once the loop is done the same
-    // bytes hold sm_acc and the merge's weights (40 KB in all at head_dim 128; 34 KB before).
+    // bytes hold sm_acc and the merge's weights (40 KB in all at head_dim 128).
     constexpr int KEYB = RB * ROWB, VALB = RB * ROWB, KSB = 2 * HD, VSB = 2 * RB * NG;
     constexpr int STAGE = KEYB + VALB + 2 * KSB + 2 * VSB, ACCB = 4 * NW * 8 * HDP, ENDB = ACCB + 4 * MAX_MERGE;
     __shared__ __align__(16) uint8_t smem[2 * NW * STAGE > ENDB ? 2 * NW * STAGE : ENDB];
@@ -481,8 +481,8 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
     }
     __syncthreads();
     write_tile_partials<NW, HDP>(sm_acc, sm_m, sm_l, r, H, kvh, G, qt, split, nsplit, HD, part_acc, part_m, part_l);
-    merge_splits<true>(r, H, KV, kvh, G, nsplit, nsplit * qtiles, len, span.chunk, HD, part_acc, part_m, part_l, counter,
-                 out, ld_out, nullptr, sm_w);
+    merge_splits_tc<32 * NW>(r, H, KV, kvh, G, nsplit, nsplit * qtiles, len, span.chunk, HD, part_acc, part_m, part_l,
+                             counter, out, ld_out, nullptr, sm_w);
 }
 
 }  // namespace kivi

@@ -60,31 +60,43 @@ __device__ __forceinline__ float online_softmax_step(const float (&sc)[4][2], fl
 // The end of a split for the tensor-core kernels (a tile of up to 8 query heads, NW warps): each
 // warp left its online-softmax state per query in shared memory (sum sm_acc[w][q][:], max sm_m[w][q],
 // normaliser sm_l[w][q]); combine the warps in warp order (deterministic) and write the split's
-// partial result for query heads qt * 8 + q < G.
+// partial result for query heads qt * 8 + q < G. The warps' factors 2^(m_w - m) are worked out once
+// per head, then each thread sums four outputs at a time (sm_acc 16-byte aligned, hd % 4 == 0): this
+// runs in the last block of a kv head on the way to the merge, where every instruction is latency.
 template <int NW, int HDP>
 __device__ __forceinline__ void write_tile_partials(const float (*sm_acc)[8][HDP], const float (*sm_m)[8],
                                                     const float (*sm_l)[8], int r, int H, int kvh, int G, int qt,
                                                     int split, int nsplit, int hd, float* __restrict__ part_acc,
                                                     float* __restrict__ part_m, float* __restrict__ part_l) {
+    __shared__ float sm_f[NW][8];
     const size_t part0 = ((size_t)r * H + kvh * G) * nsplit + split;  // (r, head kvh * G, split)
-    for (int i = threadIdx.x; i < 8 * hd; i += blockDim.x) {
-        const int gg = i / hd, d = i % hd, qh = qt * 8 + gg;
-        if (qh >= G) continue;
+    const int heads = min(8, G - qt * 8);
+    if (threadIdx.x < heads) {
+        const int gg = threadIdx.x;
         float M = NEG_INF;
 #pragma unroll
         for (int w = 0; w < NW; w++) M = fmaxf(M, sm_m[w][gg]);
-        float sum = 0.0f, lsum = 0.0f;
+        float lsum = 0.0f;
 #pragma unroll
         for (int w = 0; w < NW; w++) {
             const float f = sm_m[w][gg] == NEG_INF ? 0.0f : exp2f(sm_m[w][gg] - M);
-            sum += f * sm_acc[w][gg][d];
+            sm_f[w][gg] = f;
             lsum += f * sm_l[w][gg];
         }
-        part_acc[(part0 + (size_t)qh * nsplit) * hd + d] = sum;
-        if (d == 0) {
-            part_m[part0 + (size_t)qh * nsplit] = M;
-            part_l[part0 + (size_t)qh * nsplit] = lsum;
+        part_m[part0 + (size_t)(qt * 8 + gg) * nsplit] = M;
+        part_l[part0 + (size_t)(qt * 8 + gg) * nsplit] = lsum;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < heads * hd / 4; i += blockDim.x) {
+        const int gg = 4 * i / hd, d = 4 * i % hd;
+        float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+        for (int w = 0; w < NW; w++) {
+            const float f = sm_f[w][gg];
+            const float4 a = *reinterpret_cast<const float4*>(&sm_acc[w][gg][d]);
+            sum.x += f * a.x, sum.y += f * a.y, sum.z += f * a.z, sum.w += f * a.w;
         }
+        *reinterpret_cast<float4*>(part_acc + (part0 + (size_t)(qt * 8 + gg) * nsplit) * hd + d) = sum;
     }
 }
 
@@ -94,28 +106,36 @@ __device__ __forceinline__ void write_tile_partials(const float (*sm_acc)[8][HDP
 // counter per (row, kv head) in device memory, reset by that block for the next step), so no second
 // kernel is launched:  m = max_s m_s,  l = sum_s l_s 2^(m_s - m),  out = sum_s acc_s 2^(m_s - m) / l.
 // `arrivals`: blocks per (row, kv head) (the splits, times the query tiles of attention_mma.cu and
-// attention_int4.cu). VEC: the sums four outputs at a time (below).
+// attention_int4.cu). Returns whether this block is that last one (block-uniform).
+// The count is one acquire-release atomic by thread 0 between two barriers (the pattern of
+// CUTLASS's barrier.h): release, so the block's partials (ordered before it by the first barrier)
+// are visible to whoever counts after it; acquire, so the last block's reads (ordered after it by
+// the second barrier) see every other block's. Cheaper than a sequentially consistent fence in
+// every thread (__threadfence: MEMBAR.SC.GPU), which the chain to the output paid twice.
+__device__ __forceinline__ bool last_to_arrive(int r, int KV, int kvh, int arrivals, int* __restrict__ counter) {
+    __shared__ int is_last;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int* const c = &counter[(size_t)r * KV + kvh];
+        int done;
+        asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;" : "=r"(done) : "l"(c) : "memory");
+        is_last = done == arrivals - 1;
+        if (is_last) *c = 0;
+    }
+    __syncthreads();
+    return is_last;
+}
+
+// The merge for attention.cu's kernels (one output a thread).
 // v_off: the values' offsets of a centred cache ([KV, hd], or null), added back: the softmax
 // weights sum to 1, so sum_j p_j (v_j - mu) + mu = sum_j p_j v_j.
-// sm_w: MAX_MERGE floats of shared memory (the overload below declares them; attention_int4.cu
-// lends the memory its main loop used).
-template <bool VEC = false>
 __device__ __forceinline__ void merge_splits(int r, int H, int KV, int kvh, int G, int nsplit, int arrivals,
                                              int len, int chunk, int hd, const float* __restrict__ part_acc,
                                              const float* __restrict__ part_m, const float* __restrict__ part_l,
                                              int* __restrict__ counter, __half* __restrict__ out, int ld_out,
-                                             const float* __restrict__ v_off, float* __restrict__ sm_w) {
-    __shared__ int is_last;
-    __threadfence();  // this block's partials are visible before it counts itself done
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        const int done = atomicAdd(&counter[(size_t)r * KV + kvh], 1);
-        is_last = done == arrivals - 1;
-        if (is_last) counter[(size_t)r * KV + kvh] = 0;
-    }
-    __syncthreads();
-    if (!is_last) return;
-    __threadfence();
+                                             const float* __restrict__ v_off) {
+    __shared__ float sm_w[MAX_MERGE];
+    if (!last_to_arrive(r, KV, kvh, arrivals, counter)) return;
     const int used = min(nsplit, (len + chunk - 1) / chunk);  // splits past the length hold nothing
     // Each split's weight 2^(m_s - m) / l, per query head, into shared memory first; then every
     // thread's sum over the splits is a stream of independent loads (no max or exp in the loop).
@@ -138,43 +158,6 @@ __device__ __forceinline__ void merge_splits(int r, int H, int KV, int kvh, int 
         for (int s = lane; s < used; s += 32) sm_w[g * used + s] *= inv;
     }
     __syncthreads();
-    if (VEC && hd % 4 == 0) {
-        // Four consecutive outputs a thread, one 16-byte load per split, 8 splits in flight. Faster
-        // for the tensor-core kernels (8 kv heads, batch 1, 32k: int8 38.3 -> 36.7 us, INT4 32.8 ->
-        // 29.6), slower for attention.cu's (fp16 103.8 -> 109.5: its registers are the main loop's
-        // occupancy), so each kernel says which it wants. Summed in a fixed order, as below.
-        for (int i = threadIdx.x; i < G * hd / 4; i += blockDim.x) {
-            const int gg = 4 * i / hd, e = 4 * i % hd;
-            const float4* src = reinterpret_cast<const float4*>(part_acc + ((size_t)r * H + kvh * G + gg) * nsplit * hd + e);
-            const float* w = sm_w + gg * used;
-            float4 o[8];
-#pragma unroll
-            for (int u = 0; u < 8; u++) o[u] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            int s = 0;
-            for (; s + 8 <= used; s += 8) {
-#pragma unroll
-                for (int u = 0; u < 8; u++) {
-                    const float4 a = __ldcg(src + (size_t)(s + u) * (hd / 4));
-                    const float ww = w[s + u];
-                    o[u].x += a.x * ww, o[u].y += a.y * ww, o[u].z += a.z * ww, o[u].w += a.w * ww;
-                }
-            }
-            for (; s < used; s++) {
-                const float4 a = __ldcg(src + (size_t)s * (hd / 4));
-                o[0].x += a.x * w[s], o[0].y += a.y * w[s], o[0].z += a.z * w[s], o[0].w += a.w * w[s];
-            }
-            float res[4];
-#pragma unroll
-            for (int c = 0; c < 4; c++) {
-                auto at = [&](int u) { return c == 0 ? o[u].x : c == 1 ? o[u].y : c == 2 ? o[u].z : o[u].w; };
-                res[c] = ((at(0) + at(1)) + (at(2) + at(3))) + ((at(4) + at(5)) + (at(6) + at(7))) +
-                         (v_off ? v_off[(size_t)kvh * hd + e + c] : 0.0f);
-            }
-#pragma unroll
-            for (int c = 0; c < 4; c++) out[(size_t)r * ld_out + (kvh * G + gg) * hd + e + c] = __float2half(res[c]);
-        }
-        return;
-    }
     for (int i = threadIdx.x; i < G * hd; i += blockDim.x) {
         const int gg = i / hd, e = i % hd;
         const float* src = part_acc + ((size_t)r * H + kvh * G + gg) * nsplit * hd + e;
@@ -195,13 +178,123 @@ __device__ __forceinline__ void merge_splits(int r, int H, int KV, int kvh, int 
     }
 }
 
-template <bool VEC = false>
-__device__ __forceinline__ void merge_splits(int r, int H, int KV, int kvh, int G, int nsplit, int arrivals,
-                                             int len, int chunk, int hd, const float* __restrict__ part_acc,
-                                             const float* __restrict__ part_m, const float* __restrict__ part_l,
-                                             int* __restrict__ counter, __half* __restrict__ out, int ld_out,
-                                             const float* __restrict__ v_off) {
-    __shared__ float sm_w[MAX_MERGE];
-    merge_splits<VEC>(r, H, KV, kvh, G, nsplit, arrivals, len, chunk, hd, part_acc, part_m, part_l, counter, out, ld_out,
-                      v_off, sm_w);
+// (m, l) of two sets of positions as one: the larger max, each normaliser rescaled to it.
+__device__ __forceinline__ void combine_ml(float& m, float& l, float m2, float l2) {
+    const float mn = fmaxf(m, m2);
+    l = (m == NEG_INF ? 0.0f : l * exp2f(m - mn)) + (m2 == NEG_INF ? 0.0f : l2 * exp2f(m2 - mn));
+    m = mn;
+}
+
+// The merge for the tensor-core kernels (attention_mma.cu, attention_int4.cu; NT threads a block,
+// hd % 4 == 0). The chain after the last block's loop is the kernel's tail while the GPU idles
+// (H100, 8 kv heads, batch 1, 32k, int8: ~5 us of 35 before), so it is cut to one round of loads
+// before the sums: the first splits' sums are asked for before the weights are known, m and l
+// come in one pass, the splits of an output column (four outputs of a query head) are shared among
+// NT / columns threads (with one query head per kv head there are only hd / 4 columns: a warp
+// alone would walk every split) and added in thread order, and each group of loads is in flight
+// while the one before it is summed. All in a fixed order: deterministic. (Merging each split as
+// it arrives, online, without the weights' pass: slower, a chain of exp2 a split; bench/NOTES.md.)
+// sm_w: G x splits floats of shared memory (MAX_MERGE at most; attention_int4.cu lends the memory
+// its main loop used).
+template <int NT>
+__device__ __forceinline__ void merge_splits_tc(int r, int H, int KV, int kvh, int G, int nsplit, int arrivals,
+                                                int len, int chunk, int hd, const float* __restrict__ part_acc,
+                                                const float* __restrict__ part_m, const float* __restrict__ part_l,
+                                                int* __restrict__ counter, __half* __restrict__ out, int ld_out,
+                                                const float* __restrict__ v_off, float* __restrict__ sm_w) {
+    constexpr int U = 8;  // loads a group
+    __shared__ float4 sm_part[NT];
+    if (!last_to_arrive(r, KV, kvh, arrivals, counter)) return;
+    const int used = min(nsplit, (len + chunk - 1) / chunk);  // splits past the length hold nothing
+    const int q4 = hd / 4, cols = G * q4, parts = max(1, min(used, NT / cols));
+    const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    // Column c's splits p, p + parts, ...: group k of U of them loaded (zeros past the last), and
+    // added with their weights into o.
+    auto column = [&](int c) {
+        return reinterpret_cast<const float4*>(part_acc + ((size_t)r * H + kvh * G + c / q4) * nsplit * hd) + c % q4;
+    };
+    auto load = [&](const float4* src, int p, int k, float4 (&a)[U]) {
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int s = p + (k * U + u) * parts;
+            a[u] = s < used ? __ldcg(src + (size_t)s * q4) : zero;
+        }
+    };
+    auto add = [&](const float* w, int p, int k, const float4 (&a)[U], float4 (&o)[2]) {
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int s = p + (k * U + u) * parts;
+            const float ww = s < used ? w[s] : 0.0f;
+            float4& d = o[u & 1];
+            d.x += a[u].x * ww, d.y += a[u].y * ww, d.z += a[u].z * ww, d.w += a[u].w * ww;
+        }
+    };
+    auto sum = [&](int c, int p, float4 (&a)[U]) {  // a: group 0, already asked for
+        const float4* src = column(c);
+        const float* w = sm_w + (c / q4) * used;
+        float4 o[2] = {zero, zero};
+        for (int k = 0; p + k * U * parts < used; k++) {
+            float4 b[U];
+            load(src, p, k + 1, b);  // the next group in flight while this one is added
+            add(w, p, k, a, o);
+#pragma unroll
+            for (int u = 0; u < U; u++) a[u] = b[u];
+        }
+        return make_float4(o[0].x + o[1].x, o[0].y + o[1].y, o[0].z + o[1].z, o[0].w + o[1].w);
+    };
+    auto store = [&](int c, float4 v) {
+        const int e = 4 * (c % q4);
+        if (v_off) {
+            const float* off = v_off + (size_t)kvh * hd + e;
+            v.x += off[0], v.y += off[1], v.z += off[2], v.w += off[3];
+        }
+        const __half2 lo = __floats2half2_rn(v.x, v.y), hi = __floats2half2_rn(v.z, v.w);
+        uint2 pack;
+        pack.x = *reinterpret_cast<const uint32_t*>(&lo), pack.y = *reinterpret_cast<const uint32_t*>(&hi);
+        *reinterpret_cast<uint2*>(out + (size_t)r * ld_out + (kvh * G + c / q4) * hd + e) = pack;  // 8-byte aligned: hd, ld % 4 == 0
+    };
+
+    // This thread's first column and its share of the splits; their first group asked for now.
+    const int col = threadIdx.x % cols, part = threadIdx.x / cols;
+    const bool mine = part < parts;
+    float4 a[U];
+    load(column(col), mine ? part : used, 0, a);
+    // The weights 2^(m_s - m) / l per query head (warp g takes head g), m_s kept in sm_w meanwhile.
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int g = warp; g < G; g += NT / 32) {
+        const size_t base = ((size_t)r * H + kvh * G + g) * nsplit;
+        float m = NEG_INF, l = 0.0f;  // of this lane's splits
+        for (int s = lane; s < used; s += 32) {
+            const float ms = __ldcg(part_m + base + s), ls = __ldcg(part_l + base + s);
+            sm_w[g * used + s] = ms;
+            const float mn = fmaxf(m, ms);
+            l = (m == NEG_INF ? 0.0f : l * exp2f(m - mn)) + (ms == NEG_INF ? 0.0f : ls * exp2f(ms - mn));
+            m = mn;
+        }
+        const float M = warp_max(m);
+        const float L = warp_sum(m == NEG_INF ? 0.0f : l * exp2f(m - M));
+        const float inv = L > 0.0f ? 1.0f / L : 0.0f;
+        __syncwarp();
+        for (int s = lane; s < used; s += 32) {
+            const float ms = sm_w[g * used + s];
+            sm_w[g * used + s] = ms == NEG_INF ? 0.0f : exp2f(ms - M) * inv;
+        }
+    }
+    __syncthreads();
+    if (mine) sm_part[threadIdx.x] = sum(col, part, a);
+    __syncthreads();
+    if (part == 0) {
+        float4 v = sm_part[col];
+        for (int p = 1; p < parts; p++) {
+            const float4 b = sm_part[p * cols + col];
+            v.x += b.x, v.y += b.y, v.z += b.z, v.w += b.w;
+        }
+        store(col, v);
+    }
+    // Columns past the block's threads (G x hd > 4 NT: eight query heads at head_dim 128), one
+    // share each (parts == 1).
+    for (int c = col + NT; c < cols; c += NT) {
+        load(column(c), 0, 0, a);
+        store(c, sum(c, 0, a));
+    }
 }

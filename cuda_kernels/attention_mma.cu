@@ -97,7 +97,7 @@ __device__ __forceinline__ void attn_mma(const __half* __restrict__ q, const uin
                                           __half* __restrict__ out, int ld_out, const float* __restrict__ v_off) {
     using S = TileShape<HDP>;
     constexpr int KD = S::KD, KSTEPS = S::KSTEPS, VD = S::VD;
-    __shared__ float sm_acc[NW][8][HDP];
+    __shared__ __align__(16) float sm_acc[NW][8][HDP];  // (16-byte reads in write_tile_partials)
     __shared__ float sm_m[NW][8], sm_l[NW][8];
 
     const int G = H / KV, qtiles = (G + 7) / 8;
@@ -259,8 +259,9 @@ __device__ __forceinline__ void attn_mma(const __half* __restrict__ q, const uin
         }
     __syncthreads();
     write_tile_partials<NW, HDP>(sm_acc, sm_m, sm_l, r, H, kvh, G, qt, split, nsplit, hd, part_acc, part_m, part_l);
-    merge_splits<true>(r, H, KV, kvh, G, nsplit, nsplit * qtiles, len, span.chunk, hd, part_acc, part_m, part_l, counter, out,
-                 ld_out, v_off);
+    __shared__ float sm_w[MAX_MERGE];
+    merge_splits_tc<32 * NW>(r, H, KV, kvh, G, nsplit, nsplit * qtiles, len, span.chunk, hd, part_acc, part_m, part_l,
+                             counter, out, ld_out, v_off, sm_w);
 }
 
 // Three blocks per SM (measured when this kernel also served the INT4 cache: 168 registers and a few

@@ -247,6 +247,7 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
         cp_async_commit();  // (an empty group past the end: the wait below stays the same)
         cp_async_wait_prior<1>();
         __syncwarp();  // the scales were copied by other lanes
+        if (blk == first) TIMELINE(1);
         const uint8_t* const st_scales = st + KEYB + VALB;  // ks, kz [HD] then vs, vz [RB][NG]
         // The block's codes, read from the stage where they are used (fewer registers held): keys of
         // n-tile nt; values of k-tile i (positions 16i + 2t + {0, 1, 8, 9}).
@@ -450,6 +451,7 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
     l += __shfl_xor_sync(FULL_MASK, l, 2);
     cp_async_wait_prior<0>();  // (nothing is left in flight: the last group was empty)
     __syncthreads();  // sm_acc is the stages' memory: every warp is past its loop
+    TIMELINE(2);
     if (t == 0) {
         sm_m[warp][g] = m;
         sm_l[warp][g] = l;
@@ -493,6 +495,7 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
         const __half* vs, const __half* vz, const __half* wk, const __half* wv, const int* pos, int T, int H,      \
         int KV, int L, int chunk, int window, float qscale, float* part_acc, float* part_m, float* part_l,        \
         int* counter, __half* out, int ld_out) {                                                               \
+        TIMELINE(0);                                                                                           \
         pdl_begin();                                                                                           \
         kivi::attn_int4<HD, MHA>(q, kq, vq, ks, kz, vs, vz, wk, wv, pos, T, H, KV, L, chunk, window, qscale, part_acc, \
                             part_m, part_l, counter, out, ld_out);                                             \

@@ -4,6 +4,33 @@
 #pragma once
 #include "common.cuh"
 
+// Timeline of a call (bench/attn_timeline.py): compiled with -DMINILLM_TIMELINE, thread 0 of each
+// block records %globaltimer (ns, 32 ns steps on an H100) at numbered points of the tensor-core
+// kernels: 0 start, 1 the first key block of warp 0 in hand, 2 every warp past its loop,
+// 3 partials written, 4 counted (last_to_arrive), 5 the merge's weights ready, 6 the block's end;
+// slot 7 holds its SM and whether it merged. Without the define the marks compile to nothing.
+#ifdef MINILLM_TIMELINE
+#define TIMELINE_BLOCKS 16384
+__device__ unsigned long long attn_timeline[TIMELINE_BLOCKS][8];
+__device__ __forceinline__ void timeline_mark(int k, unsigned long long v = 0) {
+    const unsigned bid = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+    if (threadIdx.x != 0 || bid >= TIMELINE_BLOCKS) return;
+    if (k == 7) {
+        unsigned sm;
+        asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+        attn_timeline[bid][7] = sm | (v << 32);
+    } else {
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(v));
+        attn_timeline[bid][k] = v;
+    }
+}
+#define TIMELINE(...) timeline_mark(__VA_ARGS__)
+#define TIMELINE_END() (__syncthreads(), timeline_mark(6))
+#else
+#define TIMELINE(...) ((void)0)
+#define TIMELINE_END() ((void)0)
+#endif
+
 // Row r = (batch b, new token t) sees positions [lo, len), len = pos[b] + t + 1 (causal for any T),
 // lo > 0 only for a sliding window; split s covers [c0, c1) of that, `chunk` positions a split.
 // The grid has the splits the cache's capacity needs (max_chunk each), but the chunk follows the
@@ -114,6 +141,7 @@ __device__ __forceinline__ void write_tile_partials(const float (*sm_acc)[8][HDP
 // every thread (__threadfence: MEMBAR.SC.GPU), which the chain to the output paid twice.
 __device__ __forceinline__ bool last_to_arrive(int r, int KV, int kvh, int arrivals, int* __restrict__ counter) {
     __shared__ int is_last;
+    TIMELINE(3);
     __syncthreads();
     if (threadIdx.x == 0) {
         int* const c = &counter[(size_t)r * KV + kvh];
@@ -123,6 +151,9 @@ __device__ __forceinline__ bool last_to_arrive(int r, int KV, int kvh, int arriv
         if (is_last) *c = 0;
     }
     __syncthreads();
+    TIMELINE(4);
+    TIMELINE(7, is_last);
+    if (!is_last) TIMELINE(6);
     return is_last;
 }
 
@@ -281,6 +312,7 @@ __device__ __forceinline__ void merge_splits_tc(int r, int H, int KV, int kvh, i
         }
     }
     __syncthreads();
+    TIMELINE(5);
     if (mine) sm_part[threadIdx.x] = sum(col, part, a);
     __syncthreads();
     if (part == 0) {
@@ -297,4 +329,5 @@ __device__ __forceinline__ void merge_splits_tc(int r, int H, int KV, int kvh, i
         load(column(c), 0, 0, a);
         store(c, sum(c, 0, a));
     }
+    TIMELINE_END();
 }

@@ -237,6 +237,7 @@ __device__ __forceinline__ void attn_mma(const __half* __restrict__ q, const uin
                 const uint32_t e4 = byte_pair<FMT>(vw[i][2][2 * u + 1], vw[i][3][2 * u + 1], j);
                 a[0] = d0, a[1] = d4, a[2] = e0, a[3] = e4;
             });
+            if (blk == c0 / RB + warp) TIMELINE(1);
         }
     }
 
@@ -258,6 +259,7 @@ __device__ __forceinline__ void attn_mma(const __half* __restrict__ q, const uin
             sm_acc[warp][2 * t + e][dim + 4] = acc[md][2 + e];
         }
     __syncthreads();
+    TIMELINE(2);
     write_tile_partials<NW, HDP>(sm_acc, sm_m, sm_l, r, H, kvh, G, qt, split, nsplit, hd, part_acc, part_m, part_l);
     __shared__ float sm_w[MAX_MERGE];
     merge_splits_tc<32 * NW>(r, H, KV, kvh, G, nsplit, nsplit * qtiles, len, span.chunk, hd, part_acc, part_m, part_l,
@@ -271,6 +273,7 @@ __device__ __forceinline__ void attn_mma(const __half* __restrict__ q, const uin
         const __half* q, const uint8_t* kq, const uint8_t* vq, const float* ks, const float* vs, const int* pos,   \
         int T, int H, int KV, int hd, int L, int chunk, int window, float qscale, float* part_acc, float* part_m,  \
         float* part_l, int* counter, __half* out, int ld_out, const float* v_off) {                             \
+        TIMELINE(0);                                                                                          \
         pdl_begin();                                                                                          \
         attn_mma<FMT, HDP>(q, kq, vq, ks, vs, pos, T, H, KV, hd, L, chunk, window, qscale, part_acc, part_m,      \
                            part_l, counter, out, ld_out, v_off);                                               \

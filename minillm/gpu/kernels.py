@@ -21,11 +21,16 @@ GEMV_BATCHES = (1, 2, 4, 8, 16)  # batch sizes compiled into gemv.cu / w4a16_gem
 _GEMV_ROWS = {1: 2, 2: 2, 4: 2, 8: 2, 16: 2}  # rows per warp of gemv.cu's instances (even: see act)
 
 
+# Extra NVRTC options for every module, set before the first kernel is compiled (bench/attn_timeline.py
+# adds -DMINILLM_TIMELINE).
+EXTRA_OPTIONS: tuple = ()
+
+
 @lru_cache(maxsize=None)
 def module(name: str):
     cp = get_xp("cuda")
     src = (KERNEL_DIR / f"{name}.cu").read_text()
-    return cp.RawModule(code=src, options=("-std=c++17", f"-I{KERNEL_DIR}"))
+    return cp.RawModule(code=src, options=("-std=c++17", f"-I{KERNEL_DIR}") + EXTRA_OPTIONS)
 
 
 @lru_cache(maxsize=None)

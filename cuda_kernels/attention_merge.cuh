@@ -228,7 +228,8 @@ __device__ __forceinline__ void combine_ml(float& m, float& l, float m2, float l
 // while the one before it is summed. All in a fixed order: deterministic. (Merging each split as
 // it arrives, online, without the weights' pass: slower, a chain of exp2 a split; bench/NOTES.md.)
 // sm_w: G x splits floats of shared memory (MAX_MERGE at most; attention_int4.cu lends the memory
-// its main loop used).
+// its main loop used). (Two groups in flight instead of one: attention_mma.cu 0.5-1 us slower,
+// its registers spilling; bench/NOTES.md session 17.)
 template <int NT>
 __device__ __forceinline__ void merge_splits_tc(int r, int H, int KV, int kvh, int G, int nsplit, int arrivals,
                                                 int len, int chunk, int hd, const float* __restrict__ part_acc,

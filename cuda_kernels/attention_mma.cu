@@ -37,7 +37,9 @@
 //   grid (KV x query tiles of 8 heads, S splits of `chunk` positions, R rows); NW warps per block,
 //   warp w takes blocks w, w + NW, ... of its chunk, keeps an online softmax per query (Milakov &
 //   Gimelshein 2018; scores in the log2 domain), and the warps merge in a fixed order in shared
-//   memory. hd is padded to HDP (64 or 128) with masked lanes.
+//   memory. hd is padded to HDP (64 or 128) with masked lanes. A warp loads its block's codes into
+//   registers, or (the _bulk instances, for few blocks: kernels.py) has the bulk-copy engine copy its
+//   next block into shared memory while it computes on the current one.
 
 #include "common.cuh"
 #include "attention_merge.cuh"
@@ -47,6 +49,7 @@
 
 constexpr int RB = 32;  // positions per block of a warp
 constexpr int NW = 4;   // warps per block
+constexpr int MMA_STAGES = 2;  // the _bulk instances' stages a warp (3: slower, bench/NOTES.md session 17)
 
 template <int HDP> struct TileShape {
     static constexpr int KD = HDP / 4;        // key dims a lane t reads per position
@@ -87,7 +90,7 @@ __device__ __forceinline__ uint32_t byte_pair(uint32_t lo, uint32_t hi, int k) {
     }
 }
 
-template <int FMT, int HDP>
+template <int FMT, int HDP, bool BULK>
 __device__ __forceinline__ void attn_mma(const __half* __restrict__ q, const uint8_t* __restrict__ kq,
                                           const uint8_t* __restrict__ vq, const float* __restrict__ ks8,
                                           const float* __restrict__ vs8, const int* __restrict__ pos, int T, int H,
@@ -97,7 +100,6 @@ __device__ __forceinline__ void attn_mma(const __half* __restrict__ q, const uin
                                           __half* __restrict__ out, int ld_out, const float* __restrict__ v_off) {
     using S = TileShape<HDP>;
     constexpr int KD = S::KD, KSTEPS = S::KSTEPS, VD = S::VD;
-    __shared__ __align__(16) float sm_acc[NW][8][HDP];  // (16-byte reads in write_tile_partials)
     __shared__ float sm_m[NW][8], sm_l[NW][8];
 
     const int G = H / KV, qtiles = (G + 7) / 8;
@@ -177,7 +179,122 @@ __device__ __forceinline__ void attn_mma(const __half* __restrict__ q, const uin
     // ---------------------------------------------------------------------------------------------
     // Blocks of 32 positions, one scale per (position, head)
     // ---------------------------------------------------------------------------------------------
-    {
+    // Shared memory (dynamic, kernels.py mma_smem_bytes): with BULK each warp's two stages while the
+    // loop runs; after it, sm_acc and the merge's weights.
+    extern __shared__ __align__(128) uint8_t dsm[];
+    if constexpr (BULK) {
+        // Each warp's next block copied into shared memory by the bulk-copy engine while it computes
+        // on the current one: lane 0 asks for the block's keys, values (32 rows of hd bytes each, as
+        // they lie in the cache) and their scales in four copies, counted on the stage's mbarrier.
+        // Loading the codes into registers took ~20 16-byte loads a warp and block, and with few
+        // blocks a SM those queue up: the first memory instruction after a block's loop waited
+        // 0.7 us (median) and up to 4 us behind them, on the way to the merge (bench/NOTES.md,
+        // session 17). With batch 8 the register loads are faster (more blocks cover them).
+        constexpr int KW = KD / 4, VW = VD / 4;  // 32-bit words of codes per lane: key row, value row
+        const int KEYB = RB * hd, STAGE = 2 * KEYB + 2 * 4 * RB;
+        __shared__ __align__(8) unsigned long long bars[NW][MMA_STAGES];
+        if (lane == 0)
+#pragma unroll
+            for (int i = 0; i < MMA_STAGES; i++) mbar_init(&bars[warp][i], 1);
+        __syncwarp();
+        uint8_t* const stages = dsm + MMA_STAGES * warp * STAGE;  // the warp's stages, taken in turn
+        auto bulk_copy = [](void* dst, const void* src, unsigned bytes, unsigned long long* bar) {
+            asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                         ::"r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src), "r"(bytes),
+                         "r"((unsigned)__cvta_generic_to_shared(bar)) : "memory");
+        };
+        auto issue = [&](int blk, uint8_t* dst, int which) {
+            // The cache's last block may have fewer than 32 rows: the rest of the stage is zeroed (stale
+            // bytes could be NaN codes, and 0 x NaN is NaN in the value product). The scales go by the
+            // engine when they are 16-byte aligned (L % 4 == 0), else by the lanes.
+            const int rows = min(RB, L - blk * RB);
+            const size_t row0 = bk * L + (size_t)blk * RB;
+            const bool bulk_scales = rows == RB && (L & 3) == 0;
+            if (lane == 0) {
+                unsigned long long* bar = &bars[warp][which];
+                asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the lanes' reads of it first
+                mbar_expect_tx(bar, 2 * rows * hd + (bulk_scales ? 8 * RB : 0));
+                bulk_copy(dst, kq + row0 * hd, rows * hd, bar);
+                bulk_copy(dst + KEYB, vq + row0 * hd, rows * hd, bar);
+                if (bulk_scales) {
+                    bulk_copy(dst + 2 * KEYB, ks8 + row0, 4 * RB, bar);
+                    bulk_copy(dst + 2 * KEYB + 4 * RB, vs8 + row0, 4 * RB, bar);
+                }
+            }
+            if (!bulk_scales) {
+                float* sc = reinterpret_cast<float*>(dst + 2 * KEYB);
+                sc[lane] = lane < rows ? ks8[row0 + lane] : 0.0f;  // (RB == 32 lanes)
+                sc[RB + lane] = lane < rows ? vs8[row0 + lane] : 0.0f;
+            }
+            for (int c = lane; c < (RB - rows) * hd / 16; c += 32) {
+                reinterpret_cast<uint4*>(dst + rows * hd)[c] = make_uint4(0, 0, 0, 0);
+                reinterpret_cast<uint4*>(dst + KEYB + rows * hd)[c] = make_uint4(0, 0, 0, 0);
+            }
+        };
+        const int first = c0 / RB + warp;
+#pragma unroll
+        for (int i = 0; i < MMA_STAGES - 1; i++)
+            if ((first + i * NW) * RB < c1) issue(first + i * NW, stages + i * STAGE, i);
+        for (int blk = first, k = 0; blk * RB < c1; blk += NW, k++) {
+            const int j0 = blk * RB;
+            __syncwarp();  // every lane is done with the stage of the previous block, and the lanes'
+                           // own writes into this one are seen
+            const int ahead = blk + (MMA_STAGES - 1) * NW, ka = (k + MMA_STAGES - 1) % MMA_STAGES;
+            if (ahead * RB < c1) issue(ahead, stages + ka * STAGE, ka);
+            const int cur = k % MMA_STAGES;
+            uint8_t* const st = stages + cur * STAGE;
+            mbar_wait(&bars[warp][cur], (k / MMA_STAGES) & 1);
+            const float* const scl = reinterpret_cast<const float*>(st + 2 * KEYB);  // keys' [32], values' [32]
+            float vscl[4][2];
+#pragma unroll
+            for (int nt = 0; nt < 4; nt++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) vscl[nt][e] = scl[RB + nt * 8 + 2 * t + e];
+            float sc[4][2];
+#pragma unroll
+            for (int nt = 0; nt < 4; nt++) {
+                uint32_t kw[KW];
+#pragma unroll
+                for (int u = 0; u < KW; u += 4) {
+                    const uint4 x = kd0 + 4 * u < hd ? *reinterpret_cast<const uint4*>(st + (nt * 8 + g) * hd + kd0 + 4 * u)
+                                                     : make_uint4(0, 0, 0, 0);
+                    kw[u] = x.x, kw[u + 1] = x.y, kw[u + 2] = x.z, kw[u + 3] = x.w;
+                }
+                float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+                for (int s = 0; s < KSTEPS; s++) {  // dims 8w + 2p + {0, 4} and {1, 5}: bytes of words 2w, 2w + 1
+                    const int w = s >> 1, p = s & 1;
+                    mma_scores(d, qa0[s], qa2[s], byte_pair<FMT>(kw[2 * w], kw[2 * w + 1], 2 * p),
+                               byte_pair<FMT>(kw[2 * w], kw[2 * w + 1], 2 * p + 1));
+                }
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const int j = j0 + nt * 8 + 2 * t + e;
+                    sc[nt][e] = j >= c0 && j < c1 ? d[e] * (scl[nt * 8 + 2 * t + e] * qscale) : NEG_INF;
+                }
+            }
+            uint32_t vw[2][4][VW];  // positions 16i + 2t + {0, 1, 8, 9} (k), 8 bytes a read
+#pragma unroll
+            for (int i = 0; i < 2; i++)
+#pragma unroll
+                for (int k = 0; k < 4; k++)
+#pragma unroll
+                    for (int u = 0; u < VW; u += 2) {
+                        const uint2 x = v_in ? *reinterpret_cast<const uint2*>(st + KEYB + (16 * i + 2 * t + (k & 1) + 8 * (k >> 1)) * hd + vd0 + 4 * u)
+                                             : make_uint2(0u, 0u);
+                        vw[i][k][u] = x.x, vw[i][k][u + 1] = x.y;
+                    }
+            softmax_and_values(sc, vscl, [&](int i, int md, uint32_t* a) {
+                const int u = md >> 2, j = md & 3;  // as the register loop below
+                a[0] = byte_pair<FMT>(vw[i][0][2 * u], vw[i][1][2 * u], j);
+                a[1] = byte_pair<FMT>(vw[i][0][2 * u + 1], vw[i][1][2 * u + 1], j);
+                a[2] = byte_pair<FMT>(vw[i][2][2 * u], vw[i][3][2 * u], j);
+                a[3] = byte_pair<FMT>(vw[i][2][2 * u + 1], vw[i][3][2 * u + 1], j);
+            });
+            if (blk == first) TIMELINE(1);
+        }
+        __syncthreads();  // the stages become sm_acc and the merge's weights
+    } else {
         constexpr int KW = KD / 4, VW = VD / 4;  // 32-bit words of codes per lane: key row, value row
         for (int blk = c0 / RB + warp; blk * RB < c1; blk += NW) {
             const int j0 = blk * RB;
@@ -241,6 +358,9 @@ __device__ __forceinline__ void attn_mma(const __half* __restrict__ q, const uin
         }
     }
 
+    auto sm_acc = reinterpret_cast<float (*)[8][HDP]>(dsm);
+    float* const sm_w = reinterpret_cast<float*>(dsm + 4 * NW * 8 * HDP);
+
     // ---------------------------------------------------------------------------------------------
     // The warps' results merged in warp order, written as this split's partials, then the splits
     // ---------------------------------------------------------------------------------------------
@@ -261,25 +381,28 @@ __device__ __forceinline__ void attn_mma(const __half* __restrict__ q, const uin
     __syncthreads();
     TIMELINE(2);
     write_tile_partials<NW, HDP>(sm_acc, sm_m, sm_l, r, H, kvh, G, qt, split, nsplit, hd, part_acc, part_m, part_l);
-    __shared__ float sm_w[MAX_MERGE];
     merge_splits_tc<32 * NW>(r, H, KV, kvh, G, nsplit, nsplit * qtiles, len, span.chunk, hd, part_acc, part_m, part_l,
                              counter, out, ld_out, v_off, sm_w);
 }
 
 // Three blocks per SM (measured when this kernel also served the INT4 cache: 168 registers and a few
 // spilled, against 230 and two blocks, was faster on every shape).
-#define ATTN_MMA(NAME, FMT, HDP)                                                                              \
+#define ATTN_MMA(NAME, FMT, HDP, BULK)                                                                        \
     extern "C" __global__ void __launch_bounds__(32 * NW, 3) NAME(                                            \
         const __half* q, const uint8_t* kq, const uint8_t* vq, const float* ks, const float* vs, const int* pos,   \
         int T, int H, int KV, int hd, int L, int chunk, int window, float qscale, float* part_acc, float* part_m,  \
         float* part_l, int* counter, __half* out, int ld_out, const float* v_off) {                             \
         TIMELINE(0);                                                                                          \
         pdl_begin();                                                                                          \
-        attn_mma<FMT, HDP>(q, kq, vq, ks, vs, pos, T, H, KV, hd, L, chunk, window, qscale, part_acc, part_m,      \
+        attn_mma<FMT, HDP, BULK>(q, kq, vq, ks, vs, pos, T, H, KV, hd, L, chunk, window, qscale, part_acc, part_m,      \
                            part_l, counter, out, ld_out, v_off);                                               \
     }
 
-ATTN_MMA(attn_mma_int8_hd64, KV_INT8, 64)
-ATTN_MMA(attn_mma_int8_hd128, KV_INT8, 128)
-ATTN_MMA(attn_mma_fp8_hd64, KV_FP8, 64)
-ATTN_MMA(attn_mma_fp8_hd128, KV_FP8, 128)
+ATTN_MMA(attn_mma_int8_hd64, KV_INT8, 64, false)
+ATTN_MMA(attn_mma_int8_hd128, KV_INT8, 128, false)
+ATTN_MMA(attn_mma_fp8_hd64, KV_FP8, 64, false)
+ATTN_MMA(attn_mma_fp8_hd128, KV_FP8, 128, false)
+ATTN_MMA(attn_mma_int8_hd64_bulk, KV_INT8, 64, true)
+ATTN_MMA(attn_mma_int8_hd128_bulk, KV_INT8, 128, true)
+ATTN_MMA(attn_mma_fp8_hd64_bulk, KV_FP8, 64, true)
+ATTN_MMA(attn_mma_fp8_hd128_bulk, KV_FP8, 128, true)

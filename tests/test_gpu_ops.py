@@ -304,12 +304,17 @@ def test_rope_in_qkv_product(kind, w4_kernel, w4_group, kv, g, hd, d, length, no
 @given(b=st.integers(1, 2), t=st.integers(1, 4), kv=st.integers(1, 4), g=st.sampled_from([1, 2, 3, 4, 8]),
        hd=st.sampled_from([16, 64, 128, 256]), fmt=st.sampled_from(["float", "int8", "fp8", "fp8-offsets"]),
        max_len=st.integers(8, 3000), window=st.sampled_from([0, 0, 5, 300]), outliers=st.booleans(),
-       kernel=st.sampled_from(["plain", "pipe", "gqa", "mma", "cluster"]), seed=st.integers(0, 2**31))
+       kernel=st.sampled_from(["plain", "pipe", "gqa", "mma", "mma-bulk", "cluster"]), seed=st.integers(0, 2**31))
 @example(b=2, t=1, kv=4, g=1, hd=128, fmt="float", max_len=700, window=0, outliers=False, kernel="cluster", seed=1)
 @example(b=1, t=3, kv=2, g=3, hd=64, fmt="float", max_len=900, window=300, outliers=True, kernel="cluster", seed=2)
 # long splits: each warp of the tensor-core kernel (attention_mma.cu) takes many key blocks
 @example(b=2, t=4, kv=4, g=4, hd=128, fmt="int8", max_len=20000, window=0, outliers=True, kernel="mma", seed=3)
 @example(b=2, t=4, kv=4, g=8, hd=64, fmt="fp8-offsets", max_len=12345, window=300, outliers=False, kernel="mma", seed=4)
+# the same with bulk copies: whole blocks with their scales by the engine (max_len % 32 == 0), the
+# scales by the lanes (max_len % 4 != 0), and a last block of fewer than 32 rows (both cases)
+@example(b=2, t=4, kv=4, g=4, hd=128, fmt="int8", max_len=20000, window=0, outliers=True, kernel="mma-bulk", seed=5)
+@example(b=2, t=4, kv=4, g=8, hd=64, fmt="fp8-offsets", max_len=12345, window=300, outliers=False, kernel="mma-bulk", seed=6)
+@example(b=1, t=1, kv=2, g=4, hd=16, fmt="fp8", max_len=1000, window=0, outliers=False, kernel="mma-bulk", seed=7)
 def test_decode_attention(b, t, kv, g, hd, fmt, max_len, window, outliers, kernel, seed):
     """Split-K attention equals softmax(q K^T / sqrt(hd)) V over the dequantized cache (causal for
     every row, sliding window where given), for any context length and GQA grouping."""
@@ -347,8 +352,10 @@ def test_decode_attention(b, t, kv, g, hd, fmt, max_len, window, outliers, kerne
     parts = K.attention_parts(b * t, cfg, plan)
     out = poisoned(cp, (b * t, K.round_up(h * hd, 32)), cp.float16)
     # Each kernel where the format has it: attention.cu's plain and pipelined loops, grouped-heads
-    # kernel and cluster-merged splits; attention_mma.cu (8-bit codes, head_dim <= 128).
-    flags = {"MINILLM_ATTN_PIPE": kernel == "pipe", "MINILLM_ATTN_GQA": kernel == "gqa", "MINILLM_ATTN_MMA": kernel == "mma",
+    # kernel and cluster-merged splits; attention_mma.cu (8-bit codes, head_dim <= 128), its codes
+    # loaded into registers or copied into shared memory by the bulk-copy engine.
+    flags = {"MINILLM_ATTN_PIPE": kernel == "pipe", "MINILLM_ATTN_GQA": kernel == "gqa",
+             "MINILLM_ATTN_MMA": kernel in ("mma", "mma-bulk"), "MINILLM_ATTN_BULK": kernel == "mma-bulk",
              "MINILLM_ATTN_CLUSTER": kernel == "cluster"}
     os.environ.update({k: "1" if v else "0" for k, v in flags.items()})
     try:

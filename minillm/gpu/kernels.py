@@ -209,12 +209,13 @@ def attention_plan(cfg, max_len: int, rows: int, sms: int = 132):
     default_streams = 4 if g == 1 else (2 if g <= 4 else 1)
     streams = int(os.environ.get("MINILLM_ATTN_STREAMS", default_streams))
     target = int(os.environ.get("MINILLM_ATTN_WAVES", 4)) * sms  # blocks
-    splits = max(1, min(-(-max_len // 64), -(-target // (cfg.num_kv_heads * rows)), 4352 // g))  # MAX_MERGE
+    splits = max(1, min(-(-max_len // 64), -(-target // (cfg.num_kv_heads * rows)), MAX_MERGE // g))
     chunk = round_up(-(-max_len // splits), 64)
     return chunk, -(-max_len // chunk), g * streams
 
 
 CLUSTER, MAX_CLUSTER_OUT = 8, 512  # attention.cu: blocks of a cluster, a block's result in floats
+MAX_MERGE = 4352  # attention_merge.cuh: G x splits weights of a merge
 
 
 def decode_attention(q, layer_cache, pos, rows, t, cfg, window, parts, out, plan):
@@ -310,6 +311,7 @@ def decode_attention_int4(q, kivi, pos, rows, t, cfg, window, parts, out, plan):
 
 
 MMA_WARPS = 4  # NW in attention_mma.cu and attention_int4.cu
+MMA_STAGES = 2  # attention_mma.cu's stages a warp (the _bulk instances)
 INT4_BLOCKS_PER_SM = 4  # attention_int4.cu's launch bounds (128 registers, 34 KB of shared memory)
 
 
@@ -323,9 +325,29 @@ def _attention_mma(fmt: str, q, kc, vc, ks, vs, pos, rows, t, cfg, max_len, wind
     splits = -(-max_len // chunk)
     qtiles = -(-(h // kv) // 8)
     acc, m, l, counter = parts
-    fn("attention_mma", f"attn_mma_{fmt}_hd{64 if hd <= 64 else 128}")((kv * qtiles, splits, rows), (32 * MMA_WARPS,), (
+    # With few blocks (8 kv heads at batch 1 or 2), each warp's next block copied by the bulk-copy
+    # engine into shared memory (the _bulk instances): H100, 32k, batch 1, int8 35.0 -> 33.0 us (66% ->
+    # 70% of copy), 64k 60.6 -> 56.2; with batch 8 the loads into registers are faster (204.7 vs
+    # 214.3 us at 32k; bench/NOTES.md session 17).
+    want = os.environ.get("MINILLM_ATTN_BULK")  # "1" / "0" force the choice (tests, benchmarks)
+    bulk = kv * qtiles * rows <= 16 if want is None else want == "1"
+    hdp = 64 if hd <= 64 else 128
+    f, smem = fn("attention_mma", f"attn_mma_{fmt}_hd{hdp}" + ("_bulk" if bulk else "")), mma_smem_bytes(hd, bulk)
+    if smem > 48 * 1024 and f.function.max_dynamic_shared_size_bytes < smem:  # past the default limit
+        f.function.max_dynamic_shared_size_bytes = smem
+    f((kv * qtiles, splits, rows), (32 * MMA_WARPS,), (
         q, kc, vc, ks, vs, pos, i32(t), i32(h), i32(kv), i32(hd), i32(max_len), i32(chunk), i32(window or 0),
-        np.float32(math.log2(math.e) / math.sqrt(hd)), acc, m, l, counter, out, i32(out.shape[1]), _ptr(v_off)))
+        np.float32(math.log2(math.e) / math.sqrt(hd)), acc, m, l, counter, out, i32(out.shape[1]), _ptr(v_off)),
+      shared_mem=smem)
+
+
+def mma_smem_bytes(hd: int, bulk: bool) -> int:
+    """attention_mma.cu's dynamic shared memory: the warps' sums (sm_acc) and the merge's weights
+    (MAX_MERGE floats), and with bulk copies each warp's two stages (32 key and 32 value rows of hd
+    bytes and their 64 scales), which those alias once the loop is done."""
+    hdp = 64 if hd <= 64 else 128
+    end = 4 * MMA_WARPS * 8 * hdp + 4 * MAX_MERGE
+    return max(end, MMA_STAGES * MMA_WARPS * (2 * 32 * hd + 2 * 4 * 32)) if bulk else end
 
 
 # -- matrix products (gemv.cu, w4a16_gemv.cu, dequant.cu) ------------------------------------------

@@ -312,7 +312,7 @@ def decode_attention_int4(q, kivi, pos, rows, t, cfg, window, parts, out, plan):
 
 MMA_WARPS = 4  # NW in attention_mma.cu and attention_int4.cu
 MMA_STAGES = 2  # attention_mma.cu's stages a warp (the _bulk instances)
-INT4_BLOCKS_PER_SM = 4  # attention_int4.cu's launch bounds (128 registers, 34 KB of shared memory)
+INT4_BLOCKS_PER_SM = 4  # attention_int4.cu's launch bounds (128 registers, 43 KB of shared memory)
 
 
 def _attention_mma(fmt: str, q, kc, vc, ks, vs, pos, rows, t, cfg, max_len, window, parts, out, plan, v_off):

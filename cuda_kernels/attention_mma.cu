@@ -182,6 +182,27 @@ __device__ __forceinline__ void attn_mma(const __half* __restrict__ q, const uin
     // Shared memory (dynamic, kernels.py mma_smem_bytes): with BULK each warp's two stages while the
     // loop runs; after it, sm_acc and the merge's weights.
     extern __shared__ __align__(128) uint8_t dsm[];
+    constexpr int KW = KD / 4, VW = VD / 4;  // 32-bit words of codes per lane: key row, value row
+    // One n-tile's scores from the lane's key words: step s takes dims 8w + 2p + {0, 4} and {1, 5},
+    // bytes of words 2w and 2w + 1 (w = s / 2, p = s % 2).
+    auto tile_scores = [&](const uint32_t (&kw)[KW], float (&d)[4]) {
+#pragma unroll
+        for (int s = 0; s < KSTEPS; s++) {
+            const int w = s >> 1, p = s & 1;
+            mma_scores(d, qa0[s], qa2[s], byte_pair<FMT>(kw[2 * w], kw[2 * w + 1], 2 * p),
+                       byte_pair<FMT>(kw[2 * w], kw[2 * w + 1], 2 * p + 1));
+        }
+    };
+    // The value product's A fragments of m-tile md for positions 16i..16i + 15 (vw[i][k]: positions
+    // 16i + 2t + {0, 1, 8, 9}): dims vd0 + 8u + j (rows g) and + 4 (rows g + 8), byte j of words 2u
+    // and 2u + 1 (md = 4u + j).
+    auto value_frag = [](const uint32_t (&vw)[2][4][VW], int i, int md, uint32_t* a) {
+        const int u = md >> 2, j = md & 3;
+        a[0] = byte_pair<FMT>(vw[i][0][2 * u], vw[i][1][2 * u], j);
+        a[1] = byte_pair<FMT>(vw[i][0][2 * u + 1], vw[i][1][2 * u + 1], j);
+        a[2] = byte_pair<FMT>(vw[i][2][2 * u], vw[i][3][2 * u], j);
+        a[3] = byte_pair<FMT>(vw[i][2][2 * u + 1], vw[i][3][2 * u + 1], j);
+    };
     if constexpr (BULK) {
         // Each warp's next block copied into shared memory by the bulk-copy engine while it computes
         // on the current one: lane 0 asks for the block's keys, values (32 rows of hd bytes each, as
@@ -190,7 +211,6 @@ __device__ __forceinline__ void attn_mma(const __half* __restrict__ q, const uin
         // blocks a SM those queue up: the first memory instruction after a block's loop waited
         // 0.7 us (median) and up to 4 us behind them, on the way to the merge (bench/NOTES.md,
         // session 17). With batch 8 the register loads are faster (more blocks cover them).
-        constexpr int KW = KD / 4, VW = VD / 4;  // 32-bit words of codes per lane: key row, value row
         const int KEYB = RB * hd, STAGE = 2 * KEYB + 2 * 4 * RB;
         __shared__ __align__(8) unsigned long long bars[NW][MMA_STAGES];
         if (lane == 0)
@@ -261,12 +281,7 @@ __device__ __forceinline__ void attn_mma(const __half* __restrict__ q, const uin
                     kw[u] = x.x, kw[u + 1] = x.y, kw[u + 2] = x.z, kw[u + 3] = x.w;
                 }
                 float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-                for (int s = 0; s < KSTEPS; s++) {  // dims 8w + 2p + {0, 4} and {1, 5}: bytes of words 2w, 2w + 1
-                    const int w = s >> 1, p = s & 1;
-                    mma_scores(d, qa0[s], qa2[s], byte_pair<FMT>(kw[2 * w], kw[2 * w + 1], 2 * p),
-                               byte_pair<FMT>(kw[2 * w], kw[2 * w + 1], 2 * p + 1));
-                }
+                tile_scores(kw, d);
 #pragma unroll
                 for (int e = 0; e < 2; e++) {
                     const int j = j0 + nt * 8 + 2 * t + e;
@@ -284,18 +299,11 @@ __device__ __forceinline__ void attn_mma(const __half* __restrict__ q, const uin
                                              : make_uint2(0u, 0u);
                         vw[i][k][u] = x.x, vw[i][k][u + 1] = x.y;
                     }
-            softmax_and_values(sc, vscl, [&](int i, int md, uint32_t* a) {
-                const int u = md >> 2, j = md & 3;  // as the register loop below
-                a[0] = byte_pair<FMT>(vw[i][0][2 * u], vw[i][1][2 * u], j);
-                a[1] = byte_pair<FMT>(vw[i][0][2 * u + 1], vw[i][1][2 * u + 1], j);
-                a[2] = byte_pair<FMT>(vw[i][2][2 * u], vw[i][3][2 * u], j);
-                a[3] = byte_pair<FMT>(vw[i][2][2 * u + 1], vw[i][3][2 * u + 1], j);
-            });
+            softmax_and_values(sc, vscl, [&](int i, int md, uint32_t* a) { value_frag(vw, i, md, a); });
             if (blk == first) TIMELINE(1);
         }
         __syncthreads();  // the stages become sm_acc and the merge's weights
     } else {
-        constexpr int KW = KD / 4, VW = VD / 4;  // 32-bit words of codes per lane: key row, value row
         for (int blk = c0 / RB + warp; blk * RB < c1; blk += NW) {
             const int j0 = blk * RB;
             uint32_t kw[4][KW];
@@ -333,27 +341,14 @@ __device__ __forceinline__ void attn_mma(const __half* __restrict__ q, const uin
 #pragma unroll
             for (int nt = 0; nt < 4; nt++) {
                 float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-                for (int s = 0; s < KSTEPS; s++) {  // dims 8w + 2p + {0, 4} and {1, 5}: bytes of words 2w, 2w + 1
-                    const int w = s >> 1, p = s & 1;
-                    mma_scores(d, qa0[s], qa2[s], byte_pair<FMT>(kw[nt][2 * w], kw[nt][2 * w + 1], 2 * p),
-                               byte_pair<FMT>(kw[nt][2 * w], kw[nt][2 * w + 1], 2 * p + 1));
-                }
+                tile_scores(kw[nt], d);
 #pragma unroll
                 for (int e = 0; e < 2; e++) {
                     const int j = j0 + nt * 8 + 2 * t + e;
                     sc[nt][e] = j >= c0 && j < c1 ? d[e] * (kscl[nt][e] * qscale) : NEG_INF;
                 }
             }
-            softmax_and_values(sc, vscl, [&](int i, int md, uint32_t* a) {
-                // dims vd0 + 8u + j (rows g) and + 4 (rows g + 8): byte j of words 2u and 2u + 1
-                const int u = md >> 2, j = md & 3;
-                const uint32_t d0 = byte_pair<FMT>(vw[i][0][2 * u], vw[i][1][2 * u], j);
-                const uint32_t d4 = byte_pair<FMT>(vw[i][0][2 * u + 1], vw[i][1][2 * u + 1], j);
-                const uint32_t e0 = byte_pair<FMT>(vw[i][2][2 * u], vw[i][3][2 * u], j);
-                const uint32_t e4 = byte_pair<FMT>(vw[i][2][2 * u + 1], vw[i][3][2 * u + 1], j);
-                a[0] = d0, a[1] = d4, a[2] = e0, a[3] = e4;
-            });
+            softmax_and_values(sc, vscl, [&](int i, int md, uint32_t* a) { value_frag(vw, i, md, a); });
             if (blk == c0 / RB + warp) TIMELINE(1);
         }
     }

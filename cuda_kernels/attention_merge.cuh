@@ -157,6 +157,35 @@ __device__ __forceinline__ bool last_to_arrive(int r, int KV, int kvh, int arriv
     return is_last;
 }
 
+// Each split's weight 2^(m_s - m) / l per query head into sm_w[g * used + s] (warp g takes head g),
+// m_s and l_s read in one pass (each lane's splits combined online, then the lanes by a max and a
+// sum), m_s kept in sm_w meanwhile. Ends with a block barrier.
+__device__ __forceinline__ void split_weights(int r, int H, int kvh, int G, int nsplit, int used,
+                                              const float* __restrict__ part_m, const float* __restrict__ part_l,
+                                              float* __restrict__ sm_w, int nwarps) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int g = warp; g < G; g += nwarps) {
+        const size_t base = ((size_t)r * H + kvh * G + g) * nsplit;
+        float m = NEG_INF, l = 0.0f;  // of this lane's splits
+        for (int s = lane; s < used; s += 32) {
+            const float ms = __ldcg(part_m + base + s), ls = __ldcg(part_l + base + s);
+            sm_w[g * used + s] = ms;
+            const float mn = fmaxf(m, ms);
+            l = (m == NEG_INF ? 0.0f : l * exp2f(m - mn)) + (ms == NEG_INF ? 0.0f : ls * exp2f(ms - mn));
+            m = mn;
+        }
+        const float M = warp_max(m);
+        const float L = warp_sum(m == NEG_INF ? 0.0f : l * exp2f(m - M));
+        const float inv = L > 0.0f ? 1.0f / L : 0.0f;
+        __syncwarp();
+        for (int s = lane; s < used; s += 32) {
+            const float ms = sm_w[g * used + s];
+            sm_w[g * used + s] = ms == NEG_INF ? 0.0f : exp2f(ms - M) * inv;
+        }
+    }
+    __syncthreads();
+}
+
 // The merge for attention.cu's kernels (one output a thread: four a thread with 16-byte loads, as
 // merge_splits_tc below, made its fp16 kernel slower, 103.8 -> 109.5 us at 8 kv heads and 32k; its
 // registers are its main loop's occupancy).
@@ -170,27 +199,9 @@ __device__ __forceinline__ void merge_splits(int r, int H, int KV, int kvh, int 
     __shared__ float sm_w[MAX_MERGE];
     if (!last_to_arrive(r, KV, kvh, arrivals, counter)) return;
     const int used = min(nsplit, (len + chunk - 1) / chunk);  // splits past the length hold nothing
-    // Each split's weight 2^(m_s - m) / l, per query head, into shared memory first; then every
-    // thread's sum over the splits is a stream of independent loads (no max or exp in the loop).
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
-    for (int g = warp; g < G; g += nwarps) {  // warp by warp: the max and the normaliser of head g
-        const size_t base = ((size_t)r * H + kvh * G + g) * nsplit;
-        float mm = NEG_INF;
-        for (int s = lane; s < used; s += 32) mm = fmaxf(mm, __ldcg(part_m + base + s));
-        mm = warp_max(mm);
-        float ll = 0.0f;
-        for (int s = lane; s < used; s += 32) {
-            const float ms = __ldcg(part_m + base + s);
-            const float w = ms == NEG_INF ? 0.0f : exp2f(ms - mm);
-            sm_w[g * used + s] = w;
-            ll += __ldcg(part_l + base + s) * w;
-        }
-        ll = warp_sum(ll);
-        const float inv = ll > 0.0f ? 1.0f / ll : 0.0f;
-        __syncwarp();
-        for (int s = lane; s < used; s += 32) sm_w[g * used + s] *= inv;
-    }
-    __syncthreads();
+    // The weights first; then every thread's sum over the splits is a stream of independent loads
+    // (no max or exp in the loop).
+    split_weights(r, H, kvh, G, nsplit, used, part_m, part_l, sm_w, blockDim.x >> 5);
     for (int i = threadIdx.x; i < G * hd; i += blockDim.x) {
         const int gg = i / hd, e = i % hd;
         const float* src = part_acc + ((size_t)r * H + kvh * G + gg) * nsplit * hd + e;
@@ -293,28 +304,7 @@ __device__ __forceinline__ void merge_splits_tc(int r, int H, int KV, int kvh, i
     const bool mine = part < parts;
     float4 a[U];
     load(column(col), mine ? part : used, 0, a);
-    // The weights 2^(m_s - m) / l per query head (warp g takes head g), m_s kept in sm_w meanwhile.
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    for (int g = warp; g < G; g += NT / 32) {
-        const size_t base = ((size_t)r * H + kvh * G + g) * nsplit;
-        float m = NEG_INF, l = 0.0f;  // of this lane's splits
-        for (int s = lane; s < used; s += 32) {
-            const float ms = __ldcg(part_m + base + s), ls = __ldcg(part_l + base + s);
-            sm_w[g * used + s] = ms;
-            const float mn = fmaxf(m, ms);
-            l = (m == NEG_INF ? 0.0f : l * exp2f(m - mn)) + (ms == NEG_INF ? 0.0f : ls * exp2f(ms - mn));
-            m = mn;
-        }
-        const float M = warp_max(m);
-        const float L = warp_sum(m == NEG_INF ? 0.0f : l * exp2f(m - M));
-        const float inv = L > 0.0f ? 1.0f / L : 0.0f;
-        __syncwarp();
-        for (int s = lane; s < used; s += 32) {
-            const float ms = sm_w[g * used + s];
-            sm_w[g * used + s] = ms == NEG_INF ? 0.0f : exp2f(ms - M) * inv;
-        }
-    }
-    __syncthreads();
+    split_weights(r, H, kvh, G, nsplit, used, part_m, part_l, sm_w, NT / 32);  // (its loads under the first group's)
     TIMELINE(5);
     if (mine) sm_part[threadIdx.x] = sum(col, part, a);
     __syncthreads();

@@ -333,8 +333,6 @@ def _attention_mma(fmt: str, q, kc, vc, ks, vs, pos, rows, t, cfg, max_len, wind
     bulk = kv * qtiles * rows <= 16 if want is None else want == "1"
     hdp = 64 if hd <= 64 else 128
     f, smem = fn("attention_mma", f"attn_mma_{fmt}_hd{hdp}" + ("_bulk" if bulk else "")), mma_smem_bytes(hd, bulk)
-    if smem > 48 * 1024 and f.function.max_dynamic_shared_size_bytes < smem:  # past the default limit
-        f.function.max_dynamic_shared_size_bytes = smem
     f((kv * qtiles, splits, rows), (32 * MMA_WARPS,), (
         q, kc, vc, ks, vs, pos, i32(t), i32(h), i32(kv), i32(hd), i32(max_len), i32(chunk), i32(window or 0),
         np.float32(math.log2(math.e) / math.sqrt(hd)), acc, m, l, counter, out, i32(out.shape[1]), _ptr(v_off)),

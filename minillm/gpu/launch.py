@@ -99,6 +99,7 @@ class Kernel:
     def __init__(self, function, name: str):
         self.function, self.name = function, name  # a cupy.RawKernel
         self._handle = None
+        self._smem_allowed = 48 * 1024  # dynamic shared memory a launch may ask for without the attribute
 
     @property
     def handle(self) -> int:
@@ -108,6 +109,8 @@ class Kernel:
         return self._handle
 
     def __call__(self, grid, block, args, shared_mem: int = 0):
+        if shared_mem > self._smem_allowed:  # past the default 48 KB: the function must allow it first
+            self.function.max_dynamic_shared_size_bytes = self._smem_allowed = shared_mem
         # Only into a graph being captured: launched one by one from Python, the GPU waits for the
         # host anyway, and building the arguments through ctypes costs more host time than CuPy's
         # own launch (prefill, eager decoding, MINILLM_CUDA_GRAPH=0), which must stay as cheap as it was.

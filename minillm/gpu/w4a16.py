@@ -181,8 +181,6 @@ def _launch_tc1(x_pad, w: W4A16Weight, y, warps: int, act: int, nio) -> int:
     f = fn("w4a16_mma", f"w4a16_tc1_s{warps}_{form}{norm}")
     blocks = -(-w.n // 16)
     smem = 64 * w.chunks + 4 * int(nio["in_blocks"])  # x, and a consumer's norm partials (w4a16_mma.cu)
-    if smem > 48 * 1024 and f.function.max_dynamic_shared_size_bytes < smem:  # past the default limit
-        f.function.max_dynamic_shared_size_bytes = smem
     f((blocks,), (32 * warps,), (
         w.qweight, w.sz, x_pad, y, np.int32(y.shape[1]),
         np.int32(w.n), np.int32(w.chunks), np.int32(w.groups), *_group_args(w), np.int32(act), nio), shared_mem=smem)

@@ -8,9 +8,12 @@ bandwidth measured in the same run. The cache is filled with random codes, so it
 matter to the timing; the correctness of each format is tests/test_gpu_ops.py's job.
 
     python3 bench/gpu_kv.py [--contexts 4096,16384,32768,65536] [--batches 1,8] [--max-len 65536]
+                            [--int4-layouts 32x32,64x64]
 
 With --max-len, each context is measured inside a cache of that capacity (as a chat fills the cache
 it allocated for the model's whole context); the bytes counted are those of the positions in use.
+--int4-layouts adds INT4 caches of other key blocks x value groups (kvcache.Int4KVCache's options)
+to the table, after the default layout's.
 """
 
 from __future__ import annotations
@@ -34,14 +37,15 @@ class LayerShape:
         self.num_layers = 1
 
 
-def measure(shape, fmt, context, batch, max_len=None):
+def measure(shape, fmt, context, batch, max_len=None, options=None):
+    """(us per call, bytes of the cache's positions [0, max_len) as attention reads them)."""
     import cupy as cp
     import numpy as np
 
     from minillm.gpu import kernels as K
     from minillm.gpu.cache import GpuKVCache
 
-    cache = GpuKVCache(shape, fmt, batch, max_len or context)
+    cache = GpuKVCache(shape, fmt, batch, max_len or context, options=options)
     rng = cp.random.default_rng(0)
     if fmt == "int4":
         for arr in (cache.kq[0], cache.vq[0]):
@@ -74,7 +78,11 @@ def measure(shape, fmt, context, batch, max_len=None):
             K.decode_attention(q, cache.layer(0), cache.pos, batch, 1, shape, None, parts, out, plan)
 
     us = time_cupy(step, [()], reps=20, warmup=2)
-    return us, cache.nbytes  # every position of the cache is read once (codes and scales)
+    read = cache.nbytes  # every position of the cache is read once (codes and scales) ...
+    if fmt == "int4":  # ... and INT4's fp16 window only for the positions it holds
+        slots = cache.wk[0].shape[2]
+        read -= (slots - context % slots) * 2 * batch * shape.num_kv_heads * shape.head_dim * 2
+    return us, read
 
 
 def main():
@@ -84,6 +92,7 @@ def main():
     ap.add_argument("--max-len", type=int, default=None,
                     help="cache capacity (positions), if larger than the context: a chat's cache is "
                          "allocated for the model's whole context and filled gradually")
+    ap.add_argument("--int4-layouts", default="", help="more INT4 key block x value group layouts, e.g. 32x32")
     ap.add_argument("--sweep", action="store_true", help="try the attention plans (streams x waves) at 32k first")
     ap.add_argument("--sweep-short", action="store_true",
                     help="the plans at a decode step's short context (600 of 904 positions, as bench/gpu_decode.py)")
@@ -121,18 +130,21 @@ def main():
     name = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
     bw = copy_bandwidth()
     print(f"device: {name}; copy bandwidth {bw:.0f} GB/s", flush=True)
+    layouts = {f"int4 {lay}": dict(zip(("block", "group"), map(int, lay.split("x"))))
+               for lay in args.int4_layouts.split(",") if lay}
+    kinds = {fmt: (fmt, None) for fmt in FORMATS} | {name: ("int4", opt) for name, opt in layouts.items()}
     results = []
     for kvh in (32, 8):
         shape = LayerShape(32, kvh)
         for batch in [int(b) for b in args.batches.split(",")]:
             for ctx in [int(c) for c in args.contexts.split(",")]:
                 row = {}
-                for fmt in FORMATS:
-                    us, read = measure(shape, fmt, ctx, batch, max_len=max(ctx, args.max_len or ctx))
+                for kind, (fmt, options) in kinds.items():
+                    us, read = measure(shape, fmt, ctx, batch, max_len=max(ctx, args.max_len or ctx), options=options)
                     read = read * ctx // max(ctx, args.max_len or ctx)  # the positions in use
                     cp.get_default_memory_pool().free_all_blocks()
-                    row[fmt] = (us, read)
-                    print(f"kv_heads {kvh} batch {batch} context {ctx} {fmt}: {us:.1f} us, "
+                    row[kind] = (us, read)
+                    print(f"kv_heads {kvh} batch {batch} context {ctx} {kind}: {us:.1f} us, "
                           f"{read / us / 1e3:.0f} GB/s", flush=True)
                 results.append((kvh, batch, ctx, row))
 
@@ -140,13 +152,15 @@ def main():
         print(f"\n(each context inside a cache of {args.max_len} positions)")
     print(f"\nDecode attention, one layer, 32 query heads x head_dim 128; {name}, copy bandwidth {bw:.0f} GB/s;"
           " us per call (split + combine), GB/s of cache bytes read, % of copy bandwidth\n")
-    print("| kv heads | batch | context | fp16 us | fp16 GB/s (%) | int8 us | int8 GB/s (%) | int8 speedup "
-          "| fp8 us | fp8 GB/s (%) | fp8 speedup | int4 us | int4 GB/s (%) | int4 speedup |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    head = ["kv heads", "batch", "context", "fp16 us", "fp16 GB/s (%)"]
+    for kind in list(kinds)[1:]:
+        head += [f"{kind} us", f"{kind} GB/s (%)", f"{kind} speedup"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + " --- |" * len(head))
     for kvh, batch, ctx, row in results:
         cells = []
         base = row["float"][0]
-        for fmt in FORMATS:
+        for fmt in kinds:
             us, read = row[fmt]
             gbs = read / us / 1e3
             cells.append(f"{us:.1f} | {gbs:.0f} ({100 * gbs / bw:.0f}%)")

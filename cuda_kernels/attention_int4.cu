@@ -7,10 +7,12 @@
 // ================================================================================================
 //   q        fp16 [R, H, HD], rotated; row r = (b, t) = (r / T, r % T) attends to [lo, pos[b] + t]
 //   kq, vq   uint8 [B, KV, L, HD / 2]: codes, dim d in the low (d even) or high nibble of byte d / 2
-//   ks, kz   fp16 [B, KV, L / 32, HD]: keys per channel over blocks of 32 positions, k = s (c - z)
+//   ks, kz   fp16 [B, KV, L / KB, HD]: keys per channel over blocks of KB positions, k = s (c - z)
 //   vs, vz   fp16 [B, KV, L, NG]: values per token in NG groups of GROUP dims, v = s (c - z)
-//   wk, wv   fp16 [B, KV, 32, HD]: the float window, position j in slot j % 32, holding the block
-//            that is not complete yet; positions below (len / 32) * 32 are read quantized
+//   wk, wv   fp16 [B, KV, KB, HD]: the float window, position j in slot j % KB, holding the block
+//            that is not complete yet; positions below (len / KB) * KB are read quantized
+//   KB and GROUP are the cache's (KIVI_BLOCK, KIVI_GROUP: minillm/gpu/kernels.py compiles this file
+//   for the layout of the cache it is given)
 //   partials and out as attention.cu (merged by attention_merge.cuh)
 //
 // ================================================================================================
@@ -63,8 +65,16 @@
 
 namespace kivi {
 
-constexpr int RB = 32;  // positions per quantized key block (KIVI_BLOCK)
-constexpr int NW = 4;   // warps per block
+#ifndef KIVI_BLOCK
+#define KIVI_BLOCK 128
+#endif
+#ifndef KIVI_GROUP
+#define KIVI_GROUP 64
+#endif
+constexpr int RB = 32;          // positions a warp takes at a time (a tile)
+constexpr int KB = KIVI_BLOCK;  // positions per quantized key block: whole tiles
+constexpr int NW = 4;           // warps per block
+static_assert(KB % RB == 0, "a key block is whole tiles");
 
 template <int HD> struct Shape {
     static constexpr int HDP = HD <= 64 ? 64 : 128;  // head_dim padded: 4 key lanes x KD dims
@@ -74,8 +84,11 @@ template <int HD> struct Shape {
     static constexpr int VD = HDP / 8;              // value dims of lane g
     static constexpr int VW = VD / 8;               // 32-bit words of value codes per lane and position
     static constexpr int MT = HDP / 16;             // m-tiles of the value product (16 dims each)
-    static constexpr int GROUP = HD < 32 ? HD : 32; // value group (minillm/gpu/cache.py kivi_group)
-    static constexpr int NG = HD / GROUP;           // value groups per head
+    // value group (kvcache.int4_group); an instance whose head_dim the group does not divide into at
+    // most 4 is never launched with this layout (HD is then a stand-in that compiles)
+    static constexpr int GROUP = HD % KIVI_GROUP == 0 && HD / KIVI_GROUP <= 4 ? KIVI_GROUP : HD;
+    static constexpr int NG = HD / GROUP;           // value groups per head (<= 4: B's columns, below)
+    static_assert(NG <= 4, "the MHA product's B columns hold 2 NG sums");
 };
 
 __device__ __forceinline__ uint32_t h2mul(uint32_t a, uint32_t b) {
@@ -150,10 +163,10 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
     const int qi = MHA ? 0 : qt * 8 + g;
     const RowSpan span = row_span(pos, r, T, window, split, nsplit, chunk);
     const int b = span.b, len = span.len, c0 = span.c0, c1 = span.c1;
-    const int qlen = (len / RB) * RB;  // positions read quantized (the rest: the window)
+    const int qlen = (len / KB) * KB;  // positions read quantized (the rest: the window)
     const int qend = min(c1, qlen);
     const size_t bk = (size_t)b * KV + kvh;
-    const int nb = (L + RB - 1) / RB;
+    const int nb = (L + KB - 1) / KB;  // key blocks (of scales) a row of the cache holds
     const int kd0 = KD * t, vd0 = VD * g;  // the lane's first key dim, first value dim
     const bool k_in = kd0 < HD, v_in = vd0 < HD;  // HD % KD == HD % VD == 0: a lane is all in or out
 
@@ -230,7 +243,7 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
             cp_async16(st + KEYB + 16 * c, vp + 16 * c);
         }
         // 16-byte pieces: the key scales and zeros (2 KP <= 32 of them), then the values' (2 VP <= 32)
-        if (lane < 2 * KP) cp_async16(st + KEYB + VALB + 16 * lane, ksrc + (bk * nb + blk) * HD);
+        if (lane < 2 * KP) cp_async16(st + KEYB + VALB + 16 * lane, ksrc + (bk * nb + blk / (KB / RB)) * HD);
         if (lane < 2 * VP) cp_async16(st + KEYB + VALB + 2 * KSB + 16 * lane, vsrc + row0 * NG);
     };
     const int first = c0 / RB + warp;
@@ -396,15 +409,17 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
     }
 
     // ---------------------------------------------------------------------------------------------
-    // The float window: the row's own, incomplete block (fewer than 32 positions), one warp
+    // The float window: the row's own, incomplete block (fewer than KB positions), a tile of 32
+    // positions a warp (the first to the last warp, which has the fewest quantized tiles)
     // ---------------------------------------------------------------------------------------------
-    const int w0 = max(c0, qlen);
-    if (w0 < c1 && warp == NW - 1) {
+    for (int wt = NW - 1 - warp; qlen + RB * wt < c1; wt += NW) {
+        const int jb = qlen + RB * wt;  // the tile's first position
+        if (jb + RB <= c0) continue;
         float sc[4][2];
 #pragma unroll
         for (int nt = 0; nt < 4; nt++) {
-            const int j = qlen + nt * 8 + g;
-            const __half* krow = wk + (bk * RB + j % RB) * HD + kd0;
+            const int j = jb + nt * 8 + g;
+            const __half* krow = wk + (bk * KB + j % KB) * HD + kd0;
             float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
             for (int w = 0; w < KD / 8; w++) {
@@ -418,7 +433,7 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
             }
 #pragma unroll
             for (int e = 0; e < 2; e++) {
-                const int jj = qlen + nt * 8 + 2 * t + e;
+                const int jj = jb + nt * 8 + 2 * t + e;
                 sc[nt][e] = jj >= c0 && jj < c1 ? d[e] * qscale : NEG_INF;
             }
         }
@@ -429,9 +444,9 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
             uint32_t x[4][VD / 2];  // the lane's VD values of each position, as pairs
 #pragma unroll
             for (int k = 0; k < 4; k++) {  // positions 16i + 2t + {0, 1, 8, 9}
-                const int j = qlen + 16 * i + 2 * t + (k & 1) + 8 * (k >> 1);
+                const int j = jb + 16 * i + 2 * t + (k & 1) + 8 * (k >> 1);
                 const bool ok = v_in && j < c1;  // slots past the length may hold anything
-                const __half* row = wv + (bk * RB + j % RB) * HD + vd0;
+                const __half* row = wv + (bk * KB + j % KB) * HD + vd0;
 #pragma unroll
                 for (int w = 0; w < VD / 2; w++) x[k][w] = ok ? reinterpret_cast<const uint32_t*>(row)[w] : 0u;
             }

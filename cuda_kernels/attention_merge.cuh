@@ -34,8 +34,8 @@ __device__ __forceinline__ void timeline_mark(int k, unsigned long long v = 0) {
 // Row r = (batch b, new token t) sees positions [lo, len), len = pos[b] + t + 1 (causal for any T),
 // lo > 0 only for a sliding window; split s covers [c0, c1) of that, `chunk` positions a split.
 // The grid has the splits the cache's capacity needs (max_chunk each), but the chunk follows the
-// row's current length: an equal share of len for each split, rounded up to 64 positions (a
-// multiple of the INT4 cache's 32-position blocks). A graph captured once replays the same grid at
+// row's current length: an equal share of len for each split, rounded up to 64 positions (whole
+// tiles of the INT4 kernel's 32 positions; a key block of scales may span two splits). A graph captured once replays the same grid at
 // every length; with a fixed chunk, a 600-token chat in an 8192-position cache would leave 14 of
 // 16 splits idle and two to walk 512 positions each.
 struct RowSpan {

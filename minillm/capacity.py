@@ -6,9 +6,9 @@ KV cache is what grows with the context:
     bytes per token = 2 (K, V) x layers x kv_heads x (head_dim x bytes per value + scale bytes)
                     = 2 x 32 x 32 x (128 x 2)     = 512 KiB  fp16
                     = 2 x 32 x 32 x (128 x 1 + 4) = 264 KiB  int8 / fp8 (+ a float32 scale per head)
-                    = 32 x 32 x 160               = 160 KiB  int4 KIVI (codes 2 x 64 B, fp16 scale and
-                                                             zero: value groups 16 B, key channels per
-                                                             32-token block 16 B)
+                    = 32 x 32 x 140               = 140 KiB  int4 KIVI (codes 2 x 64 B, fp16 scale and
+                                                             zero: two 64-value groups 8 B, key channels
+                                                             per 128-token block 4 B)
 
 so the longest context = (budget - weights - working buffers) / bytes per token. On a GPU the figure
 is then checked by allocating the model, the cache and one decode step's buffers inside the budget.

@@ -167,13 +167,25 @@ def _asym4(x, axis):
     return q, scale, zero.astype(np.float32)
 
 
+KIVI_BLOCK = 128  # INT4: tokens per key block (each channel's scale and zero), and the float window's
+KIVI_GROUP = 64   # INT4: channels per value group (each token's scale and zero), where head_dim allows
+
+
+def int4_group(head_dim: int, group: int | None = None) -> int:
+    """The INT4 cache's value group for a head_dim: `group` (at most head_dim); by default KIVI_GROUP,
+    or 32 where KIVI_GROUP does not divide head_dim (96)."""
+    if group is None:
+        group = KIVI_GROUP if head_dim % KIVI_GROUP == 0 else 32
+    return min(group, head_dim)
+
+
 class Int4KVCache(KVCache):
     """KIVI-style INT4: keys per channel over blocks of `block` tokens, values per token in groups of
     `group` along head_dim; tokens after the last full block stay in a float window."""
 
-    def __init__(self, *args, block: int = 32, group: int = 32, **kwargs):
+    def __init__(self, *args, block: int = KIVI_BLOCK, group: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.block, self.group = block, min(group, self.head_dim)
+        self.block, self.group = block, int4_group(self.head_dim, group)
         if self.head_dim % self.group:
             raise MinillmError(f"the int4 cache needs head_dim ({self.head_dim}) divisible by {self.group}")
         nblocks, ngroups = -(-self.max_len // block), self.head_dim // self.group
@@ -279,6 +291,13 @@ def new_kv_cache(kind: str, num_layers, batch, num_kv_heads, head_dim, max_len, 
         raise MinillmError(f"unknown KV cache type {kind!r}: choose from {', '.join(KV_CACHE_TYPES)}")
     if kind != "float" and xp is not np:
         raise MinillmError(f"the {kind} KV cache has no GPU kernels yet: use --kv-cache float with --device cuda")
+    extra = {"offsets": offsets} if kind == "fp8" else {}
+    options = checked_options(kind, options)
+    return classes[kind](num_layers, batch, num_kv_heads, head_dim, max_len, xp=xp, dtype=dtype, **extra, **options)
+
+
+def checked_options(kind: str, options) -> dict:
+    """A kind's own settings (KV_CACHE_OPTIONS) as ints, or a clear error (the GPU cache takes the same)."""
     options = dict(options or {})
     unknown = sorted(set(options) - set(KV_CACHE_OPTIONS.get(kind, ())))
     if unknown:
@@ -286,9 +305,7 @@ def new_kv_cache(kind: str, num_layers, batch, num_kv_heads, head_dim, max_len, 
         raise MinillmError(f"the {kind} KV cache has no option {', '.join(unknown)} (it takes: {takes})")
     if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in options.values()):
         raise MinillmError(f"KV cache options must be positive integers, not {options}")
-    extra = {"offsets": offsets} if kind == "fp8" else {}
-    options = {k: int(v) for k, v in options.items()}  # (numpy integers too)
-    return classes[kind](num_layers, batch, num_kv_heads, head_dim, max_len, xp=xp, dtype=dtype, **extra, **options)
+    return {k: int(v) for k, v in options.items()}  # (numpy integers too)
 
 
 CALIBRATION_TOKENS = 512  # tokens whose mean keys and values centre the FP8 cache

@@ -65,35 +65,38 @@ def test_quantized_weights_stay_packed(method, bits, tiny_dirs, tmp_path):
     close(gpu(tokens[:5]), cpu(tokens[:5]))
 
 
-@pytest.mark.parametrize("kind", ["int8", "fp8", "int4"])
-def test_quantized_kv_cache_matches_reference(kind, tiny_dirs):
-    """The GPU int8 / fp8 / int4 (KIVI) caches against kvcache.py's reference caches: a 40-token
-    prompt (int4: split at its 32-position block boundary), decoding across the next boundary (the
-    block flushed from the window), then a truncation into a quantized block (reopened into the
-    window) and more decoding. The tolerance is the format's own effect: the GPU quantizes fp16 keys
-    and values, the reference fp32 ones, and a code that flips moves by a whole step, so the two may
-    differ by up to about what the quantization itself changes (reference-quantized vs float)."""
+@pytest.mark.parametrize("kind, options", [("int8", {}), ("fp8", {}), ("int4", {}), ("int4", {"block": 32, "group": 32})])
+def test_quantized_kv_cache_matches_reference(kind, options, tiny_dirs):
+    """The GPU int8 / fp8 / int4 (KIVI) caches against kvcache.py's reference caches: a prompt of a
+    block and 8 tokens (int4: split at its block boundary; r = 32 positions for the 8-bit caches),
+    decoding across the next boundary (the block flushed from the window), then a truncation into a
+    quantized block (reopened into the window) and more decoding. The tolerance is the format's own
+    effect: the GPU quantizes fp16 keys and values, the reference fp32 ones, and a code that flips
+    moves by a whole step, so the two may differ by up to about what the quantization itself changes
+    (reference-quantized vs float). options: the INT4 layout (the default's key block, and KIVI's 32 x 32)."""
     cpu = minillm.load(tiny_dirs["llama"], progress=False, kv_cache=kind)
     ref = minillm.load(tiny_dirs["llama"], progress=False)
     gpu = minillm.load(tiny_dirs["llama"], device="cuda", progress=False, kv_cache=kind)
-    tokens = np.random.default_rng(2).integers(3, 128, size=80)
+    cpu.model.kv_cache_options = gpu.model.kv_cache_options = options
+    r = gpu.new_cache(max_len=8).block or 32
+    tokens = np.random.default_rng(2).integers(3, 128, size=2 * r + 16)
     if kind == "fp8":  # centred on calibration tokens (the tiny model has no tokenizer to give them)
         calibration = np.random.default_rng(5).integers(3, 128, size=48)
         cpu.model.kv_calibration = gpu.model.kv_calibration = lambda: calibration
-    caches = [gpu.new_cache(max_len=96), cpu.new_cache(max_len=96), ref.new_cache(max_len=96)]
+    caches = [gpu.new_cache(max_len=3 * r), cpu.new_cache(max_len=3 * r), ref.new_cache(max_len=3 * r)]
 
     def check(lg, lc, lf):
         budget = np.abs(lc - lf).max() / np.abs(lf).max()
         close(lg, lc, rel=2 * budget + REL)
 
-    check(*(m(tokens[:40], c) for m, c in zip((gpu, cpu, ref), caches)))
-    for i in range(40, 70):
+    check(*(m(tokens[: r + 8], c) for m, c in zip((gpu, cpu, ref), caches)))
+    for i in range(r + 8, 2 * r + 6):
         check(*(m(tokens[i : i + 1], c) for m, c in zip((gpu, cpu, ref), caches)))
     for c in caches:
-        c.truncate(45)
-    for i in range(45, 55):
+        c.truncate(r + 13)
+    for i in range(r + 13, r + 23):
         check(*(m(tokens[i : i + 1], c) for m, c in zip((gpu, cpu, ref), caches)))
-    assert caches[0].nbytes < gpu.new_cache(max_len=96, kind="float").nbytes
+    assert caches[0].nbytes < gpu.new_cache(max_len=3 * r, kind="float").nbytes
     if kind == "fp8":  # both engines measured the same means (GPU: from its fp16 float cache)
         want = caches[1].offsets["v"][1]  # layer 1: after a layer of fp16 arithmetic, REL of its range
         np.testing.assert_allclose(cp_asnumpy(caches[0].v_off[1]), want, atol=REL * np.abs(want).max(), rtol=0)
@@ -128,6 +131,8 @@ def test_decode_stream_equals_decode_next(kind, tiny_dirs):
     the end of the context it stops with the context error."""
     gpu = minillm.load(tiny_dirs["llama"], device="cuda", progress=False, kv_cache=kind)
     model = gpu.model
+    if kind == "int4":
+        model.kv_cache_options = {"block": 32}  # a block's end within the steps below
 
     def prefixed(max_len=80):
         cache = gpu.new_cache(max_len=max_len)

@@ -12,6 +12,7 @@ from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from minillm.attention import attention
+from minillm.errors import MinillmError
 from minillm.kvcache import FP8KVCache, Int8KVCache
 from minillm.model import apply_rope
 from minillm.quant import QuantSpec, quantize_rtn
@@ -545,46 +546,73 @@ def test_gate_up_with_fused_activation(f, k, m, bits, act, bias, seed):
     assert np.all(np.abs(got - ref) <= bound)
 
 
-@pytest.mark.parametrize("kind", ["float", "int8", "fp8", "int4"])
-@pytest.mark.parametrize("max_len", [64, 70])
-def test_cache_bytes_are_what_is_allocated(kind, max_len):
+@pytest.mark.parametrize("kind, options", [("float", None), ("int8", None), ("fp8", None), ("int4", None),
+                                           ("int4", {"block": 32, "group": 32}), ("int4", {"block": 64, "group": 16})])
+@pytest.mark.parametrize("max_len", [64, 70, 200])
+def test_cache_bytes_are_what_is_allocated(kind, options, max_len):
     """cache.cache_bytes (what `minillm info` and the capacity check count) is what GpuKVCache allocates;
-    the INT4 arrays hold whole 32-position blocks, a max_len of 70 included."""
+    the INT4 arrays hold whole key blocks, a max_len of 70 or 200 included."""
     from minillm.gpu.cache import GpuKVCache, cache_bytes
 
     cfg = Cfg(8, 2, 64)
     cfg.num_layers = 3
-    assert GpuKVCache(cfg, kind, 2, max_len).nbytes == cache_bytes(kind, 3, 2, 2, 64, max_len)
+    layout = () if options is None else (options["block"], options["group"])
+    assert GpuKVCache(cfg, kind, 2, max_len, options=options).nbytes == cache_bytes(kind, 3, 2, 2, 64, max_len, *layout)
+
+
+def test_int4_layouts_the_kernels_cannot_read_are_errors():
+    from minillm.gpu.cache import GpuKVCache
+
+    cfg = Cfg(8, 2, 128)
+    cfg.num_layers = 1
+    for options in ({"block": 48}, {"group": 16}, {"group": 48}, {"block": 64, "group": 0}):
+        with pytest.raises(MinillmError, match="key block that is a multiple of 32|positive integers"):
+            GpuKVCache(cfg, "int4", 1, 64, options=options)
+    with pytest.raises(MinillmError, match="has no option window"):
+        GpuKVCache(cfg, "int4", 1, 64, options={"window": 8})
 
 
 @settings(max_examples=EXAMPLES or 20, deadline=None)
 @given(kv=st.integers(1, 3), g=st.sampled_from([1, 2, 3, 4, 8, 9]), hd=st.sampled_from([16, 32, 64, 96, 128]),
-       length=st.integers(0, 150), t=st.integers(1, 8), outliers=st.booleans(), seed=st.integers(0, 2**31))
+       length=st.integers(0, 300), t=st.integers(1, 8), outliers=st.booleans(), seed=st.integers(0, 2**31),
+       layout=st.sampled_from([None, (32, 32), (64, 64), (128, 128), (96, 32)]))
 # attention_int4.cu's two value paths, every time: one query head per kv head (MHA) and grouped
-@example(kv=2, g=1, hd=128, length=140, t=3, outliers=True, seed=1)
-@example(kv=1, g=1, hd=64, length=64, t=1, outliers=False, seed=2)
-@example(kv=2, g=4, hd=128, length=100, t=2, outliers=True, seed=3)
-# long enough that a warp takes several key blocks of its split (its two cp.async stages in turn)
-@example(kv=3, g=1, hd=128, length=5000, t=8, outliers=True, seed=4)
-@example(kv=3, g=4, hd=64, length=5000, t=8, outliers=False, seed=5)
-def test_int4_cache_kernels(kv, g, hd, length, t, outliers, seed):
+@example(kv=2, g=1, hd=128, length=140, t=3, outliers=True, seed=1, layout=None)
+@example(kv=1, g=1, hd=64, length=64, t=1, outliers=False, seed=2, layout=(32, 32))
+@example(kv=2, g=4, hd=128, length=100, t=2, outliers=True, seed=3, layout=(32, 32))
+# a window of more than one tile of 32 positions (the default key block is 128)
+@example(kv=2, g=4, hd=128, length=230, t=5, outliers=True, seed=6, layout=None)
+@example(kv=1, g=1, hd=96, length=250, t=4, outliers=False, seed=7, layout=None)
+# long enough that a warp takes several key blocks of its split (its two cp.async stages in turn),
+# and a window that split boundaries cross
+@example(kv=3, g=1, hd=128, length=5000, t=8, outliers=True, seed=4, layout=(32, 32))
+@example(kv=3, g=4, hd=64, length=5000, t=8, outliers=False, seed=5, layout=None)
+@example(kv=2, g=4, hd=128, length=5100, t=8, outliers=True, seed=8, layout=None)
+def test_int4_cache_kernels(kv, g, hd, length, t, outliers, seed, layout):
     """The INT4 (KIVI) kernels — window append (rope_append), block flush (kivi_flush) and attention
     (attention_int4.cu) — against kvcache.Int4KVCache fed the same keys and values in the same pieces
-    (ending at block boundaries, as the engine feeds a prompt): the last piece's attention output."""
+    (ending at block boundaries, as the engine feeds a prompt): the last piece's attention output.
+    layout: the caches' key block and value group (None: the default, kvcache.KIVI_BLOCK x KIVI_GROUP)."""
     import cupy as cp
 
     from minillm.gpu import kernels as K
-    from minillm.gpu.cache import KIVI_BLOCK, GpuKVCache
+    from minillm.gpu.cache import GpuKVCache
     from minillm.kvcache import Int4KVCache
 
+    options = {} if layout is None else {"block": layout[0], "group": min(layout[1], hd)}
+    if hd % options.get("group", 1) or options.get("group", hd) < hd // 4:
+        options["group"] = min(32, hd)  # (a group the GPU cannot take for this head_dim)
     rng = np.random.default_rng(seed)
-    h, r = kv * g, KIVI_BLOCK
+    h = kv * g
     cfg = Cfg(h, kv, hd)
     cfg.num_layers = 1
+    ref = Int4KVCache(1, 1, kv, hd, 1, **options)
+    r = ref.block
     t = min(t, r - length % r)  # the last piece stays inside one block
     total = length + t
-    cache = GpuKVCache(cfg, "int4", 1, total + r)
-    ref = Int4KVCache(1, 1, kv, hd, total + r)
+    cache = GpuKVCache(cfg, "int4", 1, total + r, options=options)
+    ref = Int4KVCache(1, 1, kv, hd, total + r, **options)
+    assert (cache.block, cache.group) == (ref.block, ref.group)
     keys = rng.normal(size=(1, kv, total, hd)).astype(np.float16).astype(np.float32)
     if outliers:
         keys[..., rng.integers(0, hd, 2)] *= 20

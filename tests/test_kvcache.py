@@ -46,7 +46,7 @@ def int4_bounds(cache: Int4KVCache, layer, length):
 @st.composite
 def qkv(draw):
     b, kv, g = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 3))
-    s, d = draw(st.integers(1, 80)), draw(st.sampled_from([32, 64]))
+    s, d = draw(st.integers(1, 300)), draw(st.sampled_from([32, 64]))
     rng = np.random.default_rng(draw(st.integers(0, 2**31)))
     k = rng.normal(size=(b, kv, s, d)).astype(np.float32)
     outliers = rng.choice(d, size=draw(st.integers(0, 4)), replace=False)
@@ -56,9 +56,15 @@ def qkv(draw):
     return q, k, v
 
 
+# INT4 layouts: the default (kvcache.KIVI_BLOCK x KIVI_GROUP) and smaller blocks, so that short
+# sequences have quantized blocks too
+INT4_LAYOUTS = st.sampled_from([{}, {"block": 32, "group": 32}, {"block": 8, "group": 16}])
+
+
 @settings(max_examples=60, deadline=None)
-@given(data=qkv(), kind=st.sampled_from(["int8", "fp8", "fp8-offsets", "int4"]), seed=st.integers(0, 2**31))
-def test_attention_error_within_format_bound(data, kind, seed):
+@given(data=qkv(), kind=st.sampled_from(["int8", "fp8", "fp8-offsets", "int4"]), seed=st.integers(0, 2**31),
+       layout=INT4_LAYOUTS)
+def test_attention_error_within_format_bound(data, kind, seed, layout):
     q, k, v = data
     b, h, s, d = k.shape
     mu_k = mu_v = 0.0
@@ -67,7 +73,8 @@ def test_attention_error_within_format_bound(data, kind, seed):
         rng = np.random.default_rng(seed)
         offsets = (rng.normal(size=(1, h, d)) * np.abs(k).mean(axis=(0, 2)), rng.normal(size=(1, h, d)))
         mu_k, mu_v = (o[0][None, :, None, :].astype(np.float32) for o in offsets)
-    cache = new_kv_cache(kind.split("-")[0], 1, b, h, d, max_len=s, offsets=offsets)
+    cache = new_kv_cache(kind.split("-")[0], 1, b, h, d, max_len=s, offsets=offsets,
+                         options=layout if kind == "int4" else None)
     kq, vq = cache.update(0, k, v)
     if kind == "int4":
         ek, ev = int4_bounds(cache, 0, s)
@@ -87,15 +94,16 @@ def test_attention_error_within_format_bound(data, kind, seed):
 
 
 @settings(max_examples=40, deadline=None)
-@given(kind=st.sampled_from(["int8", "fp8", "fp8-offsets", "int4"]), s=st.integers(1, 100), chunk=st.integers(1, 40),
-       seed=st.integers(0, 2**31))
-def test_appending_in_pieces_equals_quantizing_at_once(kind, s, chunk, seed):
+@given(kind=st.sampled_from(["int8", "fp8", "fp8-offsets", "int4"]), s=st.integers(1, 300), chunk=st.integers(1, 140),
+       seed=st.integers(0, 2**31), layout=INT4_LAYOUTS)
+def test_appending_in_pieces_equals_quantizing_at_once(kind, s, chunk, seed, layout):
     rng = np.random.default_rng(seed)
     k, v = rng.normal(size=(2, 1, 2, s, 32)).astype(np.float32)
     offsets = tuple(rng.normal(size=(2, 1, 2, 32))) if kind == "fp8-offsets" else None
-    whole = new_kv_cache(kind.split("-")[0], 1, 1, 2, 32, max_len=s, offsets=offsets)
+    options = layout if kind == "int4" else None
+    whole = new_kv_cache(kind.split("-")[0], 1, 1, 2, 32, max_len=s, offsets=offsets, options=options)
     k_all, v_all = whole.update(0, k, v)
-    pieces = new_kv_cache(kind.split("-")[0], 1, 1, 2, 32, max_len=s, offsets=offsets)
+    pieces = new_kv_cache(kind.split("-")[0], 1, 1, 2, 32, max_len=s, offsets=offsets, options=options)
     for t0 in range(0, s, chunk):
         k_p, v_p = pieces.update(0, k[:, :, t0 : t0 + chunk], v[:, :, t0 : t0 + chunk])
         pieces.advance(k[:, :, t0 : t0 + chunk].shape[2])
@@ -257,11 +265,11 @@ def test_bench_capacity_arithmetic():
     cfg = llama_config()
     assert cache_bytes_per_token(cfg, "float") == 2 * 32 * 32 * 128 * 2
     assert cache_bytes_per_token(cfg, "int8") == 2 * 32 * 32 * (128 + 4)
-    # INT4 (KIVI): half a byte a value, fp16 (scale, zero) per position and 32-value group of V, and
-    # per channel of K amortised over a 32-position block; plus a fixed fp16 window of 32 positions.
-    per_head = 2 * 128 // 2 + 2 * 2 * (128 // 32) + 2 * 2 * 128 // 32
+    # INT4 (KIVI): half a byte a value, fp16 (scale, zero) per position and 64-value group of V, and
+    # per channel of K amortised over a 128-position block; plus a fixed fp16 window of 128 positions.
+    per_head = 2 * 128 // 2 + 2 * 2 * (128 // 64) + 2 * 2 * 128 // 128
     assert cache_bytes_per_token(cfg, "int4") == 32 * 32 * per_head
-    window = 32 * 32 * 2 * 32 * 128 * 2
+    window = 32 * 32 * 2 * 128 * 128 * 2
     budget = 16 * 2**30
     for kind, (per_token, context) in plan(cfg, budget).items():
         room = budget - w4_weight_bytes(cfg) - (256 << 20) - (window if kind == "int4" else 0)

@@ -17,28 +17,23 @@ import numpy as np
 
 from ..backend import get_xp
 from ..errors import MinillmError
-from ..kvcache import KV_CACHE_TYPES
+from ..kvcache import KIVI_BLOCK, KV_CACHE_TYPES, checked_options, int4_group
 from .kernels import KV_FORMATS
 
 CODE_BYTES = {"float": 2, "int8": 1, "fp8": 1}
-KIVI_BLOCK = 32  # INT4: positions per key block, and the fp16 window's slots
 INT4_HEAD_DIMS = (16, 32, 64, 96, 128)  # cuda_kernels/attention_int4.cu's instances
 
 
-def kivi_group(head_dim: int) -> int:
-    return min(32, head_dim)  # values: positions' head_dim in groups of this many
-
-
-def cache_bytes(kind: str, num_layers, batch, kv_heads, head_dim, max_len) -> int:
+def cache_bytes(kind: str, num_layers, batch, kv_heads, head_dim, max_len, block=KIVI_BLOCK, group=None) -> int:
     """Bytes of a cache: codes, plus a float32 scale per (token, head) for the 8-bit formats; for INT4,
     packed codes, fp16 (scale, zero) per key channel and block and per value group and position, and
-    the fp16 window."""
+    the fp16 window (block, group: the INT4 layout, kvcache.Int4KVCache's)."""
     heads = num_layers * batch * kv_heads
     if kind == "int4":
-        blocks = -(-max_len // KIVI_BLOCK)
-        rows = blocks * KIVI_BLOCK  # (whole blocks: see GpuKVCache._init_int4)
+        blocks = -(-max_len // block)
+        rows = blocks * block  # (whole blocks: see GpuKVCache._init_int4)
         per_head = (2 * rows * head_dim // 2 + blocks * head_dim * 4
-                    + rows * (head_dim // kivi_group(head_dim)) * 4 + 2 * KIVI_BLOCK * head_dim * 2)
+                    + rows * (head_dim // int4_group(head_dim, group)) * 4 + 2 * block * head_dim * 2)
         return heads * per_head
     per_pos = head_dim * CODE_BYTES[kind] + (4 if kind != "float" else 0)
     return 2 * heads * max_len * per_pos
@@ -79,9 +74,10 @@ class TokenMailbox:
 
 
 class GpuKVCache:
-    def __init__(self, cfg, kind: str, batch: int, max_len: int, offsets=None):
+    def __init__(self, cfg, kind: str, batch: int, max_len: int, offsets=None, options=None):
         """offsets (fp8 only): keys' and values' [layers, kv_heads, head_dim] means, subtracted before
-        coding and added back on reading, as kvcache.FP8KVCache (None: plain codes)."""
+        coding and added back on reading, as kvcache.FP8KVCache (None: plain codes). options: the
+        kind's own settings, as the reference cache's (kvcache.KV_CACHE_OPTIONS: INT4's block, group)."""
         cp = get_xp("cuda")
         if kind not in KV_CACHE_TYPES:
             raise MinillmError(f"unknown KV cache type {kind!r}: choose from {', '.join(KV_CACHE_TYPES)}")
@@ -90,11 +86,22 @@ class GpuKVCache:
         layers, kv, hd = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
         if kind in ("int8", "fp8") and hd % 16:
             raise MinillmError(f"the {kind} KV cache on the GPU needs a head_dim that is a multiple of 16, not {hd}")
-        if kind == "int4" and hd not in INT4_HEAD_DIMS:
-            raise MinillmError(f"the int4 KV cache on the GPU needs a head_dim that is a multiple of 16 and of its "
-                               f"value group (32), at most 128 (16, 32, 64, 96 or 128), not {hd}")
+        options = checked_options(kind, options)
+        # INT4's layout (kvcache.Int4KVCache's block and group; None for the other kinds)
+        self.block = self.group = None
+        if kind == "int4":
+            if hd not in INT4_HEAD_DIMS:
+                raise MinillmError(f"the int4 KV cache on the GPU needs a head_dim that is a multiple of 16 and of "
+                                   f"its value group, at most 128 (16, 32, 64, 96 or 128), not {hd}")
+            self.block, self.group = options.get("block", KIVI_BLOCK), int4_group(hd, options.get("group"))
+            if self.block % 32 or hd % self.group or self.group < hd // 4:
+                # attention_int4.cu: a warp takes 32 positions at a time; a head's groups fill at most
+                # half of an MMA's eight columns
+                raise MinillmError(f"the int4 KV cache on the GPU needs a key block that is a multiple of 32 and a "
+                                   f"value group that divides head_dim {hd} into at most 4 groups, not block "
+                                   f"{self.block}, group {self.group}")
         check_fits(f"a {kind} KV cache of {max_len} tokens x batch {batch}",
-                   cache_bytes(kind, layers, batch, kv, hd, max_len))
+                   cache_bytes(kind, layers, batch, kv, hd, max_len, self.block or KIVI_BLOCK, self.group))
         self.kind, self.fmt, self.batch, self.max_len = kind, KV_FORMATS[kind], batch, max_len
         self.length = 0
         if kind == "int4":
@@ -129,7 +136,8 @@ class GpuKVCache:
         """KIVI: packed codes for every position, (scale, zero) per key channel and block and per value
         group and position, and the fp16 window where new positions wait for their block to fill."""
         cp = get_xp("cuda")
-        r, blocks, groups = KIVI_BLOCK, -(-max_len // KIVI_BLOCK), hd // kivi_group(hd)
+        r = self.block
+        blocks, groups = -(-max_len // r), hd // self.group
         # Rows for whole blocks, so that every block's codes and value scales start 16-byte aligned
         # (attention_int4.cu copies them in 16-byte pieces with cp.async).
         self.int4_rows = rows = blocks * r
@@ -142,14 +150,13 @@ class GpuKVCache:
         self.ks, self.kz = z(batch, kv, blocks, hd, dtype=half), z(batch, kv, blocks, hd, dtype=half)
         self.vs, self.vz = z(batch, kv, rows, groups, dtype=half), z(batch, kv, rows, groups, dtype=half)
         self.wk, self.wv = z(batch, kv, r, hd, dtype=cp.float16), z(batch, kv, r, hd, dtype=cp.float16)
-        self.group = kivi_group(hd)
 
     def layer(self, i: int):
         """(keys, values, key scales, value scales, format code, rows, key offsets, value offsets): what
         the append and attention kernels take. For INT4 the append writes the fp16 window (rows = its
         slots)."""
         if self.kind == "int4":
-            return self.wk[i], self.wv[i], None, None, self.fmt, KIVI_BLOCK, None, None
+            return self.wk[i], self.wv[i], None, None, self.fmt, self.block, None, None
         return (self.keys[i], self.values[i], self.k_scale[i], self.v_scale[i], self.fmt, self.max_len,
                 self.k_off[i], self.v_off[i])
 
@@ -157,7 +164,7 @@ class GpuKVCache:
         """INT4 layer i: (kq, vq, ks, kz, vs, vz, wk, wv, rows, block, group); rows: max_len rounded up
         to whole blocks, the arrays' stride."""
         return (self.kq[i], self.vq[i], self.ks[i], self.kz[i], self.vs[i], self.vz[i], self.wk[i], self.wv[i],
-                self.int4_rows, KIVI_BLOCK, self.group)
+                self.int4_rows, self.block, self.group)
 
     def check_room(self, new_tokens: int) -> None:
         if self.length + new_tokens > self.max_len:
@@ -177,7 +184,7 @@ class GpuKVCache:
         # Rows past `length` are stale and overwritten by the next append; attention never reads them.
         length = max(0, min(length, self.length))
         if self.kind == "int4":
-            r = KIVI_BLOCK
+            r = self.block
             start = length // r * r
             if start < self.length // r * r and start < length:  # cut into a quantized block: reopen it
                 self._reopen(start, length)
@@ -188,7 +195,7 @@ class GpuKVCache:
         as the reference cache does, so appending continues the block."""
         cp = get_xp("cuda")
         shifts = cp.asarray([0, 4], dtype=cp.uint8)
-        blk, slots = start // KIVI_BLOCK, cp.arange(start, end) % KIVI_BLOCK
+        blk, slots = start // self.block, cp.arange(start, end) % self.block
         for i in range(len(self.kq)):
             for codes, dest in ((self.kq[i], self.wk[i]), (self.vq[i], self.wv[i])):
                 q = ((codes[:, :, start:end, :, None] >> shifts) & 15).reshape(*codes.shape[:2], end - start, -1)

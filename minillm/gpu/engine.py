@@ -37,7 +37,7 @@ from ..errors import MinillmError
 from ..kvcache import calibrated_offsets
 from ..model import rope_inv_freq, token_batch
 from . import kernels as K
-from .cache import KIVI_BLOCK, GpuKVCache, check_fits
+from .cache import GpuKVCache, check_fits
 from .linear import GpuLinear
 
 
@@ -93,6 +93,7 @@ class GpuModel:
                                "with --device cuda")
         self.config, self.embed, self.layers = config, embed, layers
         self.final_norm, self.lm_head, self.kv_cache = final_norm, lm_head, kv_cache
+        self.kv_cache_options = {}  # as Model's: that type's own settings (INT4's block and group)
         self.final_norm_k = K.norm_exponent(final_norm)
         self.kv_calibration = None  # as Model's: the FP8 cache's offsets (kvcache.calibrated_offsets)
         self.xp = get_xp("cuda")
@@ -170,7 +171,8 @@ class GpuModel:
     def new_cache(self, batch: int = 1, max_len: int | None = None, kind: str | None = None) -> GpuKVCache:
         kind = kind or self.kv_cache
         return GpuKVCache(self.config, kind, batch, max_len or self.context_length,
-                          offsets=calibrated_offsets(self) if kind == "fp8" else None)
+                          offsets=calibrated_offsets(self) if kind == "fp8" else None,
+                          options=self.kv_cache_options if kind == self.kv_cache else None)
 
     # -- scratch ----------------------------------------------------------------------------------
 
@@ -289,7 +291,7 @@ class GpuModel:
         if cache.batch != b:
             raise MinillmError(f"the cache holds {cache.batch} sequences but {b} were given")
         cache.check_room(t)
-        if cache.kind == "int4" and t > 1 and cache.length // KIVI_BLOCK != (cache.length + t - 1) // KIVI_BLOCK:
+        if cache.kind == "int4" and t > 1 and cache.length // cache.block != (cache.length + t - 1) // cache.block:
             return self._by_blocks(tok, cache, last_only, squeeze)  # the tokens span a block boundary
         cache.sync_pos()
         rows = b * t
@@ -312,7 +314,7 @@ class GpuModel:
         completes per step, and the window holds the block's positions until then."""
         outs, i, t = [], 0, tok.shape[1]
         while i < t:
-            n = min(t - i, KIVI_BLOCK - (cache.length % KIVI_BLOCK))
+            n = min(t - i, cache.block - (cache.length % cache.block))
             outs.append(self(tok[:, i : i + n], cache, last_only=last_only))
             i += n
         out = outs[-1] if last_only else np.concatenate(outs, axis=1)

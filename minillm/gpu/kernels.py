@@ -27,17 +27,18 @@ EXTRA_OPTIONS: tuple = ()
 
 
 @lru_cache(maxsize=None)
-def module(name: str):
+def module(name: str, defines: tuple = ()):
+    """cuda_kernels/`name`.cu compiled (defines: -D options of a variant, e.g. the INT4 cache's layout)."""
     cp = get_xp("cuda")
     src = (KERNEL_DIR / f"{name}.cu").read_text()
-    return cp.RawModule(code=src, options=("-std=c++17", f"-I{KERNEL_DIR}") + EXTRA_OPTIONS)
+    return cp.RawModule(code=src, options=("-std=c++17", f"-I{KERNEL_DIR}") + EXTRA_OPTIONS + defines)
 
 
 @lru_cache(maxsize=None)
-def fn(file: str, name: str) -> Kernel:
+def fn(file: str, name: str, defines: tuple = ()) -> Kernel:
     """Kernel `name` of cuda_kernels/`file`.cu; launched with programmatic dependent launch when it is
     captured into a graph on a GPU that has it (launch.py), through CuPy otherwise."""
-    return Kernel(module(file).get_function(name), name)
+    return Kernel(module(file, defines).get_function(name), name)
 
 
 @lru_cache(maxsize=None)
@@ -284,6 +285,11 @@ def kivi_flush(kivi, pos, batch: int, t: int, cfg):
         wk, wv, kq, vq, ks, kz, vs, vz, pos, i32(t), i32(kv), i32(hd), i32(max_len), i32(block), i32(group)))
 
 
+def int4_layout(block: int, group: int) -> tuple:
+    """attention_int4.cu's defines for an INT4 cache's key block and value group."""
+    return (f"-DKIVI_BLOCK={block}", f"-DKIVI_GROUP={group}")
+
+
 def decode_attention_int4(q, kivi, pos, rows, t, cfg, window, parts, out, plan):
     """Attention over an INT4 (KIVI) cache, quantized blocks and the fp16 window, on tensor cores
     (attention_int4.cu): blocks of (kv head, 8 query heads) x splits x rows."""
@@ -305,7 +311,7 @@ def decode_attention_int4(q, kivi, pos, rows, t, cfg, window, parts, out, plan):
     chunk = round_up(-(-max_len // splits), 64)
     splits = -(-max_len // chunk)
     acc, m, l, counter = parts
-    fn("attention_int4", f"attn_int4_hd{hd}" + ("_mha" if h == kv else ""))((kv * qtiles, splits, rows), (32 * MMA_WARPS,), (
+    fn("attention_int4", f"attn_int4_hd{hd}" + ("_mha" if h == kv else ""), int4_layout(block, group))((kv * qtiles, splits, rows), (32 * MMA_WARPS,), (
         q, kq, vq, ks, kz, vs, vz, wk, wv, pos, i32(t), i32(h), i32(kv), i32(max_len), i32(chunk), i32(window or 0),
         np.float32(math.log2(math.e) / math.sqrt(hd)), acc, m, l, counter, out, i32(out.shape[1])))
 

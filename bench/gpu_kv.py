@@ -80,8 +80,8 @@ def measure(shape, fmt, context, batch, max_len=None, options=None):
     us = time_cupy(step, [()], reps=20, warmup=2)
     read = cache.nbytes  # every position of the cache is read once (codes and scales) ...
     if fmt == "int4":  # ... and INT4's fp16 window only for the positions it holds
-        slots = cache.wk[0].shape[2]
-        read -= (slots - context % slots) * 2 * batch * shape.num_kv_heads * shape.head_dim * 2
+        slots, window = cache.block, cache.wk[0].nbytes + cache.wv[0].nbytes
+        read -= window * (slots - context % slots) // slots
     return us, read
 
 

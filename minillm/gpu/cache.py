@@ -24,12 +24,13 @@ CODE_BYTES = {"float": 2, "int8": 1, "fp8": 1}
 INT4_HEAD_DIMS = (16, 32, 64, 96, 128)  # cuda_kernels/attention_int4.cu's instances
 
 
-def cache_bytes(kind: str, num_layers, batch, kv_heads, head_dim, max_len, block=KIVI_BLOCK, group=None) -> int:
+def cache_bytes(kind: str, num_layers, batch, kv_heads, head_dim, max_len, block=None, group=None) -> int:
     """Bytes of a cache: codes, plus a float32 scale per (token, head) for the 8-bit formats; for INT4,
     packed codes, fp16 (scale, zero) per key channel and block and per value group and position, and
-    the fp16 window (block, group: the INT4 layout, kvcache.Int4KVCache's)."""
+    the fp16 window (block, group: the INT4 layout, kvcache.Int4KVCache's; None: the default)."""
     heads = num_layers * batch * kv_heads
     if kind == "int4":
+        block = block or KIVI_BLOCK
         blocks = -(-max_len // block)
         rows = blocks * block  # (whole blocks: see GpuKVCache._init_int4)
         per_head = (2 * rows * head_dim // 2 + blocks * head_dim * 4
@@ -101,7 +102,7 @@ class GpuKVCache:
                                    f"value group that divides head_dim {hd} into at most 4 groups, not block "
                                    f"{self.block}, group {self.group}")
         check_fits(f"a {kind} KV cache of {max_len} tokens x batch {batch}",
-                   cache_bytes(kind, layers, batch, kv, hd, max_len, self.block or KIVI_BLOCK, self.group))
+                   cache_bytes(kind, layers, batch, kv, hd, max_len, self.block, self.group))
         self.kind, self.fmt, self.batch, self.max_len = kind, KV_FORMATS[kind], batch, max_len
         self.length = 0
         if kind == "int4":

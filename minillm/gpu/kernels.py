@@ -285,6 +285,7 @@ def kivi_flush(kivi, pos, batch: int, t: int, cfg):
         wk, wv, kq, vq, ks, kz, vs, vz, pos, i32(t), i32(kv), i32(hd), i32(max_len), i32(block), i32(group)))
 
 
+@lru_cache(maxsize=None)
 def int4_layout(block: int, group: int) -> tuple:
     """attention_int4.cu's defines for an INT4 cache's key block and value group."""
     return (f"-DKIVI_BLOCK={block}", f"-DKIVI_GROUP={group}")

@@ -59,6 +59,10 @@
 //   positions also reads the float window (fp16 keys and values, the same two products). HD is a
 //   template parameter (16, 32, 64, 96, 128): every offset inside a block is then a constant of
 //   the instruction.
+//   Programmatic dependent launch (common.cuh): a warp asks for its first key block before the PDL
+//   wait when earlier steps quantized it, and the query, the window and everything after come after
+//   the wait; with a grid that fills the GPU the next kernel may launch once every block is past its
+//   loop (kernels.py early_trigger).
 
 #include "common.cuh"
 #include "attention_merge.cuh"
@@ -70,6 +74,12 @@ namespace kivi {
 #endif
 #ifndef KIVI_GROUP
 #define KIVI_GROUP 64
+#endif
+// 1: the grid fills the GPU, so the next kernel is let in once every block is past its loop and the
+// first key blocks are asked for before the PDL wait (below). A define rather than an argument: a
+// flag read at run time made the grids that never trigger ~0.4 us slower (bench/NOTES.md session 19).
+#ifndef KIVI_TRIGGER
+#define KIVI_TRIGGER 0
 #endif
 constexpr int RB = 32;          // positions a warp takes at a time (a tile)
 constexpr int KB = KIVI_BLOCK;  // positions per quantized key block: whole tiles
@@ -170,6 +180,39 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
     const int kd0 = KD * t, vd0 = VD * g;  // the lane's first key dim, first value dim
     const bool k_in = kd0 < HD, v_in = vd0 < HD;  // HD % KD == HD % VD == 0: a lane is all in or out
 
+    // A block's codes and scales copied into the warp's stage (cp.async, 16 bytes a copy), the lanes
+    // taking consecutive pieces; each lane then reads its own words out of the stage (below).
+    constexpr int KP = KSB / 16, VP = VSB / 16;
+    const __half* const ksrc = (lane < KP ? ks : kz) + 8 * (lane % KP);  // this lane's scale pieces
+    const __half* const vsrc = (lane < VP ? vs : vz) + 8 * (lane % VP);
+    auto stage_in = [&](int blk, uint8_t* st) {
+        const size_t row0 = bk * L + (size_t)blk * RB;
+        // the block's codes: RB rows of ROWB bytes each, contiguous, in 16-byte pieces (HD of them)
+        const uint8_t* const kp = kq + row0 * ROWB;
+        const uint8_t* const vp = vq + row0 * ROWB;
+#pragma unroll
+        for (int c = lane; c < HD; c += 32) {
+            cp_async16(st + 16 * c, kp + 16 * c);
+            cp_async16(st + KEYB + 16 * c, vp + 16 * c);
+        }
+        // 16-byte pieces: the key scales and zeros (2 KP <= 32 of them), then the values' (2 VP <= 32)
+        if (lane < 2 * KP) cp_async16(st + KEYB + VALB + 16 * lane, ksrc + (bk * nb + blk / (KB / RB)) * HD);
+        if (lane < 2 * VP) cp_async16(st + KEYB + VALB + 2 * KSB + 16 * lane, vsrc + row0 * NG);
+    };
+    const int first = c0 / RB + warp;
+    uint8_t* st = smem + 2 * warp * STAGE;  // the warp's two stages, taken in turn
+    uint8_t* st_next = st + STAGE;
+    // PDL (common.cuh): the key blocks that earlier steps quantized, those below the block of the
+    // row's first new position pos[b], are not written by this step's kernels (the append before
+    // this one flushes that block at the earliest). With a grid that fills the GPU (KIVI_TRIGGER,
+    // kernels.py), a warp asks for its first such block before the wait, so its DRAM round trip
+    // overlaps the end of the kernel before (as attention.cu's PRE); the query and the window come
+    // after the wait. With fewer blocks the query comes first, as before (bench/NOTES.md session 19).
+    const int cached = (pos[b] / KB) * KB;
+    const bool early = KIVI_TRIGGER && first * RB < min(qend, cached);
+    if (early) stage_in(first, st);
+    pdl_begin();
+
     // The query at this lane's key dims as the score product's A fragments, step s: dims
     // 8(s/2) + 2(s%2) + {0, 4} (a0, matching the low nibbles) and + {1, 5} (a2, high nibbles).
     uint32_t qa0[KSTEPS], qa2[KSTEPS];
@@ -190,6 +233,8 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
             qa2[s] = h2pack(qf[d + 1], qf[d + 5]);
         }
     }
+    if (!early && first * RB < qend) stage_in(first, st);
+    cp_async_commit();
 
     float acc[MT][4], zacc[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // zacc: rows g = value group g
 #pragma unroll
@@ -227,30 +272,6 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
     // Quantized blocks
     // ---------------------------------------------------------------------------------------------
     const int zsrc = 4 * min(g * GROUP / VD, 7) + t;  // the lane holding group g's value scales
-    // A block's codes and scales copied into the warp's stage (cp.async, 16 bytes a copy), the lanes
-    // taking consecutive pieces; each lane then reads its own words out of the stage (below).
-    constexpr int KP = KSB / 16, VP = VSB / 16;
-    const __half* const ksrc = (lane < KP ? ks : kz) + 8 * (lane % KP);  // this lane's scale pieces
-    const __half* const vsrc = (lane < VP ? vs : vz) + 8 * (lane % VP);
-    auto stage_in = [&](int blk, uint8_t* st) {
-        const size_t row0 = bk * L + (size_t)blk * RB;
-        // the block's codes: RB rows of ROWB bytes each, contiguous, in 16-byte pieces (HD of them)
-        const uint8_t* const kp = kq + row0 * ROWB;
-        const uint8_t* const vp = vq + row0 * ROWB;
-#pragma unroll
-        for (int c = lane; c < HD; c += 32) {
-            cp_async16(st + 16 * c, kp + 16 * c);
-            cp_async16(st + KEYB + 16 * c, vp + 16 * c);
-        }
-        // 16-byte pieces: the key scales and zeros (2 KP <= 32 of them), then the values' (2 VP <= 32)
-        if (lane < 2 * KP) cp_async16(st + KEYB + VALB + 16 * lane, ksrc + (bk * nb + blk / (KB / RB)) * HD);
-        if (lane < 2 * VP) cp_async16(st + KEYB + VALB + 2 * KSB + 16 * lane, vsrc + row0 * NG);
-    };
-    const int first = c0 / RB + warp;
-    uint8_t* st = smem + 2 * warp * STAGE;  // the warp's two stages, taken in turn
-    uint8_t* st_next = st + STAGE;
-    if (first * RB < qend) stage_in(first, st);
-    cp_async_commit();
     for (int blk = first; blk * RB < qend; blk += NW) {
         const int j0 = blk * RB;
         // Ask for the next block (into the other stage, which every lane finished reading in the
@@ -466,6 +487,10 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
     l += __shfl_xor_sync(FULL_MASK, l, 2);
     cp_async_wait_prior<0>();  // (nothing is left in flight: the last group was empty)
     __syncthreads();  // sm_acc is the stages' memory: every warp is past its loop
+    // With KIVI_TRIGGER (a grid that fills the GPU) the next kernel may launch now: o_proj loads its
+    // weights, a next attention call its first key blocks, during this merge (common.cuh
+    // pdl_trigger; kernels.py early_trigger says when).
+    if (KIVI_TRIGGER) pdl_trigger();
     TIMELINE(2);
     if (t == 0) {
         sm_m[warp][g] = m;
@@ -511,7 +536,6 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
         int KV, int L, int chunk, int window, float qscale, float* part_acc, float* part_m, float* part_l,        \
         int* counter, __half* out, int ld_out) {                                                               \
         TIMELINE(0);                                                                                           \
-        pdl_begin();                                                                                           \
         kivi::attn_int4<HD, MHA>(q, kq, vq, ks, kz, vs, vz, wk, wv, pos, T, H, KV, L, chunk, window, qscale, part_acc, \
                             part_m, part_l, counter, out, ld_out);                                             \
     }

@@ -40,6 +40,9 @@
 //   memory. hd is padded to HDP (64 or 128) with masked lanes. A warp loads its block's codes into
 //   registers, or (the _bulk instances, for few blocks: kernels.py) has the bulk-copy engine copy its
 //   next block into shared memory while it computes on the current one.
+//   PDL (common.cuh): the _bulk instances ask for a warp's first block before the wait when earlier
+//   steps cached all of it; the query comes after the wait. With a grid that fills the GPU the next
+//   kernel may launch once every block is past its loop (kernels.py early_trigger).
 
 #include "common.cuh"
 #include "attention_merge.cuh"
@@ -50,6 +53,12 @@
 constexpr int RB = 32;  // positions per block of a warp
 constexpr int NW = 4;   // warps per block
 constexpr int MMA_STAGES = 2;  // the _bulk instances' stages a warp (3: slower, bench/NOTES.md session 17)
+// 1: the grid fills the GPU, so the next kernel is let in once every block is past its loop and the
+// _bulk instances ask for their first blocks before the PDL wait (kernels.py early_trigger; a
+// define, as attention_int4.cu's KIVI_TRIGGER, not an argument read at run time).
+#ifndef MMA_TRIGGER
+#define MMA_TRIGGER 0
+#endif
 
 template <int HDP> struct TileShape {
     static constexpr int KD = HDP / 4;        // key dims a lane t reads per position
@@ -90,6 +99,10 @@ __device__ __forceinline__ uint32_t byte_pair(uint32_t lo, uint32_t hi, int k) {
     }
 }
 
+// Step s of the score MMA takes word w = s / 2 of the lane's codes, pairs (2p, 2p + 4) and
+// (2p + 1, 2p + 5), p = s % 2: these are the query dims its A registers hold (k in {0, 4, 1, 5}).
+__device__ __forceinline__ constexpr int query_dim(int s, int k) { return 8 * (s >> 1) + 2 * (s & 1) + k; }
+
 template <int FMT, int HDP, bool BULK>
 __device__ __forceinline__ void attn_mma(const __half* __restrict__ q, const uint8_t* __restrict__ kq,
                                           const uint8_t* __restrict__ vq, const float* __restrict__ ks8,
@@ -115,13 +128,11 @@ __device__ __forceinline__ void attn_mma(const __half* __restrict__ q, const uin
     const int vd0 = VD * g;       // first value dim of this lane
     const bool v_in = vd0 < hd;   // hd % 16 == 0, so a lane's value dims are all in or all out
 
-    // Step s of the score MMA takes word w = s / 2 of the lane's codes, pairs (2p, 2p + 4) and
-    // (2p + 1, 2p + 5), p = s % 2: these are the query dims its A registers hold.
-    auto dim_of = [](int s, int k) { return 8 * (s >> 1) + 2 * (s & 1) + k; };  // k in {0, 4, 1, 5}
     // The query at this lane's key dims, as those A fragments (fp16, exact: the scale log2(e) /
     // sqrt(hd) multiplies the fp32 scores instead); 0 past hd and for absent heads.
+    // (Read after the PDL wait: the product before this kernel writes q; see the loops below.)
     uint32_t qa0[KSTEPS], qa2[KSTEPS];
-    {
+    auto load_query = [&] {
         float qf[KD];
 #pragma unroll
         for (int i = 0; i < KD; i += 8) {
@@ -133,10 +144,10 @@ __device__ __forceinline__ void attn_mma(const __half* __restrict__ q, const uin
         }
 #pragma unroll
         for (int s = 0; s < KSTEPS; s++) {
-            qa0[s] = pack_half2(qf[dim_of(s, 0)], qf[dim_of(s, 4)]);
-            qa2[s] = pack_half2(qf[dim_of(s, 1)], qf[dim_of(s, 5)]);
+            qa0[s] = pack_half2(qf[query_dim(s, 0)], qf[query_dim(s, 4)]);
+            qa2[s] = pack_half2(qf[query_dim(s, 1)], qf[query_dim(s, 5)]);
         }
-    }
+    };
 
     // O^T = V^T P^T: m-tile md of the value MMA holds, in rows g and g + 8, dims vd0 + 8u + j and
     // vd0 + 8u + j + 4 (md = 4u + j: byte j of words 2u and 2u + 1), for queries 2t, 2t+1.
@@ -251,10 +262,23 @@ __device__ __forceinline__ void attn_mma(const __half* __restrict__ q, const uin
                 reinterpret_cast<uint4*>(dst + KEYB + rows * hd)[c] = make_uint4(0, 0, 0, 0);
             }
         };
-        const int first = c0 / RB + warp;
+        // PDL (common.cuh): positions below pos[b] were cached by earlier steps (this step's append,
+        // the kernel before this one, writes pos[b] on). With a grid that fills the GPU (MMA_TRIGGER,
+        // kernels.py), a warp's first blocks of them are asked for before the wait, their DRAM round
+        // trip under the end of the kernel before (as attention.cu's PRE); the query and the rest
+        // after it. With fewer blocks the query comes first, as before (bench/NOTES.md session 19).
+        const int first = c0 / RB + warp, cached = MMA_TRIGGER ? pos[b] : 0;
+        auto first_stages = [&](bool before_wait) {
 #pragma unroll
-        for (int i = 0; i < MMA_STAGES - 1; i++)
-            if ((first + i * NW) * RB < c1) issue(first + i * NW, stages + i * STAGE, i);
+            for (int i = 0; i < MMA_STAGES - 1; i++) {
+                const int blk = first + i * NW;
+                if (blk * RB < c1 && ((blk + 1) * RB <= cached) == before_wait) issue(blk, stages + i * STAGE, i);
+            }
+        };
+        first_stages(true);
+        pdl_begin();
+        load_query();
+        first_stages(false);
         for (int blk = first, k = 0; blk * RB < c1; blk += NW, k++) {
             const int j0 = blk * RB;
             __syncwarp();  // every lane is done with the stage of the previous block, and the lanes'
@@ -304,6 +328,8 @@ __device__ __forceinline__ void attn_mma(const __half* __restrict__ q, const uin
         }
         __syncthreads();  // the stages become sm_acc and the merge's weights
     } else {
+        pdl_begin();
+        load_query();
         for (int blk = c0 / RB + warp; blk * RB < c1; blk += NW) {
             const int j0 = blk * RB;
             uint32_t kw[4][KW];
@@ -353,6 +379,11 @@ __device__ __forceinline__ void attn_mma(const __half* __restrict__ q, const uin
         }
     }
 
+    // With MMA_TRIGGER (a grid that fills the GPU) the next kernel may launch now: o_proj loads its
+    // weights, a next attention call its first blocks, during this merge (common.cuh pdl_trigger;
+    // kernels.py early_trigger says when).
+    if (MMA_TRIGGER) pdl_trigger();
+
     auto sm_acc = reinterpret_cast<float (*)[8][HDP]>(dsm);
     float* const sm_w = reinterpret_cast<float*>(dsm + 4 * NW * 8 * HDP);
 
@@ -388,7 +419,6 @@ __device__ __forceinline__ void attn_mma(const __half* __restrict__ q, const uin
         int T, int H, int KV, int hd, int L, int chunk, int window, float qscale, float* part_acc, float* part_m,  \
         float* part_l, int* counter, __half* out, int ld_out, const float* v_off) {                             \
         TIMELINE(0);                                                                                          \
-        pdl_begin();                                                                                          \
         attn_mma<FMT, HDP, BULK>(q, kq, vq, ks, vs, pos, T, H, KV, hd, L, chunk, window, qscale, part_acc, part_m,      \
                            part_l, counter, out, ld_out, v_off);                                               \
     }

@@ -99,10 +99,19 @@ def test_next_token_refuses_a_mailbox_of_another_batch():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("weights, kv_cache, kv_heads", [("w4", "float", 16), ("fp16", "int8", 4), ("w4", "int4", 16)])
-def test_decode_step_with_pdl_equals_without(weights, kv_cache, kv_heads, monkeypatch):
+@pytest.mark.parametrize("weights, kv_cache, kv_heads, env", [
+    ("w4", "float", 16, {}), ("fp16", "int8", 4, {}), ("w4", "int4", 16, {}),
+    # the tensor-core kernels letting the next kernel in early, with their first blocks asked for
+    # before the wait (chosen for grids that fill the GPU: kernels.early_trigger), the 8-bit one
+    # with bulk copies (chosen at long contexts with few blocks)
+    ("w4", "int4", 16, {"MINILLM_ATTN_TRIGGER": "1"}), ("fp16", "int4", 4, {"MINILLM_ATTN_TRIGGER": "1"}),
+    ("fp16", "int8", 4, {"MINILLM_ATTN_MMA": "1", "MINILLM_ATTN_BULK": "1", "MINILLM_ATTN_TRIGGER": "1"})])
+def test_decode_step_with_pdl_equals_without(weights, kv_cache, kv_heads, env, monkeypatch):
     """Several layers of a mid-sized random model (products of hundreds of blocks, attention split
-    over many blocks), decoded through the captured graph: logits identical with and without PDL."""
+    over many blocks), decoded through the captured graph: logits identical with and without PDL.
+    The attention kernels read the positions earlier steps cached before their PDL wait, so the
+    decoding crosses the end of an INT4 key block (128 positions: the append flushes it in the step
+    that writes position 383, and the next step reads it early)."""
     import cupy as cp
 
     from minillm.gpu.synthetic import llama_config, random_model
@@ -111,7 +120,9 @@ def test_decode_step_with_pdl_equals_without(weights, kv_cache, kv_heads, monkey
 
     cfg = llama_config(layers=4, hidden=2048, mlp=5504, heads=16, kv_heads=kv_heads, vocab=4096)
     model = random_model(cfg, weights=weights, seed=3, kv_cache=kv_cache)
-    prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, size=70)
+    prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, size=370)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     launch_ex, launched = launch._launch_kernel_ex(), []
 
     def counting(*args):
@@ -123,7 +134,7 @@ def test_decode_step_with_pdl_equals_without(weights, kv_cache, kv_heads, monkey
     for pdl in ("1", "0", "1"):
         monkeypatch.setenv("MINILLM_PDL", pdl)
         launched.clear()
-        cache = model.new_cache(max_len=256)
+        cache = model.new_cache(max_len=512)
         model(prompt, cache, last_only=True)
         tok, seq, logits = 7, [], []
         for _ in range(24):

@@ -44,8 +44,8 @@ def timeline(kvh: int, batch: int, context: int, fmt: str, calls: int):
     parts = K.attention_parts(batch, shape, plan)
     out = cp.empty((batch, 32 * 128), cp.float16)
     marks = cp.ndarray((16384, 8), cp.uint64,
-                       memptr=(K.module("attention_int4", K.int4_defines(cache.kivi(0), shape, batch, plan)) if fmt == "int4"
-                               else K.module("attention_mma", K.mma_defines(shape, context, batch, plan))).get_global("attn_timeline"))
+                       memptr=(K.module("attention_int4", K.int4_layout(cache.block, cache.group)) if fmt == "int4"
+                               else K.module("attention_mma")).get_global("attn_timeline"))
     marks[...] = 0
     for _ in range(calls):
         if fmt == "int4":

@@ -9,7 +9,7 @@ is wrong, the timing is what the other kernels cost): the difference is what att
 step, beyond its bytes at that context.
 
     python3 bench/gpu_step.py [--weights w4|fp16] [--context 514] [--rounds 5] [--without attention]
-                              [--kv-cache float|int8|fp8|int4]
+                              [--kv-cache float|int8|fp8|int4] [--kv-heads 8]
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def prepared_step(weights: str, context: int, max_len: int, cuda_graph: bool = True, kv_cache: str = "float"):
+def prepared_step(weights: str, context: int, max_len: int, cuda_graph: bool = True, kv_cache: str = "float",
+                  kv_heads: int = 32):
     """The 7B-shaped random model and a cache holding `context` positions, the last two fed by decode
     steps (the first compiles every kernel and, with the graph on, captures the step): (model, cache,
     the last token chosen). bench/gpu_profile_decode.py profiles the next step from here."""
@@ -30,7 +31,7 @@ def prepared_step(weights: str, context: int, max_len: int, cuda_graph: bool = T
 
     from minillm.gpu.synthetic import llama_config, random_model
 
-    model = random_model(llama_config(), weights=weights, kv_cache=kv_cache)
+    model = random_model(llama_config(kv_heads=kv_heads), weights=weights, kv_cache=kv_cache)
     model.cuda_graph = cuda_graph
     cache = model.new_cache(max_len=max_len)
     prompt = np.random.default_rng(0).integers(0, model.config.vocab_size, size=context - 2)
@@ -40,7 +41,7 @@ def prepared_step(weights: str, context: int, max_len: int, cuda_graph: bool = T
 
 
 def step_times(weights: str, context: int, rounds: int, replays: int = 128, without: str | None = None,
-               kv_cache: str = "float"):
+               kv_cache: str = "float", kv_heads: int = 32):
     """GPU microseconds per step, one figure per round: `replays` graph replays with `context` positions
     cached before the first (each round starts there again, so every round reads the same lengths)."""
     import cupy as cp
@@ -50,7 +51,7 @@ def step_times(weights: str, context: int, rounds: int, replays: int = 128, with
 
     if without == "attention":
         K.decode_attention = lambda *args, **kwargs: None
-    model, cache, _ = prepared_step(weights, context, context + replays + 8, kv_cache=kv_cache)
+    model, cache, _ = prepared_step(weights, context, context + replays + 8, kv_cache=kv_cache, kv_heads=kv_heads)
     start, stream = cache.length, model._stream
     times = []
     for _ in range(rounds):
@@ -73,12 +74,15 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--without", choices=("attention",), default=None)
     ap.add_argument("--kv-cache", choices=("float", "int8", "fp8", "int4"), default="float")
+    ap.add_argument("--kv-heads", type=int, default=32, help="8: grouped query heads (Llama-3-8B's 32 / 8)")
     args = ap.parse_args()
     import cupy as cp
 
-    times = step_times(args.weights, args.context, args.rounds, without=args.without, kv_cache=args.kv_cache)
+    times = step_times(args.weights, args.context, args.rounds, without=args.without, kv_cache=args.kv_cache,
+                       kv_heads=args.kv_heads)
     name = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
-    what = (f", without {args.without}" if args.without else "") + (f", {args.kv_cache} cache" if args.kv_cache != "float" else "")
+    what = ((f", without {args.without}" if args.without else "") + (f", {args.kv_heads} kv heads" if args.kv_heads != 32 else "")
+            + (f", {args.kv_cache} cache" if args.kv_cache != "float" else ""))
     print(f"{name}: 7B-shaped {args.weights} decode step after {args.context} cached positions{what}: "
           f"{statistics.median(times):.1f} us a token (median of {args.rounds} rounds of 128 graph replays: "
           f"{' '.join(f'{t:.0f}' for t in times)})")

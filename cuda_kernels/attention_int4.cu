@@ -60,9 +60,9 @@
 //   template parameter (16, 32, 64, 96, 128): every offset inside a block is then a constant of
 //   the instruction.
 //   Programmatic dependent launch (common.cuh): a warp asks for its first key block before the PDL
-//   wait when earlier steps quantized it, and the query, the window and everything after come after
-//   the wait; with a grid that fills the GPU the next kernel may launch once every block is past its
-//   loop (kernels.py early_trigger).
+//   wait when earlier steps quantized it (the query, the window and everything after come after the
+//   wait), and the next kernel may launch once every block is past its loop (kernels.py
+//   spread_shared_memory keeps its blocks from crowding onto a few SMs).
 
 #include "common.cuh"
 #include "attention_merge.cuh"
@@ -74,12 +74,6 @@ namespace kivi {
 #endif
 #ifndef KIVI_GROUP
 #define KIVI_GROUP 64
-#endif
-// 1: the grid fills the GPU, so the next kernel is let in once every block is past its loop and the
-// first key blocks are asked for before the PDL wait (below). A define rather than an argument: a
-// flag read at run time made the grids that never trigger ~0.4 us slower (bench/NOTES.md session 19).
-#ifndef KIVI_TRIGGER
-#define KIVI_TRIGGER 0
 #endif
 constexpr int RB = 32;          // positions a warp takes at a time (a tile)
 constexpr int KB = KIVI_BLOCK;  // positions per quantized key block: whole tiles
@@ -204,14 +198,15 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
     uint8_t* st_next = st + STAGE;
     // PDL (common.cuh): the key blocks that earlier steps quantized, those below the block of the
     // row's first new position pos[b], are not written by this step's kernels (the append before
-    // this one flushes that block at the earliest). With a grid that fills the GPU (KIVI_TRIGGER,
-    // kernels.py), a warp asks for its first such block before the wait, so its DRAM round trip
-    // overlaps the end of the kernel before (as attention.cu's PRE); the query and the window come
-    // after the wait. With fewer blocks the query comes first, as before (bench/NOTES.md session 19).
+    // this one flushes that block at the earliest), so a warp asks for its first such block before
+    // the wait: its DRAM round trip overlaps the end of the kernel before (in a run of attention
+    // calls, that call's merge; as attention.cu's PRE). The query and the window come after it.
     const int cached = (pos[b] / KB) * KB;
-    const bool early = KIVI_TRIGGER && first * RB < min(qend, cached);
+    const bool early = first * RB < min(qend, cached);
     if (early) stage_in(first, st);
     pdl_begin();
+    if (!early && first * RB < qend) stage_in(first, st);
+    cp_async_commit();
 
     // The query at this lane's key dims as the score product's A fragments, step s: dims
     // 8(s/2) + 2(s%2) + {0, 4} (a0, matching the low nibbles) and + {1, 5} (a2, high nibbles).
@@ -233,8 +228,6 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
             qa2[s] = h2pack(qf[d + 1], qf[d + 5]);
         }
     }
-    if (!early && first * RB < qend) stage_in(first, st);
-    cp_async_commit();
 
     float acc[MT][4], zacc[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // zacc: rows g = value group g
 #pragma unroll
@@ -487,10 +480,10 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
     l += __shfl_xor_sync(FULL_MASK, l, 2);
     cp_async_wait_prior<0>();  // (nothing is left in flight: the last group was empty)
     __syncthreads();  // sm_acc is the stages' memory: every warp is past its loop
-    // With KIVI_TRIGGER (a grid that fills the GPU) the next kernel may launch now: o_proj loads its
-    // weights, a next attention call its first key blocks, during this merge (common.cuh
-    // pdl_trigger; kernels.py early_trigger says when).
-    if (KIVI_TRIGGER) pdl_trigger();
+    // The next kernel may launch now (common.cuh pdl_trigger): o_proj loads its weights, a next
+    // attention call its first key blocks, during this merge. (kernels.py spreads the grid so that
+    // those blocks cannot crowd onto a few SMs.)
+    pdl_trigger();
     TIMELINE(2);
     if (t == 0) {
         sm_m[warp][g] = m;

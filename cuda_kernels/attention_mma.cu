@@ -41,8 +41,9 @@
 //   registers, or (the _bulk instances, for few blocks: kernels.py) has the bulk-copy engine copy its
 //   next block into shared memory while it computes on the current one.
 //   PDL (common.cuh): the _bulk instances ask for a warp's first block before the wait when earlier
-//   steps cached all of it; the query comes after the wait. With a grid that fills the GPU the next
-//   kernel may launch once every block is past its loop (kernels.py early_trigger).
+//   steps cached all of it (the query comes after the wait), and the next kernel may launch once
+//   every block is past its loop (kernels.py spread_shared_memory keeps its blocks from crowding
+//   onto a few SMs).
 
 #include "common.cuh"
 #include "attention_merge.cuh"
@@ -53,12 +54,6 @@
 constexpr int RB = 32;  // positions per block of a warp
 constexpr int NW = 4;   // warps per block
 constexpr int MMA_STAGES = 2;  // the _bulk instances' stages a warp (3: slower, bench/NOTES.md session 17)
-// 1: the grid fills the GPU, so the next kernel is let in once every block is past its loop and the
-// _bulk instances ask for their first blocks before the PDL wait (kernels.py early_trigger; a
-// define, as attention_int4.cu's KIVI_TRIGGER, not an argument read at run time).
-#ifndef MMA_TRIGGER
-#define MMA_TRIGGER 0
-#endif
 
 template <int HDP> struct TileShape {
     static constexpr int KD = HDP / 4;        // key dims a lane t reads per position
@@ -263,11 +258,10 @@ __device__ __forceinline__ void attn_mma(const __half* __restrict__ q, const uin
             }
         };
         // PDL (common.cuh): positions below pos[b] were cached by earlier steps (this step's append,
-        // the kernel before this one, writes pos[b] on). With a grid that fills the GPU (MMA_TRIGGER,
-        // kernels.py), a warp's first blocks of them are asked for before the wait, their DRAM round
-        // trip under the end of the kernel before (as attention.cu's PRE); the query and the rest
-        // after it. With fewer blocks the query comes first, as before (bench/NOTES.md session 19).
-        const int first = c0 / RB + warp, cached = MMA_TRIGGER ? pos[b] : 0;
+        // the kernel before this one, writes pos[b] on), so a warp's first blocks of them are asked
+        // for before the wait, their DRAM round trip under the end of the kernel before (in a run of
+        // attention calls, that call's merge; as attention.cu's PRE); the query and the rest after it.
+        const int first = c0 / RB + warp, cached = pos[b];
         auto first_stages = [&](bool before_wait) {
 #pragma unroll
             for (int i = 0; i < MMA_STAGES - 1; i++) {
@@ -277,8 +271,8 @@ __device__ __forceinline__ void attn_mma(const __half* __restrict__ q, const uin
         };
         first_stages(true);
         pdl_begin();
-        load_query();
         first_stages(false);
+        load_query();
         for (int blk = first, k = 0; blk * RB < c1; blk += NW, k++) {
             const int j0 = blk * RB;
             __syncwarp();  // every lane is done with the stage of the previous block, and the lanes'
@@ -379,10 +373,10 @@ __device__ __forceinline__ void attn_mma(const __half* __restrict__ q, const uin
         }
     }
 
-    // With MMA_TRIGGER (a grid that fills the GPU) the next kernel may launch now: o_proj loads its
-    // weights, a next attention call its first blocks, during this merge (common.cuh pdl_trigger;
-    // kernels.py early_trigger says when).
-    if (MMA_TRIGGER) pdl_trigger();
+    // The next kernel may launch now (common.cuh pdl_trigger): o_proj loads its weights, a next
+    // attention call its first blocks, during this merge. (kernels.py spreads the grid so that those
+    // blocks cannot crowd onto a few SMs.)
+    pdl_trigger();
 
     auto sm_acc = reinterpret_cast<float (*)[8][HDP]>(dsm);
     float* const sm_w = reinterpret_cast<float*>(dsm + 4 * NW * 8 * HDP);

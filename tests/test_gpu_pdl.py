@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 KERNELS = Path(__file__).resolve().parents[1] / "cuda_kernels"
 
@@ -98,20 +100,43 @@ def test_next_token_refuses_a_mailbox_of_another_batch():
         K.next_token(None, 2, 10, None, None, mailbox=box)
 
 
+@settings(max_examples=300, deadline=None)
+@given(blocks=st.integers(1, 3000), sms=st.sampled_from([78, 114, 132, 148]),
+       per_sm=st.sampled_from([(100 << 10, 1024), (228 << 10, 1024), (164 << 10, 0)]),
+       static=st.integers(0, 48 << 10), dynamic=st.integers(0, 80 << 10))
+def test_spread_shared_memory_holds_each_sm_to_its_share(blocks, sms, per_sm, static, dynamic):
+    """The tensor-core attention kernels let the next kernel launch while they merge; their launch
+    asks for enough shared memory that no SM can take more than ceil(blocks / SMs) of their blocks,
+    never less than the kernel needs, and never so much that the share itself no longer fits."""
+    from types import SimpleNamespace
+
+    from minillm.gpu import kernels as K
+
+    smem, reserved = per_sm
+    assume(static + dynamic + reserved <= smem // 2)  # a kernel that fits twice on a SM
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(K, "sm_count", lambda: sms)
+        mp.setattr(K, "_shared_memory_per_sm", lambda: per_sm)
+        got = K.spread_shared_memory(SimpleNamespace(static_shared_bytes=static), blocks, dynamic)
+    share, block = -(-blocks // sms), static + got + reserved
+    assert got >= dynamic
+    assert got == dynamic or smem // block == share  # padded: exactly the share fits
+    if share <= 4:  # the kernels' own limit (launch bounds) is 3-4 blocks a SM: below it, always held
+        assert smem // block <= share
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("weights, kv_cache, kv_heads, env", [
-    ("w4", "float", 16, {}), ("fp16", "int8", 4, {}), ("w4", "int4", 16, {}),
-    # the tensor-core kernels letting the next kernel in early, with their first blocks asked for
-    # before the wait (chosen for grids that fill the GPU: kernels.early_trigger), the 8-bit one
-    # with bulk copies (chosen at long contexts with few blocks)
-    ("w4", "int4", 16, {"MINILLM_ATTN_TRIGGER": "1"}), ("fp16", "int4", 4, {"MINILLM_ATTN_TRIGGER": "1"}),
-    ("fp16", "int8", 4, {"MINILLM_ATTN_MMA": "1", "MINILLM_ATTN_BULK": "1", "MINILLM_ATTN_TRIGGER": "1"})])
+    ("w4", "float", 16, {}), ("fp16", "int8", 4, {}), ("w4", "int4", 16, {}), ("fp16", "int4", 4, {}),
+    # the 8-bit tensor-core kernel with bulk copies (chosen at long contexts with few blocks)
+    ("fp16", "int8", 4, {"MINILLM_ATTN_MMA": "1", "MINILLM_ATTN_BULK": "1"})])
 def test_decode_step_with_pdl_equals_without(weights, kv_cache, kv_heads, env, monkeypatch):
     """Several layers of a mid-sized random model (products of hundreds of blocks, attention split
     over many blocks), decoded through the captured graph: logits identical with and without PDL.
-    The attention kernels read the positions earlier steps cached before their PDL wait, so the
-    decoding crosses the end of an INT4 key block (128 positions: the append flushes it in the step
-    that writes position 383, and the next step reads it early)."""
+    The tensor-core attention kernels read the positions earlier steps cached before their PDL wait
+    and let the next kernel in after their loop, so the decoding crosses the end of an INT4 key block
+    (128 positions: the append flushes it in the step that writes position 383, and the next step
+    reads it early)."""
     import cupy as cp
 
     from minillm.gpu.synthetic import llama_config, random_model

@@ -286,10 +286,9 @@ def kivi_flush(kivi, pos, batch: int, t: int, cfg):
 
 
 @lru_cache(maxsize=None)
-def int4_layout(block: int, group: int, trigger: bool = False) -> tuple:
-    """attention_int4.cu's defines for an INT4 cache's key block and value group (and KIVI_TRIGGER,
-    early_trigger's choice for the grid)."""
-    return (f"-DKIVI_BLOCK={block}", f"-DKIVI_GROUP={group}") + (("-DKIVI_TRIGGER=1",) if trigger else ())
+def int4_layout(block: int, group: int) -> tuple:
+    """attention_int4.cu's defines for an INT4 cache's key block and value group."""
+    return (f"-DKIVI_BLOCK={block}", f"-DKIVI_GROUP={group}")
 
 
 def decode_attention_int4(q, kivi, pos, rows, t, cfg, window, parts, out, plan):
@@ -297,22 +296,12 @@ def decode_attention_int4(q, kivi, pos, rows, t, cfg, window, parts, out, plan):
     (attention_int4.cu): blocks of (kv head, 8 query heads) x splits x rows."""
     kq, vq, ks, kz, vs, vz, wk, wv, max_len, block, group = kivi
     h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    qtiles, splits, chunk = _int4_grid(cfg, max_len, rows, plan)
-    acc, m, l, counter = parts
-    fn("attention_int4", f"attn_int4_hd{hd}" + ("_mha" if h == kv else ""), int4_defines(kivi, cfg, rows, plan))(
-        (kv * qtiles, splits, rows), (32 * MMA_WARPS,), (
-            q, kq, vq, ks, kz, vs, vz, wk, wv, pos, i32(t), i32(h), i32(kv), i32(max_len), i32(chunk), i32(window or 0),
-            np.float32(math.log2(math.e) / math.sqrt(hd)), acc, m, l, counter, out, i32(out.shape[1])))
-
-
-def _int4_grid(cfg, max_len: int, rows: int, plan) -> tuple:
-    """(query tiles, splits, chunk) of attention_int4.cu's grid."""
-    g = cfg.num_heads // cfg.num_kv_heads
+    g = h // kv
     qtiles = -(-g // 8)
     # One wave: as many splits as keep every (kv head, query tile, row) at most INT4_BLOCKS_PER_SM
     # blocks a SM together; a second, partial wave would leave the GPU to its stragglers (H100,
     # 32k positions, 32 kv heads x batch 8: 2 splits 494 us, 3 splits 591; bench/NOTES.md).
-    pairs = cfg.num_kv_heads * qtiles * rows
+    pairs = kv * qtiles * rows
     # At least a key block for each warp of a split (4k positions, 8 kv heads, batch 1: 13.3 us
     # against 20.7 with 64-position splits). And at most 128 // G splits: the last block of a kv head
     # merges G x splits partial results alone while the GPU idles (attention_merge.cuh), and since
@@ -321,27 +310,40 @@ def _int4_grid(cfg, max_len: int, rows: int, plan) -> tuple:
     splits = max(1, min(-(-max_len // (32 * MMA_WARPS)), INT4_BLOCKS_PER_SM * sm_count() // pairs, plan[1],
                         max(1, 128 // g)))
     chunk = round_up(-(-max_len // splits), 64)
-    return qtiles, -(-max_len // chunk), chunk
+    splits = -(-max_len // chunk)
+    acc, m, l, counter = parts
+    f = fn("attention_int4", f"attn_int4_hd{hd}" + ("_mha" if h == kv else ""), int4_layout(block, group))
+    grid = (kv * qtiles, splits, rows)
+    f(grid, (32 * MMA_WARPS,), (
+        q, kq, vq, ks, kz, vs, vz, wk, wv, pos, i32(t), i32(h), i32(kv), i32(max_len), i32(chunk), i32(window or 0),
+        np.float32(math.log2(math.e) / math.sqrt(hd)), acc, m, l, counter, out, i32(out.shape[1])),
+      shared_mem=spread_shared_memory(f, math.prod(grid), 0))
 
 
-def int4_defines(kivi, cfg, rows: int, plan) -> tuple:
-    """The defines attention_int4.cu is compiled with for this cache and grid: the cache's layout and
-    whether the grid triggers early (early_trigger)."""
-    *_, max_len, block, group = kivi
-    qtiles, splits, _ = _int4_grid(cfg, max_len, rows, plan)
-    return int4_layout(block, group, early_trigger(cfg.num_kv_heads * qtiles * splits * rows))
+def spread_shared_memory(kernel, blocks: int, dynamic: int) -> int:
+    """Dynamic shared memory for a launch of `blocks` blocks that asks for `dynamic`: enough more that
+    no SM can hold more than its share, ceil(blocks / SMs), of them.
+    The tensor-core attention kernels let the next kernel launch once their loops are done (PDL,
+    common.cuh pdl_trigger). A grid of fewer blocks than the SMs' slots leaves slots free, and the
+    next call's blocks, launched while this one merges, then pile onto some SMs: H100, 8 kv heads,
+    batch 1, 32k (256 blocks), in a run of calls, INT4 21.2 -> 25.7 us, int8 33.6 -> 34.7. Held to
+    two a SM they cannot, and the early launch pays there too: INT4 20.5, int8 32.0 (bench/NOTES.md
+    session 19). A full grid (INT4, 32 kv heads: 512 blocks, 4 a SM) needs nothing more."""
+    share = -(-blocks // sm_count())
+    per_sm, reserved = _shared_memory_per_sm()
+    static = kernel.static_shared_bytes
+    # A block (with the driver's reserve) must take more than 1 / (share + 1) of the SM's memory, in
+    # the 128-byte units it is allocated in; past what the share itself leaves room for, nothing.
+    padded = max(dynamic, round_up(per_sm // (share + 1) + 1 - reserved - static, 128))
+    return padded if share * (static + padded + reserved) <= per_sm else dynamic
 
 
-def early_trigger(blocks: int) -> bool:
-    """Whether the tensor-core attention kernels let the next kernel launch once their loops are done
-    (PDL, common.cuh pdl_trigger), with their first blocks asked for before the PDL wait, rather than
-    when their last block exits: only when the grid fills the GPU (3 or more blocks a SM). H100, 32k,
-    batch 1, a run of calls (bench/NOTES.md session 19): 32 kv heads, INT4 (512 blocks) 61.5-61.9 ->
-    58.3-58.4 us, and the 7B W4 step over an INT4 cache of 4096 positions 2401 -> 2342 us; with 8 kv
-    heads (256 blocks) the next call's loop ran slower, INT4 21.4 -> 26.4 us, int8 32.8 -> 35.1 (its
-    blocks land on SMs that merging blocks still hold, likely unevenly)."""
-    want = os.environ.get("MINILLM_ATTN_TRIGGER")  # "1" / "0" force the choice (tests, benchmarks)
-    return blocks >= 3 * sm_count() if want is None else want == "1"
+@lru_cache(maxsize=None)
+def _shared_memory_per_sm() -> tuple:
+    """(shared memory a SM holds, what the driver reserves for each block), bytes."""
+    cp = get_xp("cuda")
+    props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+    return props["sharedMemPerMultiprocessor"], props.get("reservedSharedMemPerBlock", 1024)
 
 
 MMA_WARPS = 4  # NW in attention_mma.cu and attention_int4.cu
@@ -366,19 +368,12 @@ def _attention_mma(fmt: str, q, kc, vc, ks, vs, pos, rows, t, cfg, max_len, wind
     want = os.environ.get("MINILLM_ATTN_BULK")  # "1" / "0" force the choice (tests, benchmarks)
     bulk = kv * qtiles * rows <= 16 if want is None else want == "1"
     hdp = 64 if hd <= 64 else 128
-    f = fn("attention_mma", f"attn_mma_{fmt}_hd{hdp}" + ("_bulk" if bulk else ""), mma_defines(cfg, max_len, rows, plan))
-    smem = mma_smem_bytes(hd, bulk)
-    f((kv * qtiles, splits, rows), (32 * MMA_WARPS,), (
+    f = fn("attention_mma", f"attn_mma_{fmt}_hd{hdp}" + ("_bulk" if bulk else ""))
+    grid = (kv * qtiles, splits, rows)
+    f(grid, (32 * MMA_WARPS,), (
         q, kc, vc, ks, vs, pos, i32(t), i32(h), i32(kv), i32(hd), i32(max_len), i32(chunk), i32(window or 0),
         np.float32(math.log2(math.e) / math.sqrt(hd)), acc, m, l, counter, out, i32(out.shape[1]), _ptr(v_off)),
-      shared_mem=smem)
-
-
-def mma_defines(cfg, max_len: int, rows: int, plan) -> tuple:
-    """The defines attention_mma.cu is compiled with for this grid (MMA_TRIGGER: early_trigger)."""
-    qtiles = -(-(cfg.num_heads // cfg.num_kv_heads) // 8)
-    blocks = cfg.num_kv_heads * qtiles * -(-max_len // (2 * plan[0])) * rows
-    return ("-DMMA_TRIGGER=1",) if early_trigger(blocks) else ()
+      shared_mem=spread_shared_memory(f, math.prod(grid), mma_smem_bytes(hd, bulk)))
 
 
 def mma_smem_bytes(hd: int, bulk: bool) -> int:

@@ -99,7 +99,10 @@ class Kernel:
     def __init__(self, function, name: str):
         self.function, self.name = function, name  # a cupy.RawKernel
         self._handle = None
-        self._smem_allowed = 48 * 1024  # dynamic shared memory a launch may ask for without the attribute
+        # Dynamic shared memory the function is allowed: its attribute is raised before the first launch
+        # that asks for more (with static memory too, less than 48 KB of dynamic may already need it).
+        self._smem_allowed = 0
+        self._static_smem = None
 
     @property
     def handle(self) -> int:
@@ -108,8 +111,15 @@ class Kernel:
             self._handle = self.function.kernel.ptr
         return self._handle
 
+    @property
+    def static_shared_bytes(self) -> int:
+        """The function's statically declared shared memory."""
+        if self._static_smem is None:
+            self._static_smem = self.function.attributes["shared_size_bytes"]
+        return self._static_smem
+
     def __call__(self, grid, block, args, shared_mem: int = 0):
-        if shared_mem > self._smem_allowed:  # past the default 48 KB: the function must allow it first
+        if shared_mem > self._smem_allowed:
             self.function.max_dynamic_shared_size_bytes = self._smem_allowed = shared_mem
         # Only into a graph being captured: launched one by one from Python, the GPU waits for the
         # host anyway, and building the arguments through ctypes costs more host time than CuPy's

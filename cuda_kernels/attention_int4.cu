@@ -150,11 +150,12 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
     // A warp's next key block lands in shared memory while it computes on the current one (cp.async,
     // two stages a warp, below): its key codes, value codes, key scales and zero points (HD each)
     // and its values' (NG a position), each as it lies in the cache. Once the loop is done the same
-    // bytes hold sm_acc and the merge's weights (40 KB in all at head_dim 128).
+    // bytes hold sm_acc and the merge's weights (41 KB in all at head_dim 128).
     constexpr int KEYB = RB * ROWB, VALB = RB * ROWB, KSB = 2 * HD, VSB = 2 * RB * NG;
-    constexpr int STAGE = KEYB + VALB + 2 * KSB + 2 * VSB, ACCB = 4 * NW * 8 * HDP, ENDB = ACCB + 4 * MAX_MERGE;
+    constexpr int STAGE = KEYB + VALB + 2 * KSB + 2 * VSB, ACCB = 4 * NW * 8 * (HDP + ACC_PAD);
+    constexpr int ENDB = ACCB + 4 * MAX_MERGE;
     __shared__ __align__(16) uint8_t smem[2 * NW * STAGE > ENDB ? 2 * NW * STAGE : ENDB];
-    auto sm_acc = reinterpret_cast<float (*)[8][HDP]>(smem);
+    auto sm_acc = reinterpret_cast<float (*)[8][HDP + ACC_PAD]>(smem);
     float* const sm_w = reinterpret_cast<float*>(smem + ACCB);
     __shared__ float sm_m[NW][8], sm_l[NW][8];
 
@@ -495,27 +496,27 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
         const float s0 = __shfl_sync(FULL_MASK, zacc[0], grp / 2), s1 = __shfl_sync(FULL_MASK, zacc[1], grp / 2);
         const float z0 = __shfl_sync(FULL_MASK, zacc[0], (NG + grp) / 2), z1 = __shfl_sync(FULL_MASK, zacc[1], (NG + grp) / 2);
         const float sub = 64.0f * (e ? s1 : s0) + (ze ? z1 : z0);
-        if (t == grp / 2) {
+        if (t == grp / 2) {  // dims vd0 + 2 md (column e of acc[md]'s rows g) and + 1 (rows g + 8)
+            auto v = [&](int md, int hi) { return (e ? acc[md][1 + hi] : acc[md][hi]) - sub; };
 #pragma unroll
-            for (int md = 0; md < MT; md++) {
-                sm_acc[warp][0][vd0 + 2 * md] = (e ? acc[md][1] : acc[md][0]) - sub;
-                sm_acc[warp][0][vd0 + 2 * md + 1] = (e ? acc[md][3] : acc[md][2]) - sub;
-            }
+            for (int k = 0; k < MT / 2; k++)
+                *reinterpret_cast<float4*>(&sm_acc[warp][0][vd0 + 4 * k]) =
+                    make_float4(v(2 * k, 0), v(2 * k, 2), v(2 * k + 1, 0), v(2 * k + 1, 2));
         }
     } else {
     const int zlane = 4 * (v_in ? vd0 / GROUP : 0) + t;  // holds this lane's group's sums
     const float zq0 = __shfl_sync(FULL_MASK, zacc[0], zlane), zq1 = __shfl_sync(FULL_MASK, zacc[1], zlane);
+    // acc[md]: dims vd0 + 2 md (columns 0, 1: queries 2t, 2t + 1) and vd0 + 2 md + 1 (2, 3)
 #pragma unroll
-    for (int md = 0; md < MT; md++) {
-        const int dim = vd0 + 2 * md;
-        sm_acc[warp][2 * t][dim] = acc[md][0] - zq0;
-        sm_acc[warp][2 * t + 1][dim] = acc[md][1] - zq1;
-        sm_acc[warp][2 * t][dim + 1] = acc[md][2] - zq0;
-        sm_acc[warp][2 * t + 1][dim + 1] = acc[md][3] - zq1;
+    for (int k = 0; k < MT / 2; k++) {
+        *reinterpret_cast<float4*>(&sm_acc[warp][2 * t][vd0 + 4 * k]) =
+            make_float4(acc[2 * k][0] - zq0, acc[2 * k][2] - zq0, acc[2 * k + 1][0] - zq0, acc[2 * k + 1][2] - zq0);
+        *reinterpret_cast<float4*>(&sm_acc[warp][2 * t + 1][vd0 + 4 * k]) =
+            make_float4(acc[2 * k][1] - zq1, acc[2 * k][3] - zq1, acc[2 * k + 1][1] - zq1, acc[2 * k + 1][3] - zq1);
     }
     }
     __syncthreads();
-    write_tile_partials<NW, HDP>(sm_acc, sm_m, sm_l, r, H, kvh, G, qt, split, nsplit, HD, part_acc, part_m, part_l);
+    write_tile_partials<NW, HDP + ACC_PAD>(sm_acc, sm_m, sm_l, r, H, kvh, G, qt, split, nsplit, HD, part_acc, part_m, part_l);
     merge_splits_tc<32 * NW>(r, H, KV, kvh, G, nsplit, nsplit * qtiles, len, span.chunk, HD, part_acc, part_m, part_l,
                              counter, out, ld_out, nullptr, sm_w);
 }

@@ -127,6 +127,14 @@ __device__ __forceinline__ void write_tile_partials(const float (*sm_acc)[8][HDP
     }
 }
 
+// The tensor-core kernels' sm_acc rows ([NW warps][8 queries][HDP + ACC_PAD] floats): a lane holds 16
+// consecutive dims (16 g ...) of queries 2t and 2t + 1 and stores them as float4s; with rows of HDP
+// floats (a multiple of 32 banks) the 8 lanes of a store phase hit 2 of the 8 possible 4-bank groups,
+// with 4 more floats a row the four t of a g spread over them (2-way at most). Scalar stores into
+// unpadded rows were 16-way conflicts: ~2,000 cycles before the last block's partials (bench/NOTES.md
+// session 19).
+constexpr int ACC_PAD = 4;
+
 #define MAX_MERGE 4352  // G * splits weights for the merge (8 heads x 544 splits; kernels.py keeps below)
 
 // The last block of a (row, key/value head) to finish merges the splits' partial results (an atomic

@@ -378,8 +378,8 @@ __device__ __forceinline__ void attn_mma(const __half* __restrict__ q, const uin
     // blocks cannot crowd onto a few SMs.)
     pdl_trigger();
 
-    auto sm_acc = reinterpret_cast<float (*)[8][HDP]>(dsm);
-    float* const sm_w = reinterpret_cast<float*>(dsm + 4 * NW * 8 * HDP);
+    auto sm_acc = reinterpret_cast<float (*)[8][HDP + ACC_PAD]>(dsm);
+    float* const sm_w = reinterpret_cast<float*>(dsm + 4 * NW * 8 * (HDP + ACC_PAD));
 
     // ---------------------------------------------------------------------------------------------
     // The warps' results merged in warp order, written as this split's partials, then the splits
@@ -390,17 +390,19 @@ __device__ __forceinline__ void attn_mma(const __half* __restrict__ q, const uin
         sm_m[warp][g] = m;
         sm_l[warp][g] = l;
     }
+    // acc[4u + j]: dims vd0 + 8u + j (columns 0, 1: queries 2t, 2t + 1) and vd0 + 8u + 4 + j (2, 3)
 #pragma unroll
-    for (int md = 0; md < MT; md++)
+    for (int u = 0; u < MT / 4; u++)
 #pragma unroll
         for (int e = 0; e < 2; e++) {
-            const int dim = vd0 + 8 * (md >> 2) + (md & 3);
-            sm_acc[warp][2 * t + e][dim] = acc[md][e];
-            sm_acc[warp][2 * t + e][dim + 4] = acc[md][2 + e];
+            float* const row = &sm_acc[warp][2 * t + e][vd0 + 8 * u];
+            *reinterpret_cast<float4*>(row) = make_float4(acc[4 * u][e], acc[4 * u + 1][e], acc[4 * u + 2][e], acc[4 * u + 3][e]);
+            *reinterpret_cast<float4*>(row + 4) =
+                make_float4(acc[4 * u][2 + e], acc[4 * u + 1][2 + e], acc[4 * u + 2][2 + e], acc[4 * u + 3][2 + e]);
         }
     __syncthreads();
     TIMELINE(2);
-    write_tile_partials<NW, HDP>(sm_acc, sm_m, sm_l, r, H, kvh, G, qt, split, nsplit, hd, part_acc, part_m, part_l);
+    write_tile_partials<NW, HDP + ACC_PAD>(sm_acc, sm_m, sm_l, r, H, kvh, G, qt, split, nsplit, hd, part_acc, part_m, part_l);
     merge_splits_tc<32 * NW>(r, H, KV, kvh, G, nsplit, nsplit * qtiles, len, span.chunk, hd, part_acc, part_m, part_l,
                              counter, out, ld_out, v_off, sm_w);
 }

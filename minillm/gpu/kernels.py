@@ -217,6 +217,7 @@ def attention_plan(cfg, max_len: int, rows: int, sms: int = 132):
 
 CLUSTER, MAX_CLUSTER_OUT = 8, 512  # attention.cu: blocks of a cluster, a block's result in floats
 MAX_MERGE = 4352  # attention_merge.cuh: G x splits weights of a merge
+ACC_PAD = 4  # attention_merge.cuh: floats added to each row of the warps' sums (no bank conflicts)
 
 
 def decode_attention(q, layer_cache, pos, rows, t, cfg, window, parts, out, plan):
@@ -381,7 +382,7 @@ def mma_smem_bytes(hd: int, bulk: bool) -> int:
     (MAX_MERGE floats), and with bulk copies each warp's two stages (32 key and 32 value rows of hd
     bytes and their 64 scales), which those alias once the loop is done."""
     hdp = 64 if hd <= 64 else 128
-    end = 4 * MMA_WARPS * 8 * hdp + 4 * MAX_MERGE
+    end = 4 * MMA_WARPS * 8 * (hdp + ACC_PAD) + 4 * MAX_MERGE
     return max(end, MMA_STAGES * MMA_WARPS * (2 * 32 * hd + 2 * 4 * 32)) if bulk else end
 
 

@@ -42,10 +42,15 @@ def fn(file: str, name: str, defines: tuple = ()) -> Kernel:
 
 
 @lru_cache(maxsize=None)
+def _device_properties() -> dict:
+    """cudaDeviceProp of the current device, as CuPy gives it (asked once: it is a driver call)."""
+    cp = get_xp("cuda")
+    return cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+
+
 def sm_count() -> int:
     """Streaming multiprocessors of the current device (grid sizes aim at a few blocks per SM)."""
-    cp = get_xp("cuda")
-    return int(cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["multiProcessorCount"])
+    return int(_device_properties()["multiProcessorCount"])
 
 
 def i32(v) -> np.int32:
@@ -339,11 +344,9 @@ def spread_shared_memory(kernel, blocks: int, dynamic: int) -> int:
     return padded if share * (static + padded + reserved) <= per_sm else dynamic
 
 
-@lru_cache(maxsize=None)
 def _shared_memory_per_sm() -> tuple:
     """(shared memory a SM holds, what the driver reserves for each block), bytes."""
-    cp = get_xp("cuda")
-    props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+    props = _device_properties()
     return props["sharedMemPerMultiprocessor"], props.get("reservedSharedMemPerBlock", 1024)
 
 

@@ -517,8 +517,8 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
     }
     __syncthreads();
     write_tile_partials<NW, HDP + ACC_PAD>(sm_acc, sm_m, sm_l, r, H, kvh, G, qt, split, nsplit, HD, part_acc, part_m, part_l);
-    merge_splits_tc<32 * NW>(r, H, KV, kvh, G, nsplit, nsplit * qtiles, len, span.chunk, HD, part_acc, part_m, part_l,
-                             counter, out, ld_out, nullptr, sm_w);
+    merge_splits_tc<32 * NW, 16, false>(r, H, KV, kvh, G, nsplit, nsplit * qtiles, len, span.chunk, HD, part_acc,
+                                        part_m, part_l, counter, out, ld_out, nullptr, sm_w);
 }
 
 }  // namespace kivi

@@ -243,19 +243,22 @@ __device__ __forceinline__ void combine_ml(float& m, float& l, float m2, float l
 // before the sums: the first splits' sums are asked for before the weights are known, m and l
 // come in one pass, the splits of an output column (four outputs of a query head) are shared among
 // NT / columns threads (with one query head per kv head there are only hd / 4 columns: a warp
-// alone would walk every split) and added in thread order, and each group of loads is in flight
-// while the one before it is summed. All in a fixed order: deterministic. (Merging each split as
-// it arrives, online, without the weights' pass: slower, a chain of exp2 a split; bench/NOTES.md.)
+// alone would walk every split) and added in thread order. U loads a group; with PIPE each group is
+// in flight while the one before it is summed (two groups' registers held), without it the next
+// group is asked for once this one is added. All in a fixed order: deterministic, and the same
+// bits for every U and PIPE. (Merging each split as it arrives, online, without the weights' pass:
+// slower, a chain of exp2 a split; bench/NOTES.md.)
 // sm_w: G x splits floats of shared memory (MAX_MERGE at most; attention_int4.cu lends the memory
 // its main loop used). (Two groups in flight instead of one: attention_mma.cu 0.5-1 us slower,
-// its registers spilling; bench/NOTES.md session 17.)
-template <int NT>
+// its registers spilling; bench/NOTES.md session 17. attention_int4.cu takes groups of 16 without
+// PIPE: 32 splits' sums in two rounds of loads instead of four, the first under the weights' pass;
+// H100, 8 kv heads, batch 1, 32k 19.8 -> 19.3 us; session 20.)
+template <int NT, int U = 8, bool PIPE = true>
 __device__ __forceinline__ void merge_splits_tc(int r, int H, int KV, int kvh, int G, int nsplit, int arrivals,
                                                 int len, int chunk, int hd, const float* __restrict__ part_acc,
                                                 const float* __restrict__ part_m, const float* __restrict__ part_l,
                                                 int* __restrict__ counter, __half* __restrict__ out, int ld_out,
                                                 const float* __restrict__ v_off, float* __restrict__ sm_w) {
-    constexpr int U = 8;  // loads a group
     __shared__ float4 sm_part[NT];
     if (!last_to_arrive(r, KV, kvh, arrivals, counter)) return;
     const int used = min(nsplit, (len + chunk - 1) / chunk);  // splits past the length hold nothing
@@ -287,11 +290,16 @@ __device__ __forceinline__ void merge_splits_tc(int r, int H, int KV, int kvh, i
         const float* w = sm_w + (c / q4) * used;
         float4 o[2] = {zero, zero};
         for (int k = 0; p + k * U * parts < used; k++) {
-            float4 b[U];
-            load(src, p, k + 1, b);  // the next group in flight while this one is added
-            add(w, p, k, a, o);
+            if constexpr (PIPE) {
+                float4 b[U];
+                load(src, p, k + 1, b);  // the next group in flight while this one is added
+                add(w, p, k, a, o);
 #pragma unroll
-            for (int u = 0; u < U; u++) a[u] = b[u];
+                for (int u = 0; u < U; u++) a[u] = b[u];
+            } else {
+                add(w, p, k, a, o);
+                if (p + (k + 1) * U * parts < used) load(src, p, k + 1, a);
+            }
         }
         return make_float4(o[0].x + o[1].x, o[0].y + o[1].y, o[0].z + o[1].z, o[0].w + o[1].w);
     };

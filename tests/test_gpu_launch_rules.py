@@ -1,7 +1,9 @@
-"""The batch-1 W4 launcher's choice of warps a block (minillm/gpu/w4a16.py `_tc1_warps`), checked on
-the CPU against the kernel source and the rule's promise: every count it can return is compiled in
-cuda_kernels/w4a16_mma.cu, each warp has a step of work, and the blocks fit one wave whenever some
-compiled count lets them (the kernel is latency-bound, so a part-empty last wave costs a whole one)."""
+"""The launchers' rules checked on the CPU against the kernel source. The batch-1 W4 launcher's choice
+of warps a block (minillm/gpu/w4a16.py `_tc1_warps`) and the rule's promise: every count it can
+return is compiled in cuda_kernels/w4a16_mma.cu, each warp has a step of work, and the blocks fit one
+wave whenever some compiled count lets them (the kernel is latency-bound, so a part-empty last wave
+costs a whole one). And the attention kernels' sizes that minillm/gpu/kernels.py repeats to size
+shared memory, splits and grids: each the same number as in the source it describes."""
 
 import re
 from pathlib import Path
@@ -10,7 +12,8 @@ from unittest import mock
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-SOURCE = Path(__file__).resolve().parents[1] / "cuda_kernels" / "w4a16_mma.cu"
+KERNELS = Path(__file__).resolve().parents[1] / "cuda_kernels"
+SOURCE = KERNELS / "w4a16_mma.cu"
 
 
 def compiled_warps() -> set[int]:
@@ -40,3 +43,21 @@ def test_tc1_warps_are_compiled_and_fill_one_wave(n, k, sms, in_step):
         assert s == max(fits)
     if not fits:
         assert s == (8 if steps >= 8 else 0)  # past one wave: 8 warps, or the GEMV for short rows
+
+
+def source_number(file: str, pattern: str) -> int:
+    """The one number `pattern` (a regex with one group) finds in cuda_kernels/`file`."""
+    found = re.findall(pattern, (KERNELS / file).read_text())
+    assert len(found) == 1, (file, pattern, found)
+    return int(found[0])
+
+
+def test_attention_sizes_match_the_kernel_source():
+    from minillm.gpu import kernels as K
+
+    assert K.MAX_MERGE == source_number("attention_merge.cuh", r"#define MAX_MERGE (\d+)")
+    assert K.ACC_PAD == source_number("attention_merge.cuh", r"constexpr int ACC_PAD = (\d+);")
+    for file in ("attention_int4.cu", "attention_mma.cu"):
+        assert K.MMA_WARPS == source_number(file, r"constexpr int NW = (\d+);")
+    assert K.MMA_STAGES == source_number("attention_mma.cu", r"constexpr int MMA_STAGES = (\d+);")
+    assert K.INT4_BLOCKS_PER_SM == source_number("attention_int4.cu", r"__launch_bounds__\(32 \* kivi::NW, (\d+)\)")

@@ -55,6 +55,8 @@ def source_number(file: str, pattern: str) -> int:
 def test_attention_sizes_match_the_kernel_source():
     from minillm.gpu import kernels as K
 
+    assert K.CLUSTER == source_number("attention.cu", r"#define CLUSTER (\d+)")
+    assert K.MAX_CLUSTER_OUT == source_number("attention.cu", r"#define MAX_CLUSTER_OUT (\d+)")
     assert K.MAX_MERGE == source_number("attention_merge.cuh", r"#define MAX_MERGE (\d+)")
     assert K.ACC_PAD == source_number("attention_merge.cuh", r"constexpr int ACC_PAD = (\d+);")
     for file in ("attention_int4.cu", "attention_mma.cu"):

@@ -220,8 +220,8 @@ def attention_plan(cfg, max_len: int, rows: int, sms: int = 132):
     return chunk, -(-max_len // chunk), g * streams
 
 
-CLUSTER, MAX_CLUSTER_OUT = 8, 512  # attention.cu: blocks of a cluster, a block's result in floats
 # The attention kernels' sizes, as their source has them (tests/test_gpu_launch_rules.py compares):
+CLUSTER, MAX_CLUSTER_OUT = 8, 512  # attention.cu: blocks of a cluster, a block's result in floats
 MAX_MERGE = 4352  # attention_merge.cuh: G x splits weights of a merge
 ACC_PAD = 4  # attention_merge.cuh: floats added to each row of the warps' sums (no bank conflicts)
 

@@ -81,8 +81,10 @@ def main():
     times = step_times(args.weights, args.context, args.rounds, without=args.without, kv_cache=args.kv_cache,
                        kv_heads=args.kv_heads)
     name = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
-    what = ((f", without {args.without}" if args.without else "") + (f", {args.kv_heads} kv heads" if args.kv_heads != 32 else "")
-            + (f", {args.kv_cache} cache" if args.kv_cache != "float" else ""))
+    notes = ([f"without {args.without}"] if args.without else []) + (
+        [f"{args.kv_heads} kv heads"] if args.kv_heads != 32 else []) + (
+        [f"{args.kv_cache} cache"] if args.kv_cache != "float" else [])
+    what = "".join(", " + n for n in notes)
     print(f"{name}: 7B-shaped {args.weights} decode step after {args.context} cached positions{what}: "
           f"{statistics.median(times):.1f} us a token (median of {args.rounds} rounds of 128 graph replays: "
           f"{' '.join(f'{t:.0f}' for t in times)})")

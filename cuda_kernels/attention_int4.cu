@@ -206,6 +206,7 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
     const bool early = first * RB < min(qend, cached);
     if (early) stage_in(first, st);
     pdl_begin();
+    TIMELINE(8);
     if (!early && first * RB < qend) stage_in(first, st);
     cp_async_commit();
 

@@ -6,22 +6,33 @@
 
 // Timeline of a call (bench/attn_timeline.py): compiled with -DMINILLM_TIMELINE, thread 0 of each
 // block records %globaltimer (ns, 32 ns steps on an H100) at numbered points of the tensor-core
-// kernels: 0 start, 1 the first key block of warp 0 in hand, 2 every warp past its loop,
-// 3 partials written, 4 counted (last_to_arrive), 5 the merge's weights ready, 6 the block's end;
-// slot 7 holds its SM and whether it merged. Without the define the marks compile to nothing.
+// kernels: 0 start, 8 past the PDL wait, 1 the first key block of warp 0 in hand, 2 every warp past
+// its loop, 3 partials written, 4 counted (last_to_arrive), 5 the merge's weights ready, 6 the
+// block's end; slot 7 holds its SM and whether it merged. A block's row is its index in the grid
+// (a run of calls leaves the last one's), or with -DMINILLM_TIMELINE_RING the next free row as it
+// starts (a counter the tool zeroes), so that each call of a CUDA graph's replay keeps its own rows,
+// in the order its blocks started (the counter's atomic at each start is then under the PDL wait,
+// except in the first call). Without MINILLM_TIMELINE the marks compile to nothing.
 #ifdef MINILLM_TIMELINE
 #define TIMELINE_BLOCKS 16384
-__device__ unsigned long long attn_timeline[TIMELINE_BLOCKS][8];
+__device__ unsigned long long attn_timeline[TIMELINE_BLOCKS][9];
+__device__ unsigned attn_timeline_rows;
 __device__ __forceinline__ void timeline_mark(int k, unsigned long long v = 0) {
-    const unsigned bid = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
-    if (threadIdx.x != 0 || bid >= TIMELINE_BLOCKS) return;
+#ifdef MINILLM_TIMELINE_RING
+    __shared__ unsigned row;
+    if (threadIdx.x != 0) return;
+    if (k == 0) row = atomicAdd(&attn_timeline_rows, 1u) % TIMELINE_BLOCKS;
+#else
+    const unsigned row = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+    if (threadIdx.x != 0 || row >= TIMELINE_BLOCKS) return;
+#endif
     if (k == 7) {
         unsigned sm;
         asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
-        attn_timeline[bid][7] = sm | (v << 32);
+        attn_timeline[row][7] = sm | (v << 32);
     } else {
         asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(v));
-        attn_timeline[bid][k] = v;
+        attn_timeline[row][k] = v;
     }
 }
 #define TIMELINE(...) timeline_mark(__VA_ARGS__)

@@ -271,6 +271,7 @@ __device__ __forceinline__ void attn_mma(const __half* __restrict__ q, const uin
         };
         first_stages(true);
         pdl_begin();
+        TIMELINE(8);
         first_stages(false);
         load_query();
         for (int blk = first, k = 0; blk * RB < c1; blk += NW, k++) {
@@ -323,6 +324,7 @@ __device__ __forceinline__ void attn_mma(const __half* __restrict__ q, const uin
         __syncthreads();  // the stages become sm_acc and the merge's weights
     } else {
         pdl_begin();
+        TIMELINE(8);
         load_query();
         for (int blk = c0 / RB + warp; blk * RB < c1; blk += NW) {
             const int j0 = blk * RB;

@@ -48,8 +48,11 @@ def timeline(kvh: int, batch: int, context: int, fmt: str, calls: int, graph: bo
     plan = K.attention_plan(shape, context, batch)
     parts = K.attention_parts(batch, shape, plan)
     out = cp.empty((batch, 32 * 128), cp.float16)
-    mod = (K.module("attention_int4", K.int4_layout(cache.block, cache.group)) if fmt == "int4"
-           else K.module("attention_mma"))
+    if fmt == "int4":  # the build decode_attention_int4 picks for this grid
+        grid, _ = K.int4_grid(shape, context, batch, plan)
+        mod = K.module("attention_int4", K.int4_defines(cache.block, cache.group, int(np.prod(grid))))
+    else:
+        mod = K.module("attention_mma")
     marks = cp.ndarray((16384, 9), cp.uint64, memptr=mod.get_global("attn_timeline"))
     rows = cp.ndarray((1,), cp.uint32, memptr=mod.get_global("attn_timeline_rows"))
 

@@ -12,7 +12,7 @@
 //   wk, wv   fp16 [B, KV, KB, HD]: the float window, position j in slot j % KB, holding the block
 //            that is not complete yet; positions below (len / KB) * KB are read quantized
 //   KB and GROUP are the cache's (KIVI_BLOCK, KIVI_GROUP: minillm/gpu/kernels.py compiles this file
-//   for the layout of the cache it is given)
+//   for the layout of the cache it is given, and for grids of few blocks with KIVI_MIN_BLOCKS, below)
 //   partials and out as attention.cu (merged by attention_merge.cuh)
 //
 // ================================================================================================
@@ -27,7 +27,7 @@
 //       q . k = sum_d q'_d (o_d + c_d) - sum_d q'_d (z_d + o_d),   o_d in {1024, 64},
 //   and the bias is itself one more product on the tensor cores: its B operand holds z in
 //   columns 0-3 and the offsets in columns 4-7, the two sums land in columns 0 and 4, exact
-//   (fp16 products, fp32 sums). The score accumulators start at minus the bias.
+//   (fp16 products, fp32 sums), subtracted from each score once its products are summed.
 //   Values: O^T += V^T P^T, A = V^T dequantized as s c by one fused multiply-add per pair,
 //   (64 + c) s - 64 s (the low nibble shifted up to bits 4-7 first; 64 s is exact in fp16, so
 //   the one rounding is that of s c), and the zero points left out:
@@ -78,6 +78,15 @@ namespace kivi {
 constexpr int RB = 32;          // positions a warp takes at a time (a tile)
 constexpr int KB = KIVI_BLOCK;  // positions per quantized key block: whole tiles
 constexpr int NW = 4;           // warps per block
+// Blocks a SM the launch bounds promise: at 4 the compiler keeps to 128 registers and spills (60
+// bytes); at 2 it takes 176, spills nothing and moves fewer registers (about 830 instructions a
+// block of 32 positions instead of 874). kernels.py compiles 2 when the grid fits in two a SM
+// (few kv heads x rows: batch 1), where the third and fourth slots would hold nothing anyway;
+// H100, 8 kv heads, batch 1, 32k: 19.4 -> 17.9 us (bench/NOTES.md session 21).
+#ifndef KIVI_MIN_BLOCKS
+#define KIVI_MIN_BLOCKS 4
+#endif
+constexpr bool TWO_CHAINS = KIVI_MIN_BLOCKS <= 2;  // the score products' chains split (below)
 static_assert(KB % RB == 0, "a key block is whole tiles");
 
 template <int HD> struct Shape {
@@ -323,10 +332,18 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
         // q' = q s for this block (a0 / a2 of the score product) and the bias product: B column
         // g < 4 holds the zero points, g >= 4 the nibble offsets, in the order the codes take.
         // (rows g + 8 of A are zero: kept as registers of the fragment, so the four sit together)
+        // TWO_CHAINS (the build for two blocks a SM): each chain of products is summed in two
+        // accumulators (even and odd steps) and the bias subtracted at the end, so no product waits
+        // on more than half a chain or on the bias. With two blocks a SM a warp's instructions
+        // mostly wait on the one before (ncu, 8 kv heads, batch 1: "wait" the largest stall, 1.35
+        // of 4.4 cycles an instruction), and the halves and the bias overlap (H100, 32k: 17.9 ->
+        // 17.1-17.3 us). In the 128-register build the extra accumulators cost more than they give
+        // (32 kv heads, batch 1: 59.4 -> 60.4 us; the 7B step 2328 -> 2369), so each score there
+        // starts at minus the bias and takes its 8 products in a row, after the bias's 8.
         uint32_t af[KSTEPS][4];
         float bias;
         {
-            float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            float d[4] = {0.0f, 0.0f, 0.0f, 0.0f}, d2[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
             for (int s = 0; s < KSTEPS; s++) {
                 const int w = 4 * (s >> 1) + (s & 1);  // the words holding dims d, d + 1 and d + 4, d + 5
@@ -334,16 +351,19 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
                 af[s][2] = h2mul(qa2[s], __byte_perm(sw[w], sw[w + 2], 0x7632));
                 af[s][1] = af[s][3] = 0u;
                 const uint32_t z0 = __byte_perm(zw[w], zw[w + 2], 0x5410), z1 = __byte_perm(zw[w], zw[w + 2], 0x7632);
-                mma_m16n8k16(d, af[s][0], af[s][1], af[s][2], af[s][3], g < 4 ? z0 : LO_EXP, g < 4 ? z1 : HI_EXP);
+                mma_m16n8k16(TWO_CHAINS && (s & 1) ? d2 : d, af[s][0], af[s][1], af[s][2], af[s][3], g < 4 ? z0 : LO_EXP,
+                             g < 4 ? z1 : HI_EXP);
             }
-            bias = __shfl_sync(FULL_MASK, d[0], lane & ~3) + __shfl_sync(FULL_MASK, d[0], (lane & ~3) | 2);
+            const float zo = TWO_CHAINS ? d[0] + d2[0] : d[0];
+            bias = __shfl_sync(FULL_MASK, zo, lane & ~3) + __shfl_sync(FULL_MASK, zo, (lane & ~3) | 2);
         }
 
         float sc[4][2];
         const bool whole = j0 >= c0 && j0 + RB <= qend;  // warp-uniform: no position to mask
 #pragma unroll
         for (int nt = 0; nt < 4; nt++) {
-            float d[4] = {-bias, -bias, 0.0f, 0.0f};
+            float d[4] = {TWO_CHAINS ? 0.0f : -bias, TWO_CHAINS ? 0.0f : -bias, 0.0f, 0.0f};
+            float d2[4] = {0.0f, 0.0f, 0.0f, 0.0f};
             uint32_t kw[KW];
             key_words(nt, kw);
 #pragma unroll
@@ -352,12 +372,12 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
                 const uint32_t* a = af[2 * w];
                 const uint32_t* c = af[2 * w + 1];
                 mma_m16n8k16(d, a[0], a[1], a[2], a[3], and_or(x, LO_MASK, LO_EXP), and_or(x, HI_MASK, HI_EXP));
-                mma_m16n8k16(d, c[0], c[1], c[2], c[3], and_or(y, LO_MASK, LO_EXP), and_or(y, HI_MASK, HI_EXP));
+                mma_m16n8k16(TWO_CHAINS ? d2 : d, c[0], c[1], c[2], c[3], and_or(y, LO_MASK, LO_EXP), and_or(y, HI_MASK, HI_EXP));
             }
 #pragma unroll
             for (int e = 0; e < 2; e++) {
                 const int j = j0 + nt * 8 + 2 * t + e;
-                sc[nt][e] = whole || (j >= c0 && j < qend) ? d[e] * qscale : NEG_INF;
+                sc[nt][e] = whole || (j >= c0 && j < qend) ? (TWO_CHAINS ? (d[e] + d2[e]) - bias : d[e]) * qscale : NEG_INF;
             }
         }
         uint32_t bp[2][2];
@@ -525,7 +545,7 @@ __device__ __forceinline__ void attn_int4(const __half* __restrict__ q, const ui
 }  // namespace kivi
 
 #define ATTN_INT4(NAME, HD, MHA)                                                                               \
-    extern "C" __global__ void __launch_bounds__(32 * kivi::NW, 4) NAME(                            \
+    extern "C" __global__ void __launch_bounds__(32 * kivi::NW, KIVI_MIN_BLOCKS) NAME(                         \
         const __half* q, const uint8_t* kq, const uint8_t* vq, const __half* ks, const __half* kz,                 \
         const __half* vs, const __half* vz, const __half* wk, const __half* wv, const int* pos, int T, int H,      \
         int KV, int L, int chunk, int window, float qscale, float* part_acc, float* part_m, float* part_l,        \

@@ -62,4 +62,26 @@ def test_attention_sizes_match_the_kernel_source():
     for file in ("attention_int4.cu", "attention_mma.cu"):
         assert K.MMA_WARPS == source_number(file, r"constexpr int NW = (\d+);")
     assert K.MMA_STAGES == source_number("attention_mma.cu", r"constexpr int MMA_STAGES = (\d+);")
-    assert K.INT4_BLOCKS_PER_SM == source_number("attention_int4.cu", r"__launch_bounds__\(32 \* kivi::NW, (\d+)\)")
+    assert K.INT4_BLOCKS_PER_SM == source_number("attention_int4.cu", r"#define KIVI_MIN_BLOCKS (\d+)")
+    assert "__launch_bounds__(32 * kivi::NW, KIVI_MIN_BLOCKS)" in (KERNELS / "attention_int4.cu").read_text()
+
+
+class Layer:  # what int4_grid reads of a model config
+    def __init__(self, heads, kv_heads):
+        self.num_heads, self.num_kv_heads = heads, kv_heads
+
+
+@settings(max_examples=300, deadline=None)
+@given(kv=st.sampled_from([1, 2, 3, 4, 8, 16, 32]), g=st.sampled_from([1, 2, 3, 4, 8, 16]), rows=st.integers(1, 64),
+       max_len=st.integers(1, 1 << 17), sms=st.integers(1, 200))
+def test_int4_build_promises_only_the_blocks_a_sm_it_gets(kv, g, rows, max_len, sms):
+    """The INT4 attention build with launch bounds of two blocks a SM (more registers) is picked only
+    for grids that no SM holds more than two blocks of, and always for those (one wave at most)."""
+    from minillm.gpu import kernels as K
+
+    with mock.patch("minillm.gpu.kernels.sm_count", lambda: sms):
+        grid, chunk = K.int4_grid(Layer(kv * g, kv), max_len, rows, (None, 1 << 20))
+        blocks = grid[0] * grid[1] * grid[2]
+        few = f"-DKIVI_MIN_BLOCKS={K.INT4_FEW_BLOCKS_PER_SM}" in K.int4_defines(128, 64, blocks)
+    assert grid[1] * chunk >= max_len > (grid[1] - 1) * chunk  # every position in one split
+    assert few == (blocks <= K.INT4_FEW_BLOCKS_PER_SM * sms)

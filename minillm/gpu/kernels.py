@@ -298,17 +298,23 @@ def int4_layout(block: int, group: int) -> tuple:
     return (f"-DKIVI_BLOCK={block}", f"-DKIVI_GROUP={group}")
 
 
-def decode_attention_int4(q, kivi, pos, rows, t, cfg, window, parts, out, plan):
-    """Attention over an INT4 (KIVI) cache, quantized blocks and the fp16 window, on tensor cores
-    (attention_int4.cu): blocks of (kv head, 8 query heads) x splits x rows."""
-    kq, vq, ks, kz, vs, vz, wk, wv, max_len, block, group = kivi
-    h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    g = h // kv
+def int4_defines(block: int, group: int, blocks: int) -> tuple:
+    """attention_int4.cu's defines for a launch of `blocks` blocks over an INT4 cache of this layout:
+    with at most INT4_FEW_BLOCKS_PER_SM of them a SM, the build whose launch bounds promise only
+    that many (more registers, no spills: attention_int4.cu KIVI_MIN_BLOCKS)."""
+    few = blocks <= INT4_FEW_BLOCKS_PER_SM * sm_count()
+    return int4_layout(block, group) + ((f"-DKIVI_MIN_BLOCKS={INT4_FEW_BLOCKS_PER_SM}",) if few else ())
+
+
+def int4_grid(cfg, max_len: int, rows: int, plan) -> tuple:
+    """(grid, chunk) of attention_int4.cu over a cache of max_len positions: blocks of (kv head,
+    8 query heads) x splits x rows."""
+    g = cfg.num_heads // cfg.num_kv_heads
     qtiles = -(-g // 8)
     # One wave: as many splits as keep every (kv head, query tile, row) at most INT4_BLOCKS_PER_SM
     # blocks a SM together; a second, partial wave would leave the GPU to its stragglers (H100,
     # 32k positions, 32 kv heads x batch 8: 2 splits 494 us, 3 splits 591; bench/NOTES.md).
-    pairs = kv * qtiles * rows
+    pairs = cfg.num_kv_heads * qtiles * rows
     # At least a key block for each warp of a split (4k positions, 8 kv heads, batch 1: 13.3 us
     # against 20.7 with 64-position splits). And at most 128 // G splits: the last block of a kv head
     # merges G x splits partial results alone while the GPU idles (attention_merge.cuh), and since
@@ -317,10 +323,18 @@ def decode_attention_int4(q, kivi, pos, rows, t, cfg, window, parts, out, plan):
     splits = max(1, min(-(-max_len // (32 * MMA_WARPS)), INT4_BLOCKS_PER_SM * sm_count() // pairs, plan[1],
                         max(1, 128 // g)))
     chunk = round_up(-(-max_len // splits), 64)
-    splits = -(-max_len // chunk)
+    return (cfg.num_kv_heads * qtiles, -(-max_len // chunk), rows), chunk
+
+
+def decode_attention_int4(q, kivi, pos, rows, t, cfg, window, parts, out, plan):
+    """Attention over an INT4 (KIVI) cache, quantized blocks and the fp16 window, on tensor cores
+    (attention_int4.cu): blocks of (kv head, 8 query heads) x splits x rows."""
+    kq, vq, ks, kz, vs, vz, wk, wv, max_len, block, group = kivi
+    h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    grid, chunk = int4_grid(cfg, max_len, rows, plan)
     acc, m, l, counter = parts
-    f = fn("attention_int4", f"attn_int4_hd{hd}" + ("_mha" if h == kv else ""), int4_layout(block, group))
-    grid = (kv * qtiles, splits, rows)
+    f = fn("attention_int4", f"attn_int4_hd{hd}" + ("_mha" if h == kv else ""),
+           int4_defines(block, group, math.prod(grid)))
     f(grid, (32 * MMA_WARPS,), (
         q, kq, vq, ks, kz, vs, vz, wk, wv, pos, i32(t), i32(h), i32(kv), i32(max_len), i32(chunk), i32(window or 0),
         np.float32(math.log2(math.e) / math.sqrt(hd)), acc, m, l, counter, out, i32(out.shape[1])),
@@ -354,6 +368,7 @@ def _shared_memory_per_sm() -> tuple:
 MMA_WARPS = 4  # NW in attention_mma.cu and attention_int4.cu
 MMA_STAGES = 2  # attention_mma.cu's stages a warp (the _bulk instances)
 INT4_BLOCKS_PER_SM = 4  # attention_int4.cu's launch bounds (128 registers, 43 KB of shared memory)
+INT4_FEW_BLOCKS_PER_SM = 2  # ... its build for grids of at most two blocks a SM (176 registers)
 
 
 def _attention_mma(fmt: str, q, kc, vc, ks, vs, pos, rows, t, cfg, max_len, window, parts, out, plan, v_off):
